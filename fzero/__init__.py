@@ -1,0 +1,14 @@
+"""fzero: ZeRO stages 0-3 for PyTorch, with every collective of a step written down first.
+
+state = fzero.shard(model, stage=3, config=cfg)
+state, metrics = fzero.train_step(state, batch)
+"""
+
+from __future__ import annotations
+
+from fzero.api import full_state_dict, shard, train_step
+from fzero.config import Config
+from fzero.state import NAMESPACE, ZeroState
+
+__all__ = ["NAMESPACE", "Config", "ZeroState", "full_state_dict", "shard", "train_step"]
+__version__ = "0.1.0"

@@ -1,0 +1,421 @@
+"""The public entry points: ``shard``, ``train_step`` and ``full_state_dict``."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fzero.collectives import Communicator, make_communicator
+from fzero.config import Config
+from fzero.errors import BatchError, LossError, ScheduleError, ScheduleMismatchError, ShardError
+from fzero.executor import Executor, Hyper, OptimizerBuffers
+from fzero.hooks import HookDriver
+from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
+from fzero.state.buffers import Workspace, bind_views, free_storage
+from fzero.state.layout import FlatLayout, build_layout, dtype_from_name, find_unit_modules
+from fzero.state.zero_state import ZeroState
+
+
+@dataclass(eq=False)
+class Runtime:
+    """Everything static about a sharded model: the pytree's metadata (hashed by identity)."""
+
+    model: nn.Module
+    config: Config
+    layout: FlatLayout
+    comm: Communicator
+    executor: Executor
+    hooks: HookDriver
+    loss_fn: Callable[[nn.Module, Any], Any] | None
+    units: tuple[UnitInfo, ...]
+    step_count: int = 0
+    live_state: ZeroState | None = field(default=None, repr=False)
+
+    def compile(self, trace: tuple[Trigger, ...], traced: bool) -> Schedule:
+        zero = self.config.zero_optimization
+        knobs = Knobs(
+            prefetch=zero.overlap_comm,
+            max_live_nbytes=zero.stage3_max_live_parameters * self.compute_itemsize,
+        )
+        schedule = compile_schedule(
+            self.units,
+            stage=self.config.stage,
+            world_size=self.comm.world_size,
+            trace=trace,
+            traced=traced,
+            optimizer_numel=self.layout.optimizer_numel,
+            grad_shard_nbytes=self.layout.optimizer_numel * self.grad_itemsize,
+            knobs=knobs,
+        )
+        if traced:
+            _check_same_on_all_ranks(self.comm, "traced schedule", _schedule_summary(schedule))
+        return schedule
+
+    @property
+    def compute_itemsize(self) -> int:
+        return dtype_from_name(self.config.compute_dtype_name).itemsize
+
+    @property
+    def grad_itemsize(self) -> int:
+        return dtype_from_name(self.config.grad_accum_dtype_name).itemsize
+
+
+def shard(
+    model: nn.Module,
+    stage: int | None = None,
+    config: Config | dict | str | None = None,
+    loss_fn: Callable[[nn.Module, Any], Any] | None = None,
+    process_group: Any = None,
+    *,
+    units: list[nn.Module | str] | None = None,
+    record_ops: bool = False,
+) -> ZeroState:
+    """Partition ``model``'s parameters into flat buffers, keep this rank's shard, build AdamW
+    state for it and compile the step schedule.
+
+    ``stage`` overrides the config's ``zero_optimization.stage`` when given. ``units`` names
+    the modules to gather and reduce as one (default: every block the model repeats, plus the
+    root for the rest). ``process_group``: a ``torch.distributed`` group, an fzero communicator
+    (``fzero.collectives.ThreadGroup(n).communicator(rank)``), or None for the default group (or
+    world size 1 when none is initialised). ``record_ops`` keeps a log of executed ops for tests.
+    The model's parameters become views into fzero's buffers; keep using the same model object.
+    """
+    cfg = Config.from_any(config)
+    if stage is not None:
+        if isinstance(stage, bool) or not isinstance(stage, int):
+            raise ShardError(f"stage must be an int 0-3, got {stage!r}")
+        if stage not in (0, 1, 2, 3):
+            raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage}")
+        cfg = cfg.with_stage(stage)
+    comm = make_communicator(process_group)
+    params = list(model.parameters())
+    if not params:
+        raise ShardError("the model has no parameters")
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ShardError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
+    device = devices.pop()
+    if getattr(model, "_fzero_runtime", None) is not None:
+        raise ShardError("this model is already sharded by fzero; shard a fresh model")
+
+    unit_modules = _resolve_units(model, units)
+    layout, params_per_unit = build_layout(
+        model,
+        unit_modules,
+        world_size=comm.world_size,
+        rank=comm.rank,
+        stage=cfg.stage,
+        alignment=cfg.fzero.alignment,
+        weight_decay=cfg.optimizer.weight_decay,
+        no_weight_decay=cfg.fzero.no_weight_decay,
+    )
+    _check_same_on_all_ranks(comm, "model layout and config", _layout_summary(layout, cfg))
+
+    compute_dtype = dtype_from_name(cfg.compute_dtype_name)
+    accum_dtype = dtype_from_name(cfg.grad_accum_dtype_name)
+    reduce_dtype = dtype_from_name(cfg.reduce_dtype_name)
+    workspace, master = _build_buffers(
+        layout, params_per_unit, cfg.stage, comm, device, compute_dtype, accum_dtype
+    )
+    bind_views(layout, params_per_unit, workspace.param_flats, workspace.grad_flats)
+    if cfg.stage == 3:
+        for flat in workspace.param_flats:
+            free_storage(flat)
+
+    infos = tuple(
+        UnitInfo(
+            u.index,
+            u.name,
+            u.numel,
+            u.padded_numel * compute_dtype.itemsize,
+            u.padded_numel * compute_dtype.itemsize if u.has_trainable else 0,
+            u.padded_numel * reduce_dtype.itemsize if u.has_trainable else 0,
+            u.has_trainable,
+        )
+        for u in layout.units
+    )
+    zeros = lambda: torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)  # noqa: E731
+    optimizer = OptimizerBuffers(
+        master, zeros(), zeros(), torch.zeros((), dtype=torch.float32, device=device)
+    )
+    # The schedule is compiled below, once the runtime that compiles it exists.
+    executor = Executor(layout, None, workspace, comm, layout.decay_ranges(), record_ops)
+    executor.configure(reduce_dtype, master)
+    executor.optimizer = optimizer
+    modules = {
+        u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
+    }
+    hooks = HookDriver(model, modules, params_per_unit, executor, comm)
+    runtime = Runtime(model, cfg, layout, comm, executor, hooks, loss_fn, infos)
+    executor.schedule = runtime.compile(presumed_trace(infos), traced=False)
+    executor.on_trace = lambda trace: runtime.compile(trace, traced=True)
+    model._fzero_runtime = runtime  # marks the model as sharded
+    state = ZeroState(
+        master,
+        optimizer.exp_avg,
+        optimizer.exp_avg_sq,
+        optimizer.step,
+        None if workspace.param_shard is master else workspace.param_shard,
+        runtime,
+    )
+    runtime.live_state = state
+    return state
+
+
+def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]:
+    """One optimizer step: forward and backward over each micro-batch, the gradient
+    collectives, and AdamW on this rank's shard.
+
+    ``batch`` is one micro-batch or a list of micro-batches accumulated into one step. The
+    state's buffers are donated: they may be updated in place, and ``state`` must not be used
+    again; use the returned one. Metric values ``loss`` and ``grad_norm`` are 0-dim tensors
+    (reading them syncs with the device), averaged over micro-batches and ranks.
+    """
+    state.check_live()
+    runtime: Runtime = state.runtime
+    cfg, executor, hooks = runtime.config, runtime.executor, runtime.hooks
+    micro_batches = batch if isinstance(batch, list) else [batch]
+    if not micro_batches:
+        raise BatchError("batch is an empty list; give at least one micro-batch")
+    expected = cfg.gradient_accumulation_steps
+    if expected is not None and len(micro_batches) != expected:
+        raise BatchError(
+            f"got {len(micro_batches)} micro-batches but gradient_accumulation_steps is "
+            f"{expected}; pass a list of {expected} micro-batches (or fix the config)"
+        )
+    opt = cfg.optimizer
+    executor.hyper = Hyper(
+        cfg.lr_at(runtime.step_count), opt.betas[0], opt.betas[1], opt.eps, cfg.gradient_clipping
+    )
+    count = len(micro_batches)
+    try:
+        for index, micro_batch in enumerate(micro_batches):
+            hooks.begin_micro_step()
+            loss = _forward(runtime, micro_batch, index)
+            executor.add_loss(loss)
+            hooks.begin_backward()
+            (loss / count if count > 1 else loss).backward()
+            hooks.end_backward()
+    except BaseException:
+        hooks.deactivate()
+        executor.abort()
+        raise
+    result = executor.run_step(count)
+    runtime.step_count += 1
+    new_state = dataclasses.replace(state)
+    runtime.live_state = new_state
+    metrics = {
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "lr": executor.hyper.lr,
+        "loss_scale": 1.0,
+        "skipped": False,
+        "step": runtime.step_count,
+    }
+    return new_state, metrics
+
+
+def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
+    """The full parameters (fp32: trainable ones from the master weights) and buffers under the
+    model's own ``state_dict`` names, gathered from all ranks. Every rank gets the result."""
+    state.check_live()
+    runtime: Runtime = state.runtime
+    layout, comm, workspace = runtime.layout, runtime.comm, runtime.executor.workspace
+    full: dict[str, torch.Tensor] = {}
+    for unit in layout.units:
+        owned = workspace.unit_param_shard(
+            unit.index
+        ).float()  # a copy: the master prefix replaces the rounded compute values
+        owned[: unit.optimizer_numel] = state.master[
+            unit.optimizer_offset : unit.optimizer_offset + unit.optimizer_numel
+        ]
+        gathered = owned
+        if layout.shard_world > 1:
+            gathered = torch.empty(unit.padded_numel, dtype=torch.float32, device=owned.device)
+            comm.all_gather(gathered, owned).wait()
+        for slot in unit.params:
+            value = gathered[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
+            for name in slot.names:
+                full[name] = value
+    result = {}
+    for name, tensor in runtime.model.state_dict(keep_vars=True).items():
+        result[name] = full[name] if name in full else tensor.detach().clone()
+    return result
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _forward(runtime: Runtime, micro_batch: Any, index: int) -> torch.Tensor:
+    model = runtime.model
+    try:
+        if runtime.loss_fn is not None:
+            output = runtime.loss_fn(model, micro_batch)
+        elif isinstance(micro_batch, Mapping):
+            output = model(**micro_batch)
+        elif isinstance(micro_batch, tuple):
+            output = model(*micro_batch)
+        else:
+            output = model(micro_batch)
+    except ScheduleError:
+        raise
+    except Exception as error:
+        raise BatchError(
+            f"micro-batch {index}: the model raised {type(error).__name__}: {error}"
+        ) from error
+    return _loss_of(output)
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    loss = output
+    if not isinstance(loss, torch.Tensor):
+        if isinstance(output, Mapping) and "loss" in output:
+            loss = output["loss"]
+        elif hasattr(output, "loss"):
+            loss = output.loss
+    if not isinstance(loss, torch.Tensor):
+        raise LossError(
+            f"cannot find a loss in the model's output of type {type(output).__name__}: return a "
+            "scalar tensor, an object with .loss, or a mapping with 'loss' (or pass loss_fn)"
+        )
+    if loss.numel() != 1 or not loss.is_floating_point():
+        raise LossError(
+            f"the loss must be a floating-point scalar, got shape {tuple(loss.shape)} "
+            f"dtype {loss.dtype}; reduce it (e.g. .mean()) or pass loss_fn"
+        )
+    if not loss.requires_grad:
+        raise LossError("the loss does not require grad: no trainable parameter contributed to it")
+    return loss.reshape(())
+
+
+def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None):
+    if units is None:
+        return find_unit_modules(model)
+    by_id = {id(m): n for n, m in model.named_modules()}
+    resolved = []
+    for item in units:
+        if isinstance(item, str):
+            try:
+                resolved.append((item, model.get_submodule(item)))
+            except AttributeError:
+                raise ShardError(f"units: the model has no submodule {item!r}") from None
+        elif isinstance(item, nn.Module) and id(item) in by_id and item is not model:
+            resolved.append((by_id[id(item)], item))
+        else:
+            raise ShardError(f"units: {type(item).__name__} is not a submodule of the model")
+    names = [n for n, _ in resolved]
+    for a in names:
+        for b in names:
+            if a != b and b.startswith(a + "."):
+                raise ShardError(f"units: {b!r} is inside {a!r}; units must not nest")
+    return resolved
+
+
+def _build_buffers(layout, params_per_unit, stage, comm, device, compute_dtype, accum_dtype):
+    """Copy the model's values into flat buffers (rank 0's values win) and keep this rank's
+    slices. Returns the workspace and the fp32 master shard."""
+    master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
+    contiguous_shard = stage in (0, 3)
+    param_shard = (
+        torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
+        if contiguous_shard
+        else None
+    )
+    full_flats = []
+    for unit, params in zip(layout.units, params_per_unit):
+        flat = torch.zeros(unit.padded_numel, dtype=torch.float32, device=device)
+        for slot, param in zip(unit.params, params):
+            flat[slot.offset : slot.offset + slot.numel] = param.detach().reshape(-1).float()
+        comm.broadcast(flat, src=0)
+        lo, _ = layout.owned_range(unit)
+        master[unit.optimizer_offset : unit.optimizer_offset + unit.optimizer_numel] = flat[
+            lo : lo + unit.optimizer_numel
+        ]
+        if param_shard is not None:
+            param_shard[unit.shard_offset : unit.shard_offset + unit.shard_numel] = flat[
+                lo : lo + unit.shard_numel
+            ]
+        full_flats.append(flat)
+    if (
+        param_shard is not None
+        and compute_dtype == torch.float32
+        and layout.optimizer_numel == layout.shard_numel
+    ):
+        param_shard = master  # fp32: the optimizer updates the parameters in place
+    aliased_grads = (
+        stage == 0 and accum_dtype == compute_dtype and layout.optimizer_numel == layout.shard_numel
+    )
+    grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
+    param_flats, grad_flats = [], []
+    for unit, flat in zip(layout.units, full_flats):
+        if stage == 0:  # shards are whole units: the flats are views into the shard space
+            span = slice(unit.shard_offset, unit.shard_offset + unit.shard_numel)
+            param_flats.append(param_shard[span])
+        else:
+            param_flats.append(flat.to(compute_dtype))
+        if not unit.has_trainable:
+            grad_flats.append(None)
+        elif aliased_grads:
+            grad_flats.append(
+                grad_shard[unit.optimizer_offset : unit.optimizer_offset + unit.optimizer_numel]
+            )
+        else:
+            grad_flats.append(torch.zeros(unit.padded_numel, dtype=compute_dtype, device=device))
+    if stage == 1:
+        free_storage(grad_shard)
+    return Workspace(layout, param_flats, grad_flats, param_shard, grad_shard), master
+
+
+def _layout_summary(layout: FlatLayout, cfg: Config) -> dict[str, Any]:
+    return {
+        "world_size": layout.world_size,
+        "units": [
+            [u.name, [[list(s.names), list(s.shape), s.requires_grad] for s in u.params]]
+            for u in layout.units
+        ],
+        "config": cfg.to_dict(),
+    }
+
+
+def _schedule_summary(schedule: Schedule) -> dict[str, Any]:
+    return {"ops": [str(e.trigger) + ":" + ",".join(map(str, e.ops)) for e in schedule.micro_step]}
+
+
+def _check_same_on_all_ranks(comm: Communicator, what: str, summary: dict[str, Any]) -> None:
+    """One small collective: every rank compares a hash of ``summary``; on a mismatch every
+    rank raises, naming the first thing that differs, instead of hanging later."""
+    if comm.world_size == 1:
+        return
+    text = json.dumps(summary, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    digests = comm.all_gather_object(digest)
+    if len(set(digests)) == 1:
+        return
+    summaries = comm.all_gather_object(summary)
+    other = next(r for r, d in enumerate(digests) if d != digests[0])
+    raise ScheduleMismatchError(
+        f"ranks disagree on the {what}: rank 0 and rank {other} differ at "
+        f"{_first_difference(summaries[0], summaries[other])}. Every rank must build the same "
+        "model with the same config."
+    )
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    if isinstance(a, list) and isinstance(b, list):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+        if len(a) != len(b):
+            return f"{path} (length {len(a)} vs {len(b)})"
+    return f"{path or '<top>'} ({a!r} vs {b!r})"

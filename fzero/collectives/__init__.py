@@ -1,0 +1,44 @@
+"""Collectives: the only package that talks to ``torch.distributed``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fzero.collectives.base import Communicator, DoneWork, SingleProcess, Work
+from fzero.collectives.threads import ThreadCommunicator, ThreadGroup, run_ranks
+from fzero.collectives.torch_dist import (
+    ProcessGroupCommunicator,
+    default_communicator,
+    init_from_env,
+    is_process_group,
+    shutdown,
+)
+
+__all__ = [
+    "Communicator",
+    "DoneWork",
+    "ProcessGroupCommunicator",
+    "SingleProcess",
+    "ThreadCommunicator",
+    "ThreadGroup",
+    "Work",
+    "make_communicator",
+    "init_from_env",
+    "run_ranks",
+    "shutdown",
+]
+
+
+def make_communicator(process_group: Any = None) -> Communicator:
+    """A communicator for ``process_group``: a torch ProcessGroup, an fzero communicator, or
+    None (the default process group when one is initialised, else world size 1)."""
+    if process_group is None:
+        return default_communicator() or SingleProcess()
+    if is_process_group(process_group):
+        return ProcessGroupCommunicator(process_group)
+    if all(hasattr(process_group, name) for name in ("all_gather", "reduce_scatter", "rank")):
+        return process_group
+    raise TypeError(
+        f"process_group must be a torch.distributed ProcessGroup, an fzero communicator or None, "
+        f"got {type(process_group).__name__}"
+    )

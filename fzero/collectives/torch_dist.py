@@ -1,0 +1,94 @@
+"""Collectives over a ``torch.distributed`` process group (NCCL on CUDA, gloo on CPU).
+
+This file and ``threads.py`` are the only places fzero touches ``torch.distributed``. Async
+collectives run on the backend's own stream; ``Work.wait()`` makes the current stream wait for
+them, so a gather issued early overlaps the compute that comes before its wait.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fzero.collectives.base import Work, check_gather_sizes, check_scatter_sizes
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_process_group(obj: Any) -> bool:
+    return dist.is_available() and isinstance(obj, dist.ProcessGroup)
+
+
+class ProcessGroupCommunicator:
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.backend = dist.get_backend(group)
+
+    def all_gather(self, output: torch.Tensor, shard: torch.Tensor) -> Work:
+        check_gather_sizes(self, output, shard)
+        if self.backend != "nccl" and _overlaps(output, shard):
+            # NCCL gathers in place when the shard is this rank's slice of the output; other
+            # backends may overwrite the input while sending it.
+            shard = shard.clone()
+        return dist.all_gather_into_tensor(output, shard, group=self.group, async_op=True)
+
+    def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor) -> Work:
+        check_scatter_sizes(self, output, full)
+        return dist.reduce_scatter_tensor(output, full, group=self.group, async_op=True)
+
+    def all_reduce(self, tensor: torch.Tensor) -> Work:
+        return dist.all_reduce(tensor, group=self.group, async_op=True)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        dist.broadcast(
+            tensor,
+            src=dist.get_global_rank(self.group, src) if self.group else src,
+            group=self.group,
+        )
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def default_communicator() -> ProcessGroupCommunicator | None:
+    """The default process group's communicator, or None when none is initialised."""
+    return ProcessGroupCommunicator(None) if is_initialized() else None
+
+
+def init_from_env() -> tuple[int, int, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL when CUDA is
+    available, gloo otherwise) and pick this rank's device. Without torchrun's variables it
+    starts nothing and returns rank 0 of 1. Returns (rank, world_size, device)."""
+    import os
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not is_initialized():
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    if is_initialized():
+        dist.destroy_process_group()

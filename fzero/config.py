@@ -1,0 +1,486 @@
+"""``fzero.Config``: every knob, with DeepSpeed's key names where DeepSpeed has one.
+
+A config is built from a dict in DeepSpeed's JSON layout (``Config.from_dict``), keyword
+arguments of the same shape (``Config.from_kwargs``), a JSON or HJSON file (``Config.from_any``,
+which reads ``ds_config.json`` files unchanged) or an existing ``Config``. Every DeepSpeed key is
+implemented with DeepSpeed's meaning, accepted with a one-time ``ConfigWarning`` saying why it has
+no effect, or rejected (``fzero/config_keys.py``; the table is ``docs/config.md``). Unknown keys,
+wrong types and out-of-range values raise ``ConfigError`` naming the JSON path of the key
+(``zero_optimization.stage``), so a typo never silently falls back to a default.
+
+Frozen dataclasses, not pydantic: no dependency beyond the standard library, and a frozen config
+is hashable and immutable, so it can sit in the static part of the state beside the schedule and
+be fingerprinted and compared across ranks (``fingerprint``, ``diff``).
+
+HF-style ``"auto"`` values stay in the config as the string ``"auto"`` until ``resolve`` replaces
+them from the model and the world; the runtime only reads resolved configs. Sizes follow
+DeepSpeed: bucket sizes, prefetch size, live-parameter limit, reuse distance and persistence
+threshold count *elements* (parameters), not bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from fzero.config_blocks import (
+    DataTypesConfig,
+    Fp16Config,
+    FzeroConfig,
+    OffloadOptimizerConfig,
+    OffloadParamConfig,
+    OptimizerConfig,
+    PrecisionConfig,
+    ZeroConfig,
+    check_at_least,
+)
+from fzero.config_keys import suggest, warn_no_effect
+from fzero.config_parse import Auto, DtypeName, build
+from fzero.errors import ConfigError, ConfigTypeError
+from fzero.schedulers import SCHEDULERS, OneCycle, Scheduler
+
+__all__ = [
+    "Config",
+    "DataTypesConfig",
+    "Fp16Config",
+    "FzeroConfig",
+    "OffloadOptimizerConfig",
+    "OffloadParamConfig",
+    "OptimizerConfig",
+    "PrecisionConfig",
+    "SUPPORTED_OFFLOAD_DEVICES",
+    "ZeroConfig",
+]
+
+logger = logging.getLogger("fzero")
+
+# Offload devices the runtime implements. Any other device in offload_optimizer/offload_param is
+# rejected at config time; the runtime adds "cpu" here when it implements CPU offload.
+SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none",)
+
+_DTYPE_NAMES = ("fp32", "bf16", "fp16")
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# DeepSpeed's defaults, used for hidden-size-based "auto" keys when the model has no hidden size.
+_HIDDEN_SIZE_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """All of fzero's settings. Build with ``Config.from_any(dict | path | Config | None)``."""
+
+    zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: Scheduler | None = None
+    bf16: PrecisionConfig = field(default_factory=PrecisionConfig)
+    fp16: Fp16Config = field(default_factory=Fp16Config)
+    data_types: DataTypesConfig = field(default_factory=DataTypesConfig)
+    fzero: FzeroConfig = field(default_factory=FzeroConfig)
+    gradient_clipping: float | Auto = 0.0
+    gradient_accumulation_steps: int | Auto | None = None
+    train_micro_batch_size_per_gpu: int | Auto | None = None
+    train_batch_size: int | Auto | None = None
+    communication_data_type: DtypeName | None = None
+    steps_per_print: int = 10
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_any(cls, config: Config | dict | str | os.PathLike | None) -> Config:
+        if config is None:
+            return cls()
+        if isinstance(config, Config):
+            return config
+        if isinstance(config, (str, os.PathLike)):
+            config = _load_file(config)
+        if not isinstance(config, dict):
+            raise ConfigTypeError(
+                "", f"expected a dict, a JSON path or a Config, got {type(config)}"
+            )
+        return cls.from_dict(config)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """A validated config from a dict in DeepSpeed's JSON layout."""
+        if not isinstance(data, dict):
+            raise ConfigTypeError("", f"expected an object, got {type(data).__name__}")
+        data = dict(data)
+        if "bfloat16" in data:  # DeepSpeed's old name for the bf16 block
+            if "bf16" in data:
+                raise ConfigError("bfloat16", "give bf16 or its old name bfloat16, not both")
+            data["bf16"] = data.pop("bfloat16")
+        optimizer = data.get("optimizer")
+        if isinstance(optimizer, dict) and isinstance(optimizer.get("type"), str):
+            OptimizerConfig(type=optimizer["type"]).validate()  # before its params are read
+        scheduler = _build_scheduler(data.pop("scheduler", None))
+        config = dataclasses.replace(build(cls, data, ""), scheduler=scheduler)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_kwargs(cls, **keys: Any) -> Config:
+        """``Config.from_kwargs(zero_optimization={"stage": 3}, bf16={"enabled": True})``."""
+        return cls.from_dict(keys)
+
+    def replace(self, **changes: Any) -> Config:
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def with_stage(self, stage: int) -> Config:
+        return self.replace(
+            zero_optimization=dataclasses.replace(self.zero_optimization, stage=stage)
+        )
+
+    def with_stage_override(self, stage: int | None) -> Config:
+        """This config with ``stage`` (an explicit ``shard(stage=...)``) replacing the config's
+        ``zero_optimization.stage``; logs one line on the "fzero" logger when they differ."""
+        if stage is None or stage == self.stage:
+            return self
+        config = self.with_stage(stage)
+        logger.info(
+            "stage=%d passed to shard() overrides zero_optimization.stage=%d from the config",
+            stage,
+            self.stage,
+        )
+        return config
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        zero = self.zero_optimization
+        zero.validate()
+        for name in ("offload_optimizer", "offload_param"):
+            block = getattr(zero, name)
+            if block is None or block.device == "none":
+                continue
+            if block.device not in SUPPORTED_OFFLOAD_DEVICES:
+                raise ConfigError(
+                    f"zero_optimization.{name}.device",
+                    f'offload to "{block.device}" is not implemented in fzero yet; '
+                    'set "device": "none" or remove the block',
+                )
+            if name == "offload_param" and zero.stage != 3:
+                raise ConfigError(f"zero_optimization.{name}.device", "needs stage 3")
+        if (
+            zero.offload_optimizer is not None
+            and zero.offload_optimizer.ratio < 1
+            and zero.stage != 3
+        ):
+            raise ConfigError("zero_optimization.offload_optimizer.ratio", "< 1 needs stage 3")
+        self.optimizer.validate()
+        if self.scheduler is not None:
+            self.scheduler.validate()
+        self.fp16.validate()
+        if self.bf16.enabled is True and self.fp16.enabled is True:
+            raise ConfigError("bf16.enabled", "bf16.enabled and fp16.enabled are both true")
+        if self.fp16.enabled is True:
+            raise ConfigError("fp16.enabled", "fp16 loss scaling is not available yet; use bf16")
+        check_at_least("gradient_clipping", self.gradient_clipping, 0)
+        check_at_least("steps_per_print", self.steps_per_print, 1)
+        check_at_least("fzero.alignment", self.fzero.alignment, 1)
+        for name in _BATCH_KEYS:
+            check_at_least(name, getattr(self, name), 1)
+        batch, micro, accumulation = (getattr(self, name) for name in _BATCH_KEYS)
+        sizes = (batch, micro, accumulation)
+        if all(isinstance(value, int) for value in sizes) and batch % (micro * accumulation):
+            raise ConfigError(
+                "train_batch_size",
+                f"train_batch_size ({batch}) must equal train_micro_batch_size_per_gpu "
+                f"({micro}) * gradient_accumulation_steps ({accumulation}) * world_size, "
+                f"but it is not a multiple of {micro * accumulation}",
+            )
+        for path, name in (
+            ("data_types.grad_accum_dtype", self.data_types.grad_accum_dtype),
+            ("communication_data_type", self.communication_data_type),
+        ):
+            if name is not None and name not in _DTYPE_NAMES:
+                raise ConfigError(path, f"must be one of {_DTYPE_NAMES}, got {name!r}")
+
+    # -- derived values the runtime reads -------------------------------------------------------
+
+    @property
+    def stage(self) -> int:
+        return self.zero_optimization.stage
+
+    @property
+    def compute_dtype_name(self) -> str:
+        if self.bf16.enabled is True:
+            return "bf16"
+        return "fp16" if self.fp16.enabled is True else "fp32"
+
+    @property
+    def grad_accum_dtype_name(self) -> str:
+        return self.data_types.grad_accum_dtype or "fp32"
+
+    @property
+    def reduce_dtype_name(self) -> str:
+        return self.communication_data_type or self.grad_accum_dtype_name
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based): the scheduler's, else the
+        optimizer's lr. Called every step, so it is plain arithmetic on resolved fields."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        lr = self.optimizer.lr
+        if self.scheduler is not None:
+            try:
+                lr = self.scheduler.lr_at(step, lr)
+            except TypeError:  # arithmetic on an unresolved "auto"
+                lr = "auto"
+        if isinstance(lr, str):
+            keys = self.unresolved_keys() or ["scheduler"]
+            raise ConfigError(keys[0], '"auto" is not resolved yet; call Config.resolve first')
+        return lr
+
+    # -- "auto" ---------------------------------------------------------------------------------
+
+    def unresolved_keys(self) -> list[str]:
+        """JSON paths of the keys still set to ``"auto"``."""
+        return [path for path, value in _flatten(self.to_dict()).items() if value == "auto"]
+
+    def resolve(
+        self,
+        *,
+        world_size: int,
+        hidden_size: int | None,
+        param_numel: int,
+        total_num_steps: int | None = None,
+    ) -> Config:
+        """This config with every ``"auto"`` replaced and the batch sizes derived.
+
+        Bucket sizes come from the model's hidden size as DeepSpeed's HF integration computes
+        them (reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h,
+        stage3_param_persistence_threshold = 10*h), with the two bucket sizes capped at the
+        model's ``param_numel`` (a bigger bucket is never filled). Without a hidden size they take
+        DeepSpeed's defaults. ``scheduler.params.warmup_max_lr`` becomes the optimizer's lr,
+        ``total_num_steps`` the argument of that name; any other "auto" takes the default listed
+        in docs/config.md. Of train_batch_size, train_micro_batch_size_per_gpu and
+        gradient_accumulation_steps, the given ones derive the rest as DeepSpeed does, and
+        ``train_batch_size == micro * accumulation * world_size`` is enforced. What was resolved
+        is logged once, at INFO, on the "fzero" logger.
+        """
+        if world_size < 1 or param_numel < 0:
+            raise ValueError(
+                f"need world_size >= 1, param_numel >= 0; got {world_size}, {param_numel}"
+            )
+        notes: list[str] = []
+        zero_changes: dict[str, int] = {}
+        values, why = _HIDDEN_SIZE_DEFAULTS, "DeepSpeed's default: the model has no hidden size"
+        if hidden_size is not None:
+            h = hidden_size
+            values, why = (
+                {
+                    "reduce_bucket_size": h * h,
+                    "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                    "stage3_param_persistence_threshold": 10 * h,
+                },
+                f"from hidden_size {h}",
+            )
+        for name, value in values.items():
+            if getattr(self.zero_optimization, name) != "auto":
+                continue
+            note = why
+            if name != "stage3_param_persistence_threshold" and value > max(param_numel, 1):
+                value, note = (
+                    max(param_numel, 1),
+                    f"{why}, capped at the model's {param_numel} params",
+                )
+            zero_changes[name] = value
+            notes.append(f"zero_optimization.{name}={value} ({note})")
+        config = dataclasses.replace(
+            self, zero_optimization=dataclasses.replace(self.zero_optimization, **zero_changes)
+        )
+        config = _resolve_defaults(config, notes, total_num_steps)
+        config = _resolve_batch_sizes(config, world_size, notes)
+        config.validate()
+        if notes:
+            logger.info("resolved config for world_size=%d: %s", world_size, "; ".join(notes))
+        return config
+
+    # -- comparison -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config in DeepSpeed's JSON layout; ``Config.from_dict`` reads it back."""
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        optimizer = data["optimizer"]
+        data["optimizer"] = {"type": optimizer.pop("type"), "params": optimizer}
+        if self.scheduler is not None:
+            data["scheduler"] = {"type": self.scheduler.TYPE, "params": data["scheduler"]}
+        return data
+
+    def diff(self, other: Config) -> list[str]:
+        """JSON paths of the keys whose values differ between ``self`` and ``other``."""
+        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        missing = object()
+        paths = dict.fromkeys([*mine, *theirs])
+        return [p for p in paths if mine.get(p, missing) != theirs.get(p, missing)]
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of ``to_dict()``: equal on ranks with equal configs."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _build_scheduler(data: Any) -> Scheduler | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigTypeError("scheduler", f"expected an object, got {data!r}")
+    for key in data:
+        if key not in ("type", "params"):
+            raise ConfigError(f"scheduler.{key}", f"unknown key{suggest(key, ('type', 'params'))}")
+    name = data.get("type")
+    if not isinstance(name, str):
+        raise ConfigTypeError("scheduler.type", f"expected a scheduler name, got {name!r}")
+    if name not in SCHEDULERS:
+        raise ConfigError(
+            "scheduler.type",
+            f"unsupported scheduler {name!r}; fzero implements {', '.join(SCHEDULERS)}"
+            + suggest(name, SCHEDULERS),
+        )
+    scheduler = build(SCHEDULERS[name], data.get("params", {}), "scheduler.params")
+    if isinstance(scheduler, OneCycle) and scheduler.cycle_momentum:
+        warn_no_effect(
+            "scheduler.params.cycle_momentum",
+            "fzero keeps Adam's betas fixed (cycle_min_mom, cycle_max_mom and decay_mom_rate are "
+            "ignored); set cycle_momentum to false to say so",
+        )
+    return scheduler
+
+
+def _resolve_defaults(config: Config, notes: list[str], total_num_steps: int | None) -> Config:
+    """Replace the "auto" values that do not depend on the model or the world."""
+
+    def resolved(block: Any, path: str, values: dict[str, Any]) -> Any:
+        changes = {}
+        for name, value in values.items():
+            if getattr(block, name) == "auto":
+                changes[name] = value
+                notes.append(f"{path}{name}={value}")
+        return dataclasses.replace(block, **changes) if changes else block
+
+    defaults = {f.name: f.default for f in dataclasses.fields(OptimizerConfig)}
+    optimizer = resolved(config.optimizer, "optimizer.params.", defaults)
+    scheduler = config.scheduler
+    if scheduler is not None:
+        if getattr(scheduler, "total_num_steps", None) == "auto" and total_num_steps is None:
+            raise ConfigError(
+                "scheduler.params.total_num_steps",
+                '"auto" needs the number of training steps: pass resolve(total_num_steps=...)',
+            )
+        values = {f.name: f.default for f in dataclasses.fields(scheduler)}
+        values.update(warmup_max_lr=optimizer.lr, total_num_steps=total_num_steps)
+        values = {name: values[name] for name in _field_names(scheduler)}
+        scheduler = resolved(scheduler, "scheduler.params.", values)
+    gradient_clipping = config.gradient_clipping
+    if gradient_clipping == "auto":
+        gradient_clipping = 0.0
+        notes.append("gradient_clipping=0.0")
+    return dataclasses.replace(
+        config,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        bf16=resolved(config.bf16, "bf16.", {"enabled": False}),
+        fp16=resolved(config.fp16, "fp16.", {"enabled": False}),
+        gradient_clipping=gradient_clipping,
+    )
+
+
+def _resolve_batch_sizes(config: Config, world_size: int, notes: list[str]) -> Config:
+    """Derive the missing batch sizes from the given ones, as DeepSpeed does."""
+    batch, micro, accumulation = (
+        None if getattr(config, name) == "auto" else getattr(config, name) for name in _BATCH_KEYS
+    )
+    given = (batch, micro, accumulation)
+    if batch is not None and micro is not None and accumulation is None:
+        names = f"train_micro_batch_size_per_gpu ({micro}) * world_size ({world_size})"
+        accumulation = _divide(batch, micro * world_size, names, "gradient_accumulation_steps")
+    elif batch is not None and micro is None:
+        accumulation = accumulation or 1
+        names = f"gradient_accumulation_steps ({accumulation}) * world_size ({world_size})"
+        micro = _divide(batch, accumulation * world_size, names, "train_micro_batch_size_per_gpu")
+    elif batch is None and micro is not None:
+        accumulation = accumulation or 1
+        batch = micro * accumulation * world_size
+    if None not in (batch, micro, accumulation) and batch != micro * accumulation * world_size:
+        raise ConfigError(
+            "train_batch_size",
+            f"train_batch_size ({batch}) != train_micro_batch_size_per_gpu ({micro}) * "
+            f"gradient_accumulation_steps ({accumulation}) * world_size ({world_size}) "
+            f"= {micro * accumulation * world_size}",
+        )
+    for name, before, after in zip(_BATCH_KEYS, given, (batch, micro, accumulation), strict=True):
+        if after is None and getattr(config, name) == "auto":
+            notes.append(f"{name} left unset (neither train_batch_size nor micro batch given)")
+        elif before != after or getattr(config, name) == "auto":
+            notes.append(f"{name}={after}")
+    return dataclasses.replace(
+        config,
+        train_batch_size=batch,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+    )
+
+
+def _field_names(block: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(block)]
+
+
+def _divide(batch: int, divisor: int, names: str, target: str) -> int:
+    if batch % divisor:
+        raise ConfigError(
+            "train_batch_size",
+            f"train_batch_size ({batch}) is not divisible by {names} = {divisor}, "
+            f"so {target} cannot be derived",
+        )
+    return batch // divisor
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    leaves: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves.update(_flatten(value, f"{path}."))
+        else:
+            leaves[path] = list(value) if isinstance(value, tuple) else value
+    return leaves
+
+
+def _load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file, or HJSON (DeepSpeed reads its configs with hjson); duplicate keys are errors."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as json_error:
+        try:
+            import hjson
+        except ImportError:
+            raise ConfigError("", f"{os.fspath(path)} is not valid JSON: {json_error}") from None
+        try:
+            return hjson.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except hjson.HjsonDecodeError as error:
+            message = f"{os.fspath(path)} is neither valid JSON nor HJSON: {error}"
+            raise ConfigError("", message) from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ConfigError(key, "appears twice in the same object of the file")
+        data[key] = value
+    return data

@@ -1,0 +1,213 @@
+"""The blocks of ``fzero.Config``: one frozen dataclass per DeepSpeed JSON object.
+
+Field names and defaults are DeepSpeed's (``deepspeed/runtime/zero/config.py``,
+``offload_config.py``, ``precision_config.py``) unless the docstring says otherwise. Each block's
+``validate(path)`` checks ranges within the block and names the JSON path of a bad key; checks
+that involve several blocks live in ``Config.validate``. Fields typed ``... | Auto`` also hold the
+string ``"auto"`` until ``Config.resolve`` replaces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fzero.config_parse import NESTED_PARAMS, Auto, DtypeName
+from fzero.errors import ConfigError
+
+OffloadDevice = Literal["none", "cpu", "nvme"]
+
+
+def check_at_least(path: str, value: object, low: float) -> None:
+    """Raise unless ``value`` is >= ``low``; None and "auto" pass (nothing to check yet)."""
+    if isinstance(value, (int, float)) and not value >= low:
+        raise ConfigError(path, f"must be >= {low}, got {value}")
+
+
+def check_fraction(path: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(path, f"must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class OffloadParamConfig:
+    """``zero_optimization.offload_param``: where stage 3 keeps parameters between uses."""
+
+    device: OffloadDevice = "none"
+    nvme_path: str | None = None
+    buffer_count: int = 5
+    buffer_size: int = 100_000_000
+    max_in_cpu: int = 1_000_000_000
+    pin_memory: bool = False
+
+    def validate(self, path: str) -> None:
+        _validate_offload(self, path)
+        for name in ("buffer_size", "max_in_cpu"):
+            check_at_least(f"{path}.{name}", getattr(self, name), 0)
+
+
+@dataclass(frozen=True)
+class OffloadOptimizerConfig:
+    """``zero_optimization.offload_optimizer``: where optimizer state lives and steps."""
+
+    device: OffloadDevice = "none"
+    nvme_path: str | None = None
+    buffer_count: int = 4
+    pin_memory: bool = False
+    pipeline_read: bool = False
+    pipeline_write: bool = False
+    fast_init: bool = False
+    ratio: float = 1.0
+    super_offload: bool = False
+    convert_grad_on_cpu: bool = True
+    cpuadam_cores_perc: float = 0.8
+
+    def validate(self, path: str) -> None:
+        _validate_offload(self, path)
+        check_fraction(f"{path}.ratio", self.ratio)
+        check_fraction(f"{path}.cpuadam_cores_perc", self.cpuadam_cores_perc)
+
+
+def _validate_offload(block: OffloadParamConfig | OffloadOptimizerConfig, path: str) -> None:
+    if block.device not in ("none", "cpu", "nvme"):
+        raise ConfigError(
+            f"{path}.device", f'must be "none", "cpu" or "nvme", got {block.device!r}'
+        )
+    if block.device == "nvme" and not block.nvme_path:
+        raise ConfigError(f"{path}.nvme_path", 'required when device is "nvme"')
+    check_at_least(f"{path}.buffer_count", block.buffer_count, 0)
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    """The ``zero_optimization`` block. Sizes count elements, not bytes, as in DeepSpeed.
+
+    ``overlap_comm`` defaults to true at every stage (DeepSpeed: true only for stage 3).
+    """
+
+    stage: int = 0
+    reduce_bucket_size: int | Auto = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    overlap_comm: bool = True
+    stage3_prefetch_bucket_size: int | Auto = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+    stage3_param_persistence_threshold: int | Auto = 100_000
+    offload_optimizer: OffloadOptimizerConfig | None = None
+    offload_param: OffloadParamConfig | None = None
+
+    def validate(self, path: str = "zero_optimization") -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{path}.stage", f"must be 0, 1, 2 or 3, got {self.stage}")
+        for name in (
+            "reduce_bucket_size",
+            "allgather_bucket_size",
+            "stage3_prefetch_bucket_size",
+            "stage3_max_live_parameters",
+            "stage3_max_reuse_distance",
+            "stage3_param_persistence_threshold",
+        ):
+            check_at_least(f"{path}.{name}", getattr(self, name), 0)
+        if self.offload_optimizer is not None:
+            self.offload_optimizer.validate(f"{path}.offload_optimizer")
+        if self.offload_param is not None:
+            self.offload_param.validate(f"{path}.offload_param")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The ``optimizer`` block: Adam with decoupled weight decay (AdamW).
+
+    As in DeepSpeed, ``"Adam"`` means AdamW unless ``adam_w_mode`` is false (L2-coupled Adam,
+    which fzero does not offer); ``"AdamW"`` is AdamW whatever ``adam_w_mode`` says. Type names
+    are case-insensitive. ``weight_decay`` defaults to torch's AdamW default, 0.01.
+    """
+
+    type: str = "AdamW"
+    lr: float | Auto = 1e-3
+    betas: tuple[float, float] | Auto = (0.9, 0.999)
+    eps: float | Auto = 1e-8
+    weight_decay: float | Auto = 0.01
+    adam_w_mode: bool = True
+
+    def validate(self, path: str = "optimizer") -> None:
+        kind = self.type.lower()
+        if kind not in ("adamw", "adam"):
+            raise ConfigError(
+                f"{path}.type", f"unsupported optimizer {self.type!r}; fzero implements Adam, AdamW"
+            )
+        if kind == "adam" and not self.adam_w_mode:
+            raise ConfigError(
+                f"{path}.params.adam_w_mode",
+                "unsupported: L2-coupled Adam is not implemented; remove it to get AdamW",
+            )
+        check_at_least(f"{path}.params.lr", self.lr, 0)
+        if self.betas != "auto" and (
+            len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas)
+        ):
+            raise ConfigError(
+                f"{path}.params.betas", f"need two values in [0, 1), got {list(self.betas)}"
+            )
+        if self.eps != "auto" and not self.eps > 0:
+            raise ConfigError(f"{path}.params.eps", f"must be > 0, got {self.eps}")
+        check_at_least(f"{path}.params.weight_decay", self.weight_decay, 0)
+
+
+NESTED_PARAMS[OptimizerConfig] = "params"
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """The ``bf16`` block: compute in bfloat16, keeping fp32 master weights."""
+
+    enabled: bool | Auto = False
+
+
+@dataclass(frozen=True)
+class Fp16Config(PrecisionConfig):
+    """The ``fp16`` block, with DeepSpeed's loss-scaling keys and defaults.
+
+    ``loss_scale`` 0 means dynamic scaling starting at ``2**initial_scale_power``, halved after
+    ``hysteresis`` overflowing steps and doubled after ``loss_scale_window`` clean ones, never below
+    ``min_loss_scale``. ``enabled: true`` is rejected until fzero implements loss scaling.
+    """
+
+    auto_cast: bool = False
+    loss_scale: float = 0.0
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    consecutive_hysteresis: bool = False
+    min_loss_scale: float = 1.0
+
+    def validate(self, path: str = "fp16") -> None:
+        check_at_least(f"{path}.loss_scale", self.loss_scale, 0)
+        if not 0 <= self.initial_scale_power <= 127:
+            raise ConfigError(
+                f"{path}.initial_scale_power",
+                f"must be in [0, 127] (2**128 overflows fp32), got {self.initial_scale_power}",
+            )
+        check_at_least(f"{path}.loss_scale_window", self.loss_scale_window, 1)
+        check_at_least(f"{path}.hysteresis", self.hysteresis, 1)
+        if not self.min_loss_scale > 0:
+            raise ConfigError(f"{path}.min_loss_scale", f"must be > 0, got {self.min_loss_scale}")
+
+
+@dataclass(frozen=True)
+class DataTypesConfig:
+    """The ``data_types`` block: the dtype gradients accumulate in (``fp32`` unless set)."""
+
+    grad_accum_dtype: DtypeName | None = None
+
+
+@dataclass(frozen=True)
+class FzeroConfig:
+    """fzero's own knobs, in the ``fzero`` block (DeepSpeed has no name for them).
+
+    ``no_weight_decay``: glob patterns (``fnmatch``) on parameter names that get weight decay 0,
+    e.g. ``["*.bias", "*norm*"]``. ``alignment``: every flat buffer is padded to a multiple of
+    world size x alignment elements.
+    """
+
+    no_weight_decay: tuple[str, ...] = ()
+    alignment: int = 16

@@ -1,0 +1,146 @@
+"""Read a JSON object into a frozen config dataclass, checking every key and type on the way.
+
+The type hints of the dataclass are the schema: ``int``, ``float``, ``bool``, ``str``,
+``tuple[...]``, ``Literal[...]`` (a closed set of strings), ``X | None`` (null allowed),
+``X | Literal["auto"]`` (the HF-style placeholder, resolved later by ``Config.resolve``) and
+nested dataclasses. A key that is not a field goes to ``config_keys`` (alias, warned or
+rejected) and is otherwise an unknown key, reported with a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal
+
+from fzero.config_keys import ALIASES, apply_rule, known_keys, suggest
+from fzero.errors import ConfigError, ConfigTypeError
+
+Auto = Literal["auto"]
+DtypeName = Literal["fp32", "bf16", "fp16"]
+
+# DeepSpeed's DtypeEnum spellings, folded to fzero's three names.
+_DTYPE_ALIASES = {
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+    "torch.float32": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "torch.bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "torch.float16": "fp16",
+}
+
+# DeepSpeed nests optimizer settings under "params"; fzero's dataclass is flat. Filled in by the
+# module that defines the dataclass: {OptimizerConfig: "params"}.
+NESTED_PARAMS: dict[type, str] = {}
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def build(cls: type, data: Any, path: str) -> Any:
+    """An instance of dataclass ``cls`` from the JSON object ``data`` found at ``path``."""
+    if not isinstance(data, dict):
+        raise ConfigTypeError(path, f"expected an object, got {data!r}")
+    items = [(key, value, join(path, key)) for key, value in data.items()]
+    nested_key = NESTED_PARAMS.get(cls)
+    if nested_key is not None and nested_key in data:
+        nested = data[nested_key]
+        nested_path = join(path, nested_key)
+        if not isinstance(nested, dict):
+            raise ConfigTypeError(nested_path, f"expected an object, got {nested!r}")
+        items = [item for item in items if item[0] != nested_key]
+        items += [(key, value, f"{nested_path}.{key}") for key, value in nested.items()]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value, key_path in items:
+        parent = key_path.rpartition(".")[0]
+        name = ALIASES.get(key_path, key)
+        canonical_path = join(parent, name)
+        if name not in fields:
+            if apply_rule(canonical_path, value):
+                continue
+            candidates = {*fields, *known_keys(parent), nested_key} - {None}
+            raise ConfigError(key_path, f"unknown key{suggest(key, candidates)}")
+        if name in values:
+            raise ConfigError(key_path, f"given twice (also as {name!r})")
+        values[name] = coerce(hints[name], value, key_path)
+    return cls(**values)
+
+
+def describe(hint: Any) -> str:
+    """What a value of type ``hint`` looks like, for error messages."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(describe(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(f'"{option}"' for option in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(hint):
+        return "an object"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "null" if hint is type(None) else str(hint))
+
+
+def coerce(hint: Any, value: Any, path: str) -> Any:
+    """``value`` checked against ``hint`` (and converted: 5e8 -> 500000000, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else build(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigTypeError(path, f"expected {describe(hint)}, got null")
+        if value == "auto" and Auto in options:
+            return "auto"
+        (option,) = [o for o in options if o is not type(None) and o != Auto]
+        try:
+            return coerce(option, value, path)
+        except ConfigTypeError:
+            raise ConfigTypeError(path, f"expected {describe(hint)}, got {value!r}") from None
+    if origin is Literal:
+        options = typing.get_args(hint)
+        if not isinstance(value, str):
+            raise ConfigTypeError(path, f"expected {describe(hint)}, got {value!r}")
+        if hint == DtypeName:
+            value = _DTYPE_ALIASES.get(value.lower(), value)
+        if value not in options:
+            raise ConfigError(path, f"must be {describe(hint)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigTypeError(path, f"expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigTypeError(path, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        # DeepSpeed configs often write sizes as 5e8; accept integral floats.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigTypeError(path, f"expected an integer, got {value!r}")
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigTypeError(path, f"expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigTypeError(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigTypeError(path, f"expected a string, got {value!r}")
+        return value
+    raise ConfigTypeError(path, f"cannot read a value for type {hint}")

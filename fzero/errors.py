@@ -1,0 +1,72 @@
+"""Every exception fzero raises on purpose.
+
+Each subclasses a builtin (``ValueError``, ``TypeError`` or ``RuntimeError``) so that callers can
+catch either the fzero type or the builtin one.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, out of range or contradictory.
+
+    ``path`` is the JSON path of the offending key, e.g. ``zero_optimization.stage``.
+    """
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value has the wrong type."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration key is accepted but has no effect in fzero (the message says why).
+
+    Issued through ``warnings.warn``, so Python shows each distinct message once per process.
+    """
+
+
+class ShardError(ValueError):
+    """The model or arguments given to ``fzero.shard`` cannot be sharded as asked."""
+
+
+class BatchError(ValueError):
+    """A batch cannot be run: wrong micro-batch count, or the model rejected it."""
+
+
+class LossError(TypeError):
+    """The model (or ``loss_fn``) returned something fzero cannot read a scalar loss from."""
+
+
+class ScheduleError(RuntimeError):
+    """A schedule breaks an invariant, or the model ran in a different order than it was traced."""
+
+
+class ScheduleMismatchError(ScheduleError):
+    """Ranks compiled different layouts or schedules (different model, config or world view)."""
+
+
+class DonatedStateError(RuntimeError):
+    """A state was used after it was donated to ``train_step``."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or was called with buffers of the wrong size."""
+
+
+class ScheduleInvariantError(ScheduleError):
+    """``verify`` found a schedule that breaks an invariant.
+
+    ``invariant`` is a short name of the broken rule (e.g. ``"gather-before-use"``), ``where``
+    the op's position (phase, entry index, trigger, op) and ``unit`` the unit concerned (-1
+    when the rule is about no single unit).
+    """
+
+    def __init__(self, invariant: str, where: str, unit: int, message: str):
+        self.invariant = invariant
+        self.where = where
+        self.unit = unit
+        super().__init__(f"{where}: {message} [{invariant}]")

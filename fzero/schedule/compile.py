@@ -1,0 +1,255 @@
+"""The schedule compiler: units' sizes + the traced trigger order + knobs -> a Schedule.
+
+It works in two passes over plain integers:
+
+1. ``on_demand``: the ops each trigger needs with nothing known about the order (gather a unit
+   right before it computes, release it right after, reduce its gradient as soon as it is
+   written). This alone is a correct schedule.
+2. ``prefetch``: with the traced order known, each gather is moved to the previous unit's
+   trigger (after that unit's wait), so it overlaps that unit's compute, as long as the unit is
+   not alive there already and the live bytes stay under ``max_live_nbytes``.
+
+Stages 0 and 1 keep full gradients and reduce them once, at the ``step`` trigger; stages 2 and 3
+reduce each unit's gradient right after its backward, and stage 3 also gathers parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fzero.schedule.ops import (
+    BACKWARD_END,
+    POST_BACKWARD,
+    POST_FORWARD,
+    PRE_BACKWARD,
+    PRE_FORWARD,
+    STEP,
+    AllGather,
+    AllReduce,
+    Entry,
+    FreeGradShard,
+    Op,
+    OptimizerStep,
+    ReduceScalars,
+    ReduceScatter,
+    Release,
+    Trigger,
+    WaitGather,
+    WaitReduce,
+    ZeroGrad,
+    ZeroGradShard,
+)
+from fzero.schedule.schedule import Schedule, UnitInfo
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Compile-time choices (bytes)."""
+
+    prefetch: bool = True
+    max_live_nbytes: int = 1 << 62
+
+
+def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
+    """The order a plain sequential model runs in: the root unit wraps the blocks, blocks run in
+    registration order forward and in reverse backward. Used until a real step is traced."""
+    root = [u.index for u in units if u.is_root]
+    blocks = [u.index for u in units if not u.is_root]
+    trace = [Trigger(PRE_FORWARD, r) for r in root]
+    for b in blocks:
+        trace += [Trigger(PRE_FORWARD, b), Trigger(POST_FORWARD, b)]
+    trace += [Trigger(POST_FORWARD, r) for r in root]
+    trace += [Trigger(PRE_BACKWARD, r) for r in root]
+    for b in reversed(blocks):
+        trace += [Trigger(PRE_BACKWARD, b), Trigger(POST_BACKWARD, b)]
+    trace += [Trigger(POST_BACKWARD, r) for r in root]
+    trace.append(Trigger(BACKWARD_END))
+    return tuple(trace)
+
+
+def compile_schedule(
+    units: tuple[UnitInfo, ...],
+    *,
+    stage: int,
+    world_size: int,
+    trace: tuple[Trigger, ...],
+    traced: bool,
+    optimizer_numel: int,
+    grad_shard_nbytes: int,
+    knobs: Knobs = Knobs(),
+) -> Schedule:
+    micro = on_demand(units, stage, trace)
+    if stage == 3 and knobs.prefetch:
+        micro = prefetch(units, micro, knobs.max_live_nbytes)
+    micro = with_live_nbytes(units, stage, micro)
+    step = Entry(Trigger(STEP), step_ops(units, stage, optimizer_numel, grad_shard_nbytes))
+    return Schedule(stage, world_size, units, tuple(micro), (step,), traced)
+
+
+def on_demand(units: tuple[UnitInfo, ...], stage: int, trace: tuple[Trigger, ...]) -> list[Entry]:
+    planner = OnDemand(units, stage)
+    return [Entry(trigger, planner.ops(trigger)) for trigger in trace]
+
+
+class OnDemand:
+    """Emits, trigger by trigger, the ops that need no knowledge of what comes next. The
+    executor uses it directly while it traces the first micro-batch."""
+
+    def __init__(self, units: tuple[UnitInfo, ...], stage: int):
+        self.by_index = {u.index: u for u in units}
+        self.stage = stage
+        self.gathered: set[int] = set() if stage == 3 else set(self.by_index)
+        self.grad_live: set[int] = set()
+        self.reduced: set[int] = set()
+
+    def ops(self, trigger: Trigger) -> tuple[Op, ...]:
+        ops: list[Op] = []
+        stage, kind = self.stage, trigger.kind
+        unit = self.by_index.get(trigger.unit)
+        if kind in (PRE_FORWARD, PRE_BACKWARD) and unit.index not in self.gathered:
+            ops += [
+                AllGather(unit.index, unit.name, unit.param_nbytes),
+                WaitGather(unit.index, unit.name),
+            ]
+            self.gathered.add(unit.index)
+        if (
+            kind == PRE_BACKWARD
+            and stage >= 2
+            and unit.has_trainable
+            and unit.index not in self.grad_live
+            and unit.index not in self.reduced
+        ):
+            ops.append(ZeroGrad(unit.index, unit.name, unit.grad_nbytes))
+            self.grad_live.add(unit.index)
+        # The root unit is used at both ends of forward and backward: keep it for the step.
+        if kind == POST_FORWARD and stage == 3 and not unit.is_root:
+            ops.append(Release(unit.index, unit.name, unit.param_nbytes))
+            self.gathered.discard(unit.index)
+        if kind == POST_BACKWARD:
+            if unit.index in self.grad_live:
+                ops += [
+                    ReduceScatter(unit.index, unit.name, unit.reduce_nbytes),
+                    WaitReduce(unit.index, unit.name, unit.grad_nbytes),
+                ]
+                self.grad_live.discard(unit.index)
+                self.reduced.add(unit.index)
+            if stage == 3 and unit.index in self.gathered:
+                ops.append(Release(unit.index, unit.name, unit.param_nbytes))
+                self.gathered.discard(unit.index)
+        if kind == BACKWARD_END:
+            if stage == 3:
+                ops += [
+                    Release(i, self.by_index[i].name, self.by_index[i].param_nbytes)
+                    for i in sorted(self.gathered)
+                ]
+                self.gathered.clear()
+            self.reduced.clear()
+        return tuple(ops)
+
+
+def prefetch(
+    units: tuple[UnitInfo, ...], entries: list[Entry], max_live_nbytes: int
+) -> list[Entry]:
+    """Move each gather to the previous compute trigger, after that trigger's own wait, when
+    the unit is not alive there and the extra bytes fit under ``max_live_nbytes``."""
+    entries = list(entries)
+    for i in range(1, len(entries)):
+        gathers = [op for op in entries[i].ops if isinstance(op, AllGather)]
+        for gather in gathers:
+            j = _previous_compute_entry(entries, i)
+            if j is None or not _can_move(entries, gather.unit, j, i):
+                continue
+            live = _live_after(units, entries[: j + 1])
+            if live + gather.nbytes > max_live_nbytes:
+                continue
+            entries[i] = replace(entries[i], ops=tuple(op for op in entries[i].ops if op != gather))
+            entries[j] = replace(entries[j], ops=entries[j].ops + (gather,))
+    return entries
+
+
+def _previous_compute_entry(entries: list[Entry], i: int) -> int | None:
+    kind = entries[i].trigger.kind
+    for j in range(i - 1, -1, -1):
+        if entries[j].trigger.kind == kind:
+            return j
+        if entries[j].trigger.kind in (PRE_FORWARD, PRE_BACKWARD):
+            return None  # do not cross from forward into backward
+    return None
+
+
+def _can_move(entries: list[Entry], unit: int, j: int, i: int) -> bool:
+    """Whether ``unit``'s gather may move from entry ``i`` to the end of entry ``j``: the unit
+    must not be alive after ``j`` (that would gather it twice) and nothing between may touch it
+    (a release there would free the prefetched buffer)."""
+    alive = False
+    for entry in entries[: j + 1]:
+        for op in entry.ops:
+            if isinstance(op, AllGather) and op.unit == unit:
+                alive = True
+            elif isinstance(op, Release) and op.unit == unit:
+                alive = False
+    if alive:
+        return False
+    for entry in entries[j + 1 : i]:
+        if entry.trigger.unit == unit or any(getattr(op, "unit", None) == unit for op in entry.ops):
+            return False
+    return True
+
+
+def _live_after(units: tuple[UnitInfo, ...], entries: list[Entry]) -> int:
+    by_index = {u.index: u for u in units}
+    live: set[int] = set()
+    for entry in entries:
+        for op in entry.ops:
+            if isinstance(op, AllGather):
+                live.add(op.unit)
+            elif isinstance(op, Release):
+                live.discard(op.unit)
+    return sum(by_index[i].param_nbytes for i in live)
+
+
+def with_live_nbytes(units: tuple[UnitInfo, ...], stage: int, entries: list[Entry]) -> list[Entry]:
+    """Annotate each entry with the gathered parameter and gradient bytes alive after it."""
+    by_index = {u.index: u for u in units}
+    params: set[int] = set()
+    grads: set[int] = set()
+    out = []
+    for entry in entries:
+        for op in entry.ops:
+            if isinstance(op, AllGather):
+                params.add(op.unit)
+            elif isinstance(op, Release):
+                params.discard(op.unit)
+            elif isinstance(op, ZeroGrad):
+                grads.add(op.unit)
+            elif isinstance(op, WaitReduce):
+                grads.discard(op.unit)
+        live = sum(by_index[i].param_nbytes for i in params)
+        live += sum(by_index[i].grad_nbytes for i in grads)
+        out.append(replace(entry, live_nbytes=live))
+    return out
+
+
+def step_ops(
+    units: tuple[UnitInfo, ...], stage: int, optimizer_numel: int, grad_shard_nbytes: int
+) -> tuple[Op, ...]:
+    trainable = [u for u in units if u.has_trainable]
+    ops: list[Op] = []
+    if stage == 0:
+        ops += [AllReduce(u.index, u.name, u.reduce_nbytes) for u in trainable]
+        ops += [WaitReduce(u.index, u.name, 0) for u in trainable]
+    if stage == 1:
+        ops.append(ZeroGradShard(grad_shard_nbytes))
+        ops += [ReduceScatter(u.index, u.name, u.reduce_nbytes) for u in trainable]
+        ops += [WaitReduce(u.index, u.name, 0) for u in trainable]
+    ops += [ReduceScalars(), OptimizerStep(optimizer_numel)]
+    if stage == 1:
+        ops.append(FreeGradShard(grad_shard_nbytes))
+    if stage in (1, 2):  # refresh the full parameters from the updated shards
+        ops += [AllGather(u.index, u.name, u.param_nbytes) for u in trainable]
+        ops += [WaitGather(u.index, u.name) for u in trainable]
+    if stage in (0, 1):  # full gradients persist; clear them for the next step
+        ops += [ZeroGrad(u.index, u.name, u.grad_nbytes) for u in trainable]
+    if stage in (2, 3):
+        ops.append(ZeroGradShard(grad_shard_nbytes))
+    return tuple(ops)

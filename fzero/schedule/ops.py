@@ -1,0 +1,213 @@
+"""The op records a schedule is made of, and the trigger points they are keyed to.
+
+Every op is a small frozen dataclass with a readable ``__str__``. The executor turns each op into
+work; nothing else happens in a step. Sizes are in bytes (``nbytes``) unless the name says
+``numel``. ``unit`` is the unit's index in the layout and ``name`` its module path (``""`` is the
+root unit: every parameter not inside a repeated block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Trigger kinds, in the order a unit meets them in one micro-batch.
+PRE_FORWARD = "pre_forward"
+POST_FORWARD = "post_forward"
+PRE_BACKWARD = "pre_backward"
+POST_BACKWARD = "post_backward"
+BACKWARD_END = "backward_end"  # autograd's final callback: every gradient of the pass is written
+STEP = "step"  # after the last micro-batch: reductions that wait for all of them, then AdamW
+
+TRIGGER_KINDS = (PRE_FORWARD, POST_FORWARD, PRE_BACKWARD, POST_BACKWARD, BACKWARD_END, STEP)
+
+# Streams an op runs on. On CPU every stream is the calling thread.
+COMPUTE = "compute"
+GATHER = "gather"
+REDUCE = "reduce"
+
+
+@dataclass(frozen=True, order=True)
+class Trigger:
+    """A point in the step at which the executor runs ops: ``kind`` of unit ``unit``.
+
+    ``unit`` is -1 for ``backward_end`` and ``step``, which belong to no unit.
+    """
+
+    kind: str
+    unit: int = -1
+
+    def __str__(self) -> str:
+        return self.kind if self.unit < 0 else f"{self.kind}({self.unit})"
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base of all ops. ``stream`` is where the op's work runs."""
+
+    @property
+    def stream(self) -> str:
+        return COMPUTE
+
+    def _label(self) -> str:
+        return type(self).__name__
+
+
+def _unit_label(unit: int, name: str) -> str:
+    return f"unit {unit} ({name or '<root>'})"
+
+
+def _size(nbytes: int) -> str:
+    for scale, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {suffix}"
+    return f"{nbytes} B"
+
+
+@dataclass(frozen=True)
+class AllGather(Op):
+    """Gather unit ``unit``'s parameter shards from all ranks into its full flat buffer.
+
+    Asynchronous: it is issued on the gather stream and must be followed by ``WaitGather``
+    before the unit's compute. ``nbytes`` is the size of the gathered (full, padded) buffer.
+    """
+
+    unit: int
+    name: str
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return GATHER
+
+    def __str__(self) -> str:
+        return f"AllGather    {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class WaitGather(Op):
+    """Make the compute stream wait until unit ``unit``'s gather has landed."""
+
+    unit: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"WaitGather   {_unit_label(self.unit, self.name)}"
+
+
+@dataclass(frozen=True)
+class Release(Op):
+    """Free unit ``unit``'s gathered parameters (stage 3); its views stay but hold no memory."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"Release      {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class ZeroGrad(Op):
+    """Materialise unit ``unit``'s gradient buffer as zeros; its parameters' ``.grad`` are views
+    into it, so autograd accumulates straight into the flat buffer."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"ZeroGrad     {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class ReduceScatter(Op):
+    """Sum unit ``unit``'s gradient over ranks; each rank adds its shard of the sum into its
+    gradient shard. ``nbytes`` is the size of the reduced buffer, in the reduce dtype."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return REDUCE
+
+    def __str__(self) -> str:
+        return f"ReduceScatter {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class AllReduce(Op):
+    """Stage 0: sum unit ``unit``'s full gradient over ranks, into every rank's gradient."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return REDUCE
+
+    def __str__(self) -> str:
+        return f"AllReduce    {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class WaitReduce(Op):
+    """Wait for unit ``unit``'s reduction; a gradient buffer that only fed it is freed."""
+
+    unit: int
+    name: str
+    frees_nbytes: int
+
+    def __str__(self) -> str:
+        freed = f"  frees {_size(self.frees_nbytes)}" if self.frees_nbytes else ""
+        return f"WaitReduce   {_unit_label(self.unit, self.name)}{freed}"
+
+
+@dataclass(frozen=True)
+class ZeroGradShard(Op):
+    """Materialise this rank's gradient shard as zeros (stage 1 keeps it only during the step)."""
+
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"ZeroGradShard {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class FreeGradShard(Op):
+    """Free this rank's gradient shard once the optimizer has read it (stage 1)."""
+
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"FreeGradShard {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class ReduceScalars(Op):
+    """One tiny all-reduce of (loss, squared gradient norm) so every rank sees global values."""
+
+    def __str__(self) -> str:
+        return "ReduceScalars loss, grad_norm^2  8 B"
+
+
+@dataclass(frozen=True)
+class OptimizerStep(Op):
+    """AdamW over this rank's whole flat shard in one pass; also writes the compute-dtype copy of
+    the shard that the next gather sends. ``shard_numel`` elements."""
+
+    shard_numel: int
+
+    def __str__(self) -> str:
+        return f"OptimizerStep {self.shard_numel:,} elements"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The ops run at one trigger, with the gathered bytes alive once they are done."""
+
+    trigger: Trigger
+    ops: tuple[Op, ...]
+    live_nbytes: int = 0

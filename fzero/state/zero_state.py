@@ -1,0 +1,74 @@
+"""ZeroState: the training state, a pytree of flat sharded buffers plus static structure.
+
+The leaves are this rank's buffers (fp32 master shard, AdamW moments, the step count, and the
+compute-dtype parameter shards when they are not the master itself). Everything static (layout,
+schedule, config, the model and the executor that drives it) is the pytree's metadata, so
+``optree.tree_map(f, state, namespace="fzero")`` touches exactly the tensors a checkpoint must hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optree
+import torch
+
+from fzero.errors import DonatedStateError
+
+
+@dataclass(frozen=True, eq=False)
+class ZeroState:
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor  # 0-dim fp32: optimizer updates applied so far
+    # Per unit, this rank's compute-dtype slice (views into the workspace); empty when those
+    # are the fp32 master itself (fp32 stages 0 and 3 with no frozen parameters).
+    param_shards: tuple[torch.Tensor, ...]
+    runtime: Any  # fzero.api.Runtime: static, never a leaf
+
+    @property
+    def schedule(self):
+        return self.runtime.executor.schedule
+
+    @property
+    def layout(self):
+        return self.runtime.layout
+
+    @property
+    def config(self):
+        return self.runtime.config
+
+    @property
+    def model(self):
+        return self.runtime.model
+
+    @property
+    def rank(self) -> int:
+        return self.runtime.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.runtime.comm.world_size
+
+    def check_live(self) -> None:
+        if self.runtime.live_state is not self:
+            raise DonatedStateError(
+                "this state was donated to fzero.train_step, which may have changed its buffers "
+                "in place; use the state train_step returned"
+            )
+
+
+def _flatten(state: ZeroState):
+    children = (state.master, state.exp_avg, state.exp_avg_sq, state.step, state.param_shards)
+    return children, state.runtime, ("master", "exp_avg", "exp_avg_sq", "step", "param_shards")
+
+
+def _unflatten(runtime: Any, children: Any) -> ZeroState:
+    return ZeroState(*children, runtime=runtime)
+
+
+# optree asks every library for its own namespace: ``optree.tree_map(f, state, namespace="fzero")``.
+NAMESPACE = "fzero"
+optree.register_pytree_node(ZeroState, _flatten, _unflatten, namespace=NAMESPACE)

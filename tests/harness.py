@@ -1,0 +1,91 @@
+"""Run fzero and the single-device reference side by side on the same drawn case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import fzero
+from fzero.collectives import run_ranks
+from tests.models import ToyLM, ToySpec, make_batches, reference_train
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: ToySpec
+    world_size: int
+    stage: int
+    micro: int  # micro-batches per step (a list when > 1)
+    steps: int = 3
+    lr: float = 1e-2
+    weight_decay: float = 0.1
+    clip: float = 0.5
+    no_decay: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def config(self) -> dict[str, Any]:
+        cfg = {
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": self.lr, "weight_decay": self.weight_decay},
+            },
+            "gradient_clipping": self.clip,
+            "fzero": {"no_weight_decay": list(self.no_decay)},
+        }
+        cfg.update(self.extra)
+        return cfg
+
+    def batches(self):
+        return make_batches(
+            self.spec, steps=self.steps, world_size=self.world_size, micro=self.micro
+        )
+
+
+def train_rank(case: Case, comm: Any, model: torch.nn.Module | None = None, record: bool = False):
+    """Train ``case`` on this rank; return (full_state_dict, final state, metrics list)."""
+    model = model if model is not None else ToyLM(case.spec)
+    state = fzero.shard(
+        model, stage=case.stage, config=case.config(), process_group=comm, record_ops=record
+    )
+    batches = case.batches()
+    metrics = []
+    for step in range(case.steps):
+        micro = batches[step][comm.rank if comm is not None else 0]
+        state, m = fzero.train_step(state, micro if case.micro > 1 else micro[0])
+        metrics.append(m)
+    return fzero.full_state_dict(state), state, metrics
+
+
+def train_threads(case: Case, record: bool = False):
+    # Models are built before the threads start: torch's global RNG is not per thread.
+    models = [ToyLM(case.spec) for _ in range(case.world_size)]
+    return run_ranks(
+        case.world_size, lambda comm: train_rank(case, comm, models[comm.rank], record)
+    )
+
+
+def reference(case: Case) -> dict[str, torch.Tensor]:
+    model = reference_train(
+        case.spec,
+        case.batches(),
+        lr=case.lr,
+        weight_decay=case.weight_decay,
+        clip=case.clip,
+        no_decay=case.no_decay,
+    )
+    return model.state_dict()
+
+
+def assert_close_to_reference(
+    full: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rtol: float = 1e-5
+) -> None:
+    """Every tensor within ``rtol`` of the reference, relative to the tensor's largest value."""
+    assert list(full) == list(ref), f"names differ: {list(full)} vs {list(ref)}"
+    for name, expected in ref.items():
+        got = full[name]
+        assert got.shape == expected.shape, f"{name}: shape {got.shape} vs {expected.shape}"
+        scale = expected.abs().max().clamp_min(1e-12)
+        error = ((got.double() - expected.double()).abs().max() / scale).item()
+        assert error <= rtol, f"{name}: relative error {error:.3e} > {rtol:.0e}"
