@@ -17,9 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpt import GPT, GPTConfig, MarkovCorpus, num_params  # noqa: E402
+
 import fzero  # noqa: E402
 from fzero.collectives import init_from_env, shutdown  # noqa: E402
-from gpt import GPT, GPTConfig, MarkovCorpus, num_params  # noqa: E402
 
 
 def main() -> None:
@@ -41,12 +42,18 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # one core per rank
     torch.manual_seed(0)
-    cfg = GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_embd=args.n_embd,
-                    n_head=max(1, args.n_embd // 32))
+    cfg = GPTConfig(
+        block_size=args.seq_len,
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=max(1, args.n_embd // 32),
+    )
     model = GPT(cfg).to(device)
     config = {
-        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95],
-                                                  "weight_decay": 0.1}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1},
+        },
         "gradient_clipping": 1.0,
         "gradient_accumulation_steps": args.micro_batches,
         "bf16": {"enabled": args.bf16},
@@ -54,9 +61,12 @@ def main() -> None:
     }
     state = fzero.shard(model, stage=args.stage, config=config)
     if rank == 0:
-        print(f"fzero: GPT {num_params(model) / 1e6:.2f}M parameters, ZeRO stage {args.stage}, "
-              f"{world_size} rank(s) on {device.type}, "
-              f"{'bf16' if args.bf16 else 'fp32'}", flush=True)
+        print(
+            f"fzero: GPT {num_params(model) / 1e6:.2f}M parameters, ZeRO stage {args.stage}, "
+            f"{world_size} rank(s) on {device.type}, "
+            f"{'bf16' if args.bf16 else 'fp32'}",
+            flush=True,
+        )
         if args.print_schedule:
             print(state.schedule, flush=True)
 
@@ -65,18 +75,22 @@ def main() -> None:
     tokens_per_step = args.batch_size * args.seq_len * args.micro_batches * world_size
     start, seen = time.perf_counter(), 0
     for step in range(1, args.steps + 1):
-        micro = [tuple(t.to(device) for t in corpus.batch(args.batch_size, args.seq_len,
-                                                           generator))
-                 for _ in range(args.micro_batches)]
+        micro = [
+            tuple(t.to(device) for t in corpus.batch(args.batch_size, args.seq_len, generator))
+            for _ in range(args.micro_batches)
+        ]
         state, metrics = fzero.train_step(state, micro if len(micro) > 1 else micro[0])
         seen += tokens_per_step
         if step % args.log_every == 0 or step == args.steps:
             loss = float(metrics["loss"])  # the one host sync per logging interval
             elapsed = time.perf_counter() - start
             if rank == 0:
-                print(f"step {step:5d} | loss {loss:.4f} | grad norm "
-                      f"{float(metrics['grad_norm']):.3f} | {seen / elapsed:,.0f} tokens/s | "
-                      f"memory {_memory(device)} | stage {args.stage}", flush=True)
+                print(
+                    f"step {step:5d} | loss {loss:.4f} | grad norm "
+                    f"{float(metrics['grad_norm']):.3f} | {seen / elapsed:,.0f} tokens/s | "
+                    f"memory {_memory(device)} | stage {args.stage}",
+                    flush=True,
+                )
     shutdown()
 
 

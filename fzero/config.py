@@ -40,7 +40,8 @@ from fzero.config_blocks import (
     check_at_least,
 )
 from fzero.config_keys import suggest, warn_no_effect
-from fzero.config_parse import Auto, DtypeName, build
+from fzero.config_parse import Auto, DtypeName, build, flatten, load_file
+from fzero.config_resolve import BATCH_KEYS, resolve_auto
 from fzero.errors import ConfigError, ConfigTypeError
 from fzero.schedulers import SCHEDULERS, OneCycle, Scheduler
 
@@ -64,13 +65,6 @@ logger = logging.getLogger("fzero")
 SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none",)
 
 _DTYPE_NAMES = ("fp32", "bf16", "fp16")
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-# DeepSpeed's defaults, used for hidden-size-based "auto" keys when the model has no hidden size.
-_HIDDEN_SIZE_DEFAULTS = {
-    "reduce_bucket_size": 500_000_000,
-    "stage3_prefetch_bucket_size": 50_000_000,
-    "stage3_param_persistence_threshold": 100_000,
-}
 
 
 @dataclass(frozen=True)
@@ -100,7 +94,7 @@ class Config:
         if isinstance(config, Config):
             return config
         if isinstance(config, (str, os.PathLike)):
-            config = _load_file(config)
+            config = load_file(config)
         if not isinstance(config, dict):
             raise ConfigTypeError(
                 "", f"expected a dict, a JSON path or a Config, got {type(config)}"
@@ -169,17 +163,20 @@ class Config:
                     'set "device": "none" or remove the block',
                 )
             if name == "offload_param" and zero.stage != 3:
-                raise ConfigError(f"zero_optimization.{name}.device", "needs stage 3")
+                message = f"parameter offload needs stage 3, got stage {zero.stage}"
+                raise ConfigError(f"zero_optimization.{name}.device", message)
         if (
             zero.offload_optimizer is not None
             and zero.offload_optimizer.ratio < 1
             and zero.stage != 3
         ):
-            raise ConfigError("zero_optimization.offload_optimizer.ratio", "< 1 needs stage 3")
+            message = f"partial offload (ratio < 1) needs stage 3, got stage {zero.stage}"
+            raise ConfigError("zero_optimization.offload_optimizer.ratio", message)
         self.optimizer.validate()
         if self.scheduler is not None:
             self.scheduler.validate()
-        self.fp16.validate()
+        self.bf16.validate("bf16")
+        self.fp16.validate("fp16")
         if self.bf16.enabled is True and self.fp16.enabled is True:
             raise ConfigError("bf16.enabled", "bf16.enabled and fp16.enabled are both true")
         if self.fp16.enabled is True:
@@ -187,10 +184,9 @@ class Config:
         check_at_least("gradient_clipping", self.gradient_clipping, 0)
         check_at_least("steps_per_print", self.steps_per_print, 1)
         check_at_least("fzero.alignment", self.fzero.alignment, 1)
-        for name in _BATCH_KEYS:
-            check_at_least(name, getattr(self, name), 1)
-        batch, micro, accumulation = (getattr(self, name) for name in _BATCH_KEYS)
-        sizes = (batch, micro, accumulation)
+        batch, micro, accumulation = sizes = self.batch_sizes
+        for name, value in zip(BATCH_KEYS, sizes, strict=True):
+            check_at_least(name, value, 1)
         if all(isinstance(value, int) for value in sizes) and batch % (micro * accumulation):
             raise ConfigError(
                 "train_batch_size",
@@ -206,6 +202,15 @@ class Config:
                 raise ConfigError(path, f"must be one of {_DTYPE_NAMES}, got {name!r}")
 
     # -- derived values the runtime reads -------------------------------------------------------
+
+    @property
+    def batch_sizes(self) -> tuple[int | str | None, int | str | None, int | str | None]:
+        """``(train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)``."""
+        return (
+            self.train_batch_size,
+            self.train_micro_batch_size_per_gpu,
+            self.gradient_accumulation_steps,
+        )
 
     @property
     def stage(self) -> int:
@@ -245,7 +250,7 @@ class Config:
 
     def unresolved_keys(self) -> list[str]:
         """JSON paths of the keys still set to ``"auto"``."""
-        return [path for path, value in _flatten(self.to_dict()).items() if value == "auto"]
+        return [path for path, value in flatten(self.to_dict()).items() if value == "auto"]
 
     def resolve(
         self,
@@ -268,43 +273,13 @@ class Config:
         ``train_batch_size == micro * accumulation * world_size`` is enforced. What was resolved
         is logged once, at INFO, on the "fzero" logger.
         """
-        if world_size < 1 or param_numel < 0:
-            raise ValueError(
-                f"need world_size >= 1, param_numel >= 0; got {world_size}, {param_numel}"
-            )
-        notes: list[str] = []
-        zero_changes: dict[str, int] = {}
-        values, why = _HIDDEN_SIZE_DEFAULTS, "DeepSpeed's default: the model has no hidden size"
-        if hidden_size is not None:
-            h = hidden_size
-            values, why = (
-                {
-                    "reduce_bucket_size": h * h,
-                    "stage3_prefetch_bucket_size": int(0.9 * h * h),
-                    "stage3_param_persistence_threshold": 10 * h,
-                },
-                f"from hidden_size {h}",
-            )
-        for name, value in values.items():
-            if getattr(self.zero_optimization, name) != "auto":
-                continue
-            note = why
-            if name != "stage3_param_persistence_threshold" and value > max(param_numel, 1):
-                value, note = (
-                    max(param_numel, 1),
-                    f"{why}, capped at the model's {param_numel} params",
-                )
-            zero_changes[name] = value
-            notes.append(f"zero_optimization.{name}={value} ({note})")
-        config = dataclasses.replace(
-            self, zero_optimization=dataclasses.replace(self.zero_optimization, **zero_changes)
+        return resolve_auto(
+            self,
+            world_size=world_size,
+            hidden_size=hidden_size,
+            param_numel=param_numel,
+            total_num_steps=total_num_steps,
         )
-        config = _resolve_defaults(config, notes, total_num_steps)
-        config = _resolve_batch_sizes(config, world_size, notes)
-        config.validate()
-        if notes:
-            logger.info("resolved config for world_size=%d: %s", world_size, "; ".join(notes))
-        return config
 
     # -- comparison -----------------------------------------------------------------------------
 
@@ -322,7 +297,7 @@ class Config:
 
     def diff(self, other: Config) -> list[str]:
         """JSON paths of the keys whose values differ between ``self`` and ``other``."""
-        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        mine, theirs = flatten(self.to_dict()), flatten(other.to_dict())
         missing = object()
         paths = dict.fromkeys([*mine, *theirs])
         return [p for p in paths if mine.get(p, missing) != theirs.get(p, missing)]
@@ -358,129 +333,3 @@ def _build_scheduler(data: Any) -> Scheduler | None:
             "ignored); set cycle_momentum to false to say so",
         )
     return scheduler
-
-
-def _resolve_defaults(config: Config, notes: list[str], total_num_steps: int | None) -> Config:
-    """Replace the "auto" values that do not depend on the model or the world."""
-
-    def resolved(block: Any, path: str, values: dict[str, Any]) -> Any:
-        changes = {}
-        for name, value in values.items():
-            if getattr(block, name) == "auto":
-                changes[name] = value
-                notes.append(f"{path}{name}={value}")
-        return dataclasses.replace(block, **changes) if changes else block
-
-    defaults = {f.name: f.default for f in dataclasses.fields(OptimizerConfig)}
-    optimizer = resolved(config.optimizer, "optimizer.params.", defaults)
-    scheduler = config.scheduler
-    if scheduler is not None:
-        if getattr(scheduler, "total_num_steps", None) == "auto" and total_num_steps is None:
-            raise ConfigError(
-                "scheduler.params.total_num_steps",
-                '"auto" needs the number of training steps: pass resolve(total_num_steps=...)',
-            )
-        values = {f.name: f.default for f in dataclasses.fields(scheduler)}
-        values.update(warmup_max_lr=optimizer.lr, total_num_steps=total_num_steps)
-        values = {name: values[name] for name in _field_names(scheduler)}
-        scheduler = resolved(scheduler, "scheduler.params.", values)
-    gradient_clipping = config.gradient_clipping
-    if gradient_clipping == "auto":
-        gradient_clipping = 0.0
-        notes.append("gradient_clipping=0.0")
-    return dataclasses.replace(
-        config,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        bf16=resolved(config.bf16, "bf16.", {"enabled": False}),
-        fp16=resolved(config.fp16, "fp16.", {"enabled": False}),
-        gradient_clipping=gradient_clipping,
-    )
-
-
-def _resolve_batch_sizes(config: Config, world_size: int, notes: list[str]) -> Config:
-    """Derive the missing batch sizes from the given ones, as DeepSpeed does."""
-    batch, micro, accumulation = (
-        None if getattr(config, name) == "auto" else getattr(config, name) for name in _BATCH_KEYS
-    )
-    given = (batch, micro, accumulation)
-    if batch is not None and micro is not None and accumulation is None:
-        names = f"train_micro_batch_size_per_gpu ({micro}) * world_size ({world_size})"
-        accumulation = _divide(batch, micro * world_size, names, "gradient_accumulation_steps")
-    elif batch is not None and micro is None:
-        accumulation = accumulation or 1
-        names = f"gradient_accumulation_steps ({accumulation}) * world_size ({world_size})"
-        micro = _divide(batch, accumulation * world_size, names, "train_micro_batch_size_per_gpu")
-    elif batch is None and micro is not None:
-        accumulation = accumulation or 1
-        batch = micro * accumulation * world_size
-    if None not in (batch, micro, accumulation) and batch != micro * accumulation * world_size:
-        raise ConfigError(
-            "train_batch_size",
-            f"train_batch_size ({batch}) != train_micro_batch_size_per_gpu ({micro}) * "
-            f"gradient_accumulation_steps ({accumulation}) * world_size ({world_size}) "
-            f"= {micro * accumulation * world_size}",
-        )
-    for name, before, after in zip(_BATCH_KEYS, given, (batch, micro, accumulation), strict=True):
-        if after is None and getattr(config, name) == "auto":
-            notes.append(f"{name} left unset (neither train_batch_size nor micro batch given)")
-        elif before != after or getattr(config, name) == "auto":
-            notes.append(f"{name}={after}")
-    return dataclasses.replace(
-        config,
-        train_batch_size=batch,
-        train_micro_batch_size_per_gpu=micro,
-        gradient_accumulation_steps=accumulation,
-    )
-
-
-def _field_names(block: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(block)]
-
-
-def _divide(batch: int, divisor: int, names: str, target: str) -> int:
-    if batch % divisor:
-        raise ConfigError(
-            "train_batch_size",
-            f"train_batch_size ({batch}) is not divisible by {names} = {divisor}, "
-            f"so {target} cannot be derived",
-        )
-    return batch // divisor
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    leaves: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            leaves.update(_flatten(value, f"{path}."))
-        else:
-            leaves[path] = list(value) if isinstance(value, tuple) else value
-    return leaves
-
-
-def _load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON file, or HJSON (DeepSpeed reads its configs with hjson); duplicate keys are errors."""
-    with open(path) as f:
-        text = f.read()
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as json_error:
-        try:
-            import hjson
-        except ImportError:
-            raise ConfigError("", f"{os.fspath(path)} is not valid JSON: {json_error}") from None
-        try:
-            return hjson.loads(text, object_pairs_hook=_no_duplicate_keys)
-        except hjson.HjsonDecodeError as error:
-            message = f"{os.fspath(path)} is neither valid JSON nor HJSON: {error}"
-            raise ConfigError("", message) from None
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise ConfigError(key, "appears twice in the same object of the file")
-        data[key] = value
-    return data

@@ -162,6 +162,9 @@ class PrecisionConfig:
 
     enabled: bool | Auto = False
 
+    def validate(self, path: str = "bf16") -> None:
+        """Nothing to range-check: ``enabled`` is checked against fp16 in ``Config.validate``."""
+
 
 @dataclass(frozen=True)
 class Fp16Config(PrecisionConfig):

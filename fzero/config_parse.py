@@ -5,12 +5,17 @@ The type hints of the dataclass are the schema: ``int``, ``float``, ``bool``, ``
 ``X | Literal["auto"]`` (the HF-style placeholder, resolved later by ``Config.resolve``) and
 nested dataclasses. A key that is not a field goes to ``config_keys`` (alias, warned or
 rejected) and is otherwise an unknown key, reported with a "did you mean" suggestion.
+
+Also here: ``load_file`` (JSON, else HJSON, as DeepSpeed reads configs; duplicate keys are an
+error) and ``flatten`` (nested dict -> ``{"json.path": value}``, for ``diff`` and "auto" checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import types
 import typing
 from typing import Any, Literal
@@ -106,7 +111,9 @@ def coerce(hint: Any, value: Any, path: str) -> Any:
         (option,) = [o for o in options if o is not type(None) and o != Auto]
         try:
             return coerce(option, value, path)
-        except ConfigTypeError:
+        except ConfigTypeError as error:
+            if error.path != path:  # a nested value is wrong: report that one
+                raise
             raise ConfigTypeError(path, f"expected {describe(hint)}, got {value!r}") from None
     if origin is Literal:
         options = typing.get_args(hint)
@@ -144,3 +151,42 @@ def coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigTypeError(path, f"expected a string, got {value!r}")
         return value
     raise ConfigTypeError(path, f"cannot read a value for type {hint}")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists, tuples and empty objects are leaves."""
+    leaves: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves.update(flatten(value, f"{path}."))
+        else:
+            leaves[path] = list(value) if isinstance(value, tuple) else value
+    return leaves
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file, or HJSON (DeepSpeed reads its configs with hjson); duplicate keys are errors."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as json_error:
+        try:
+            import hjson
+        except ImportError:
+            raise ConfigError("", f"{os.fspath(path)} is not valid JSON: {json_error}") from None
+        try:
+            return hjson.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except hjson.HjsonDecodeError as error:
+            message = f"{os.fspath(path)} is neither valid JSON nor HJSON: {error}"
+            raise ConfigError("", message) from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ConfigError(key, "appears twice in the same object of the file")
+        data[key] = value
+    return data

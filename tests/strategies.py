@@ -7,11 +7,13 @@ from hypothesis import strategies as st
 from tests.harness import Case
 from tests.models import ToySpec
 
-# Widths include primes and odd sizes so that flat buffers always need padding. Widths 1 and 2
-# are left out on purpose: LayerNorm over 1 or 2 features has an exactly zero input gradient, so
-# the embedding's gradient is pure rounding noise, which Adam scales up to full-size steps in a
-# direction no two summation orders agree on. That tests the noise, not fzero.
-widths = st.sampled_from([3, 5, 7, 8, 11, 13])
+# Widths are odd, prime or not a multiple of the alignment so that flat buffers need padding.
+# Widths under 5 are left out on purpose: a LayerNorm over n features passes input gradients
+# only in n - 2 directions, so for n <= 2 they are exactly zero (the embedding's gradient is
+# rounding noise, which Adam turns into full steps) and for n = 3 one direction carries them all,
+# which amplifies fp32 summation-order differences past 1e-5 within three steps. That tests the
+# model's conditioning, not fzero.
+widths = st.sampled_from([5, 7, 8, 11, 13])
 
 
 @st.composite

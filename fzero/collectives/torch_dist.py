@@ -36,11 +36,11 @@ class ProcessGroupCommunicator:
             # NCCL gathers in place when the shard is this rank's slice of the output; other
             # backends may overwrite the input while sending it.
             shard = shard.clone()
-        return dist.all_gather_into_tensor(output, shard, group=self.group, async_op=True)
+        return _all_gather(output, shard, group=self.group, async_op=True)
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor) -> Work:
         check_scatter_sizes(self, output, full)
-        return dist.reduce_scatter_tensor(output, full, group=self.group, async_op=True)
+        return _reduce_scatter(output, full, group=self.group, async_op=True)
 
     def all_reduce(self, tensor: torch.Tensor) -> Work:
         return dist.all_reduce(tensor, group=self.group, async_op=True)
@@ -56,6 +56,11 @@ class ProcessGroupCommunicator:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
+
+
+# torch 2.13 renamed the flat-tensor collectives; older releases only have the first names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
