@@ -23,7 +23,7 @@ from fzero.state.layout import FlatLayout, build_layout, dtype_from_name, find_u
 from fzero.state.zero_state import ZeroState
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Runtime:
     """Everything static about a sharded model: the pytree's metadata (hashed by identity)."""
 
@@ -87,13 +87,11 @@ def shard(
     world size 1 when none is initialised). ``record_ops`` keeps a log of executed ops for tests.
     The model's parameters become views into fzero's buffers; keep using the same model object.
     """
-    cfg = Config.from_any(config)
-    if stage is not None:
-        if isinstance(stage, bool) or not isinstance(stage, int):
-            raise ShardError(f"stage must be an int 0-3, got {stage!r}")
-        if stage not in (0, 1, 2, 3):
-            raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage}")
-        cfg = cfg.with_stage(stage)
+    if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
+        raise ShardError(f"stage must be an int 0-3, got {stage!r}")
+    if stage is not None and stage not in (0, 1, 2, 3):
+        raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage}")
+    cfg = Config.from_any(config).with_stage_override(stage)
     comm = make_communicator(process_group)
     params = list(model.parameters())
     if not params:
@@ -105,6 +103,11 @@ def shard(
     if getattr(model, "_fzero_runtime", None) is not None:
         raise ShardError("this model is already sharded by fzero; shard a fresh model")
 
+    cfg = cfg.resolve(
+        world_size=comm.world_size,
+        hidden_size=_hidden_size(model),
+        param_numel=sum(p.numel() for p in params),
+    )
     unit_modules = _resolve_units(model, units)
     layout, params_per_unit = build_layout(
         model,
@@ -121,13 +124,22 @@ def shard(
     compute_dtype = dtype_from_name(cfg.compute_dtype_name)
     accum_dtype = dtype_from_name(cfg.grad_accum_dtype_name)
     reduce_dtype = dtype_from_name(cfg.reduce_dtype_name)
+    if compute_dtype != torch.float32:
+        # As DeepSpeed's bf16/fp16 modes do: floating-point buffers compute in the same dtype.
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(compute_dtype)
     workspace, master = _build_buffers(
         layout, params_per_unit, cfg.stage, comm, device, compute_dtype, accum_dtype
     )
     bind_views(layout, params_per_unit, workspace.param_flats, workspace.grad_flats)
-    if cfg.stage == 3:
-        for flat in workspace.param_flats:
-            free_storage(flat)
+    # Views are made while the storage exists; stages 2 and 3 then free what lives only
+    # during a unit's backward (and stage 3 its parameters between uses).
+    for unit, grad in zip(layout.units, workspace.grad_flats):
+        if grad is not None and cfg.stage >= 2:
+            free_storage(grad)
+        if cfg.stage == 3:
+            free_storage(workspace.param_flats[unit.index])
 
     infos = tuple(
         UnitInfo(
@@ -157,13 +169,13 @@ def shard(
     executor.schedule = runtime.compile(presumed_trace(infos), traced=False)
     executor.on_trace = lambda trace: runtime.compile(trace, traced=True)
     model._fzero_runtime = runtime  # marks the model as sharded
+    param_shards = (
+        ()
+        if workspace.param_shard is master
+        else tuple(workspace.unit_param_shard(u.index) for u in layout.units)
+    )
     state = ZeroState(
-        master,
-        optimizer.exp_avg,
-        optimizer.exp_avg_sq,
-        optimizer.step,
-        None if workspace.param_shard is master else workspace.param_shard,
-        runtime,
+        master, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.step, param_shards, runtime
     )
     runtime.live_state = state
     return state
@@ -293,6 +305,18 @@ def _loss_of(output: Any) -> torch.Tensor:
     if not loss.requires_grad:
         raise LossError("the loss does not require grad: no trainable parameter contributed to it")
     return loss.reshape(())
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    """The model's hidden size, for DeepSpeed's "auto" bucket sizes: from a Hugging Face style
+    ``model.config`` when there is one, else the width of the first embedding."""
+    model_config = getattr(model, "config", None) or getattr(model, "cfg", None)
+    for name in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int):
+            return value
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return embedding.embedding_dim if embedding is not None else None
 
 
 def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None):

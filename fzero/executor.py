@@ -51,7 +51,7 @@ class StepResult:
     grad_norm: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class Executor:
     layout: FlatLayout
     schedule: Schedule
@@ -62,6 +62,8 @@ class Executor:
     on_trace: Callable[[tuple[Trigger, ...]], Schedule] | None = None
 
     executed: list[O.Op] = field(default_factory=list)
+    # With record_ops: (trigger, gathered parameter + gradient bytes allocated after its ops).
+    live_log: list[tuple[Trigger, int]] = field(default_factory=list)
     _cursor: int = 0
     _tracing: OnDemand | None = None
     _trace: list[Trigger] = field(default_factory=list)
@@ -85,6 +87,7 @@ class Executor:
         if self._tracing is not None:
             self._trace.append(trigger)
             self._run(self._tracing.ops(trigger))
+            self._log_live(trigger)
             return
         entries = self.schedule.micro_step
         if self._cursor >= len(entries) or entries[self._cursor].trigger != trigger:
@@ -96,6 +99,7 @@ class Executor:
             )
         self._cursor += 1
         self._run(entries[self._cursor - 1].ops)
+        self._log_live(trigger)
 
     def end_micro_step(self) -> None:
         if self._tracing is not None:
@@ -118,6 +122,18 @@ class Executor:
             self._run(entry.ops)
         self._loss_sum = None
         return self.result
+
+    def _log_live(self, trigger: Trigger) -> None:
+        if self.record_ops:
+            self.live_log.append((trigger, self.measured_live_nbytes()))
+
+    def measured_live_nbytes(self) -> int:
+        """Bytes of gathered (stage 3) parameter and transient (stage 2, 3) gradient buffers
+        allocated now: what the schedule's ``live_nbytes`` accounts for."""
+        stage = self.schedule.stage
+        flats = list(self.workspace.param_flats) if stage == 3 else []
+        flats += [g for g in self.workspace.grad_flats if g is not None] if stage >= 2 else []
+        return sum(f.untyped_storage().size() for f in flats)
 
     # -- ops ------------------------------------------------------------------------------------
 

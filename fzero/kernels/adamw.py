@@ -112,7 +112,7 @@ class WeightDecaySegments:
         return clipped
 
     def device_table(self, device: torch.device, block_numel: int) -> SegmentTable:
-        """The kernel's table for ``device`` and blocks of ``block_numel``, built once and cached."""
+        """The kernel's table for ``device`` and blocks of ``block_numel``; built once, cached."""
         key = (torch.device(device), block_numel)
         table = self._device_tables.get(key)
         if table is None:

@@ -21,9 +21,9 @@ import triton.language as tl
 
 from fzero.kernels.adamw import WeightDecaySegments
 
-# 4096 elements and 8 warps: 16 elements (four 16-byte vectors per fp32 stream) per thread.
-BLOCK_NUMEL = 4096
-NUM_WARPS = 8
+# 1024 elements over 4 warps: 8 elements (two 16-byte vectors per fp32 stream) per thread.
+BLOCK_NUMEL = 1024
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _update_block(
 
     if HAS_FOUND_INF:
         # A vector comparison, not a scalar one, so that the mask keeps the layout of the data.
-        mask = mask & (tl.zeros_like(p) == tl.load(found_inf_ptr).to(tl.float32))
+        mask = mask & (tl.full(p.shape, 0.0, tl.float32) == tl.load(found_inf_ptr).to(tl.float32))
     tl.store(master_ptr + offsets, p, mask=mask)
     tl.store(exp_avg_ptr + offsets, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)

@@ -6,8 +6,13 @@ Nothing here touches a device or a process group; everything can be tested with 
 from __future__ import annotations
 
 from fzero.schedule.compile import Knobs, OnDemand, compile_schedule, presumed_trace
+from fzero.schedule.memory_model import BytesPerParam, MemoryModel, ModelStates, model_states
 from fzero.schedule.ops import Entry, Op, Trigger
 from fzero.schedule.schedule import Schedule, UnitInfo
+from fzero.schedule.serialize import schedule_from_json, schedule_to_json
+from fzero.schedule.simulate import CostModel, MemorySample, Span, Timeline, simulate
+from fzero.schedule.trace_export import chrome_trace, plot_memory, write_chrome_trace
+from fzero.schedule.verify import collective_signature, verify
 
 __all__ = [
     "Entry",
@@ -19,4 +24,20 @@ __all__ = [
     "UnitInfo",
     "compile_schedule",
     "presumed_trace",
+    "BytesPerParam",
+    "CostModel",
+    "MemoryModel",
+    "MemorySample",
+    "ModelStates",
+    "Span",
+    "Timeline",
+    "chrome_trace",
+    "collective_signature",
+    "model_states",
+    "plot_memory",
+    "schedule_from_json",
+    "schedule_to_json",
+    "simulate",
+    "verify",
+    "write_chrome_trace",
 ]

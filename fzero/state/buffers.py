@@ -40,7 +40,7 @@ def is_allocated(tensor: torch.Tensor) -> bool:
     return tensor.untyped_storage().size() != 0
 
 
-@dataclass
+@dataclass(repr=False)
 class Workspace:
     """``param_shard`` is one contiguous compute-dtype buffer of this rank's shard space in
     stages 0 and 3 (stage 0's unit buffers are views into it), and None in stages 1 and 2, where

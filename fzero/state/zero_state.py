@@ -52,6 +52,18 @@ class ZeroState:
     def world_size(self) -> int:
         return self.runtime.comm.world_size
 
+    def __repr__(self) -> str:
+        # Never print buffer contents: stage 3 frees storages between uses, and a summary is
+        # what a reader wants anyway.
+        def describe(t: torch.Tensor) -> str:
+            return f"{t.numel():,} x {str(t.dtype).removeprefix('torch.')}"
+
+        return (
+            f"ZeroState(stage {self.runtime.config.stage}, rank {self.rank}/{self.world_size}, "
+            f"step {self.runtime.step_count}, master {describe(self.master)}, "
+            f"moments 2 x {describe(self.exp_avg)}, {len(self.param_shards)} parameter shards)"
+        )
+
     def check_live(self) -> None:
         if self.runtime.live_state is not self:
             raise DonatedStateError(

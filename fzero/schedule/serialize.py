@@ -1,0 +1,91 @@
+"""Schedules as JSON: to look at, diff between runs or ranks, and load back.
+
+Each op is written as ``{"op": <class name>, <field>: <value>, ...}`` and read back by class
+name from ``fzero.schedule.ops``, so ``schedule_from_json(schedule_to_json(s)) == s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from fzero.errors import ScheduleError
+from fzero.schedule import ops as O
+from fzero.schedule.schedule import Schedule, UnitInfo
+
+FORMAT = "fzero.schedule"
+VERSION = 1
+
+OP_TYPES: dict[str, type[O.Op]] = {
+    name: value
+    for name, value in vars(O).items()
+    if isinstance(value, type) and issubclass(value, O.Op) and value is not O.Op
+}
+
+
+def schedule_to_json(schedule: Schedule, indent: int | None = 1) -> str:
+    """The whole schedule (units, micro-step and step entries, every op) as JSON text."""
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "stage": schedule.stage,
+        "world_size": schedule.world_size,
+        "traced": schedule.traced,
+        "units": [dataclasses.asdict(u) for u in schedule.units],
+        "micro_step": [_entry_to_dict(e) for e in schedule.micro_step],
+        "step": [_entry_to_dict(e) for e in schedule.step],
+    }
+    return json.dumps(document, indent=indent)
+
+
+def schedule_from_json(text: str) -> Schedule:
+    """Read a schedule written by ``schedule_to_json``."""
+    document = json.loads(text)
+    if document.get("format") != FORMAT or document.get("version") != VERSION:
+        raise ScheduleError(
+            f"not an {FORMAT} version {VERSION} document (format "
+            f"{document.get('format')!r}, version {document.get('version')!r})"
+        )
+    return Schedule(
+        stage=document["stage"],
+        world_size=document["world_size"],
+        units=tuple(UnitInfo(**u) for u in document["units"]),
+        micro_step=tuple(_entry_from_dict(e) for e in document["micro_step"]),
+        step=tuple(_entry_from_dict(e) for e in document["step"]),
+        traced=document["traced"],
+    )
+
+
+def _entry_to_dict(entry: O.Entry) -> dict[str, Any]:
+    return {
+        "trigger": {"kind": entry.trigger.kind, "unit": entry.trigger.unit},
+        "live_nbytes": entry.live_nbytes,
+        "ops": [{"op": type(op).__name__, **_fields(op)} for op in entry.ops],
+    }
+
+
+def _fields(op: O.Op) -> dict[str, Any]:
+    return {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
+
+
+def _entry_from_dict(data: dict[str, Any]) -> O.Entry:
+    return O.Entry(
+        trigger=O.Trigger(**data["trigger"]),
+        ops=tuple(_op_from_dict(op) for op in data["ops"]),
+        live_nbytes=data["live_nbytes"],
+    )
+
+
+def _op_from_dict(data: dict[str, Any]) -> O.Op:
+    fields = dict(data)
+    name = fields.pop("op")
+    op_type = OP_TYPES.get(name)
+    if op_type is None:
+        raise ScheduleError(f"unknown op {name!r}; known: {sorted(OP_TYPES)}")
+    return op_type(**{key: _tuples(value) for key, value in fields.items()})
+
+
+def _tuples(value: Any) -> Any:
+    """JSON has lists only; op records hold tuples (they are frozen and hashable)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,335 @@
+"""simulate: replay a schedule against a cost model and get a timeline, for any world size.
+
+Three streams, as on a GPU: ``compute`` runs forward, backward, the optimizer and every wait;
+``gather`` and ``reduce`` run collectives in issue order. A collective starts when the compute
+stream issues it and its stream is free; a ``Wait*`` op blocks compute until that collective
+ends, and the time compute spends blocked is the exposed communication. Collective times follow
+the ring algorithms: all-gather and reduce-scatter cost ``(N-1)`` latencies plus ``(N-1)/N`` of
+the full buffer over the link, all-reduce twice that.
+
+Memory is tracked in bytes as the ops allocate and free (gathered parameters, gradient buffers,
+the gradient shard) on top of what a ``MemoryModel`` says lives for the whole step.
+
+Compute is placed at the triggers: a unit's forward (backward) right after the ops of its
+``pre_forward`` (``pre_backward``). The root unit wraps the blocks, so half of its compute runs
+there and half just before its ``post_*`` trigger (embedding first, head last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fzero.errors import ScheduleError
+from fzero.schedule import ops as O
+from fzero.schedule.memory_model import BytesPerParam, MemoryModel
+from fzero.schedule.schedule import Schedule, UnitInfo
+
+UnitSeconds = Mapping[int | str, float] | Callable[[UnitInfo], float] | None
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """How long things take, in seconds.
+
+    ``forward_seconds``/``backward_seconds``: per unit, a mapping (unit index or name to
+    seconds) or a function of ``UnitInfo``; units they leave out cost ``2 * numel * tokens``
+    FLOPs forward and twice that backward (once, for input gradients only, when frozen) at
+    ``flops_per_second``. Collectives cost ``latency_seconds`` per ring hop plus bytes over
+    ``bandwidth_bytes_per_second`` (per-rank link bandwidth). The optimizer streams
+    ``optimizer_bytes_per_element`` (master, moments, gradient, parameter) per shard element
+    at ``optimizer_bytes_per_second``.
+    """
+
+    forward_seconds: UnitSeconds = None
+    backward_seconds: UnitSeconds = None
+    flops_per_second: float = 100e12
+    tokens_per_micro_batch: int = 4096
+    bandwidth_bytes_per_second: float = 100e9
+    latency_seconds: float = 10e-6
+    optimizer_bytes_per_second: float = 1e12
+    optimizer_bytes_per_element: float = 30.0
+
+    def forward(self, unit: UnitInfo) -> float:
+        default = 2.0 * unit.numel * self.tokens_per_micro_batch / self.flops_per_second
+        return _lookup(self.forward_seconds, unit, default)
+
+    def backward(self, unit: UnitInfo) -> float:
+        factor = 2.0 if unit.has_trainable else 1.0
+        return _lookup(self.backward_seconds, unit, factor * self.forward(unit))
+
+    def all_gather(self, nbytes: int, world_size: int) -> float:
+        """Ring all-gather of a ``nbytes`` output buffer."""
+        hops = world_size - 1
+        return (
+            hops * self.latency_seconds
+            + hops / world_size * nbytes / self.bandwidth_bytes_per_second
+        )
+
+    def reduce_scatter(self, nbytes: int, world_size: int) -> float:
+        """Ring reduce-scatter of a ``nbytes`` input buffer: the all-gather's mirror image."""
+        return self.all_gather(nbytes, world_size)
+
+    def all_reduce(self, nbytes: int, world_size: int) -> float:
+        """Ring all-reduce: a reduce-scatter followed by an all-gather."""
+        return 2 * self.all_gather(nbytes, world_size)
+
+    def optimizer(self, shard_numel: int) -> float:
+        return shard_numel * self.optimizer_bytes_per_element / self.optimizer_bytes_per_second
+
+
+def _lookup(table: UnitSeconds, unit: UnitInfo, default: float) -> float:
+    if table is None:
+        return default
+    if callable(table):
+        return float(table(unit))
+    for key in (unit.index, unit.name):
+        if key in table:
+            return float(table[key])
+    return default
+
+
+@dataclass(frozen=True)
+class Span:
+    """One piece of work on one stream, in seconds from the start of the step.
+
+    ``category``: compute, collective, wait (compute blocked on a collective) or op (a
+    bookkeeping op that takes no time). ``micro_batch`` is -1 in the step phase.
+    """
+
+    name: str
+    stream: str
+    category: str
+    start: float
+    end: float
+    micro_batch: int
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """This rank's bytes at ``time``, by what holds them.
+
+    ``parameters``: full (gathered) parameter buffers; below stage 3 they are always there.
+    ``gradients``: unit gradient buffers plus the gradient shard. ``persistent_shards``: the
+    compute-dtype parameter shard (below stage 3 fzero keeps it beside the full parameters,
+    which the ZeRO paper's formulas do not count).
+    """
+
+    time: float
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    persistent_shards: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_state + self.persistent_shards
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What ``simulate`` returns: every span, the memory after every op, and the totals."""
+
+    stage: int
+    world_size: int
+    micro_batches: int
+    spans: tuple[Span, ...]
+    memory: tuple[MemorySample, ...]  # memory[0] is before the first op
+    step_seconds: float
+    compute_seconds: float  # forward, backward and optimizer, excluding waits
+    exposed_communication_seconds: float  # compute blocked in waits
+
+    @property
+    def peak_memory(self) -> MemorySample:
+        """The sample with the most bytes (the first, on ties)."""
+        return max(self.memory, key=lambda sample: sample.total)
+
+    def to_chrome_trace(self) -> dict:
+        """Chrome/Perfetto JSON: one thread per stream, memory as counters."""
+        from fzero.schedule.trace_export import chrome_trace
+
+        return chrome_trace(self)
+
+    def __str__(self) -> str:
+        peak = self.peak_memory
+        gib = 1 << 30
+        return (
+            f"Timeline: ZeRO stage {self.stage}, world size {self.world_size}, "
+            f"{self.micro_batches} micro-batch(es)\n"
+            f"  step {self.step_seconds * 1e3:.3f} ms, compute {self.compute_seconds * 1e3:.3f} "
+            f"ms, exposed communication {self.exposed_communication_seconds * 1e3:.3f} ms\n"
+            f"  peak memory {peak.total / gib:.3f} GiB at {peak.time * 1e3:.3f} ms: parameters "
+            f"{peak.parameters / gib:.3f}, gradients {peak.gradients / gib:.3f}, optimizer state "
+            f"{peak.optimizer_state / gib:.3f}, persistent shards "
+            f"{peak.persistent_shards / gib:.3f} GiB"
+        )
+
+
+def simulate(
+    schedule: Schedule,
+    cost: CostModel = CostModel(),
+    micro_batches: int = 1,
+    memory: MemoryModel | None = None,
+    bytes_per_param: BytesPerParam | None = None,
+) -> Timeline:
+    """Replay ``schedule`` for one optimizer step of ``micro_batches`` micro-batches.
+
+    ``memory`` defaults to ``MemoryModel.from_schedule(schedule, bytes_per_param)`` (the ZeRO
+    paper's bytes per parameter when that is None too).
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+    if memory is None:
+        memory = MemoryModel.from_schedule(schedule, bytes_per_param or BytesPerParam())
+    replay = _Replay(schedule, cost, memory)
+    before, after = _compute_placement(schedule, cost)
+    for micro in range(micro_batches):
+        for index, entry in enumerate(schedule.micro_step):
+            for name, seconds in before.get(index, ()):
+                replay.compute(name, seconds, micro)
+            replay.run(entry.ops, micro)
+            for name, seconds in after.get(index, ()):
+                replay.compute(name, seconds, micro)
+    for entry in schedule.step:
+        replay.run(entry.ops, -1)
+    return replay.timeline(micro_batches)
+
+
+def _compute_placement(
+    schedule: Schedule, cost: CostModel
+) -> tuple[dict[int, list[tuple[str, float]]], dict[int, list[tuple[str, float]]]]:
+    """Compute to run before / after the ops of each micro-step entry, by entry index."""
+    by_index = {u.index: u for u in schedule.units}
+    entries = schedule.micro_step
+    before: dict[int, list[tuple[str, float]]] = {}
+    after: dict[int, list[tuple[str, float]]] = {}
+    for i, entry in enumerate(entries):
+        kind, unit = entry.trigger.kind, by_index.get(entry.trigger.unit)
+        if kind not in (O.PRE_FORWARD, O.PRE_BACKWARD) or unit is None:
+            continue
+        forward = kind == O.PRE_FORWARD
+        seconds = cost.forward(unit) if forward else cost.backward(unit)
+        name = f"{'forward' if forward else 'backward'} unit {unit.index} ({unit.name or '<root>'})"
+        post = O.Trigger(O.POST_FORWARD if forward else O.POST_BACKWARD, unit.index)
+        end = next(
+            (j for j in range(i + 1, len(entries)) if entries[j].trigger in (post, entry.trigger)),
+            None,
+        )
+        if unit.is_root and end is not None and entries[end].trigger == post and end > i + 1:
+            after.setdefault(i, []).append((name, seconds / 2))
+            before.setdefault(end, []).append((name, seconds / 2))
+        else:
+            after.setdefault(i, []).append((name, seconds))
+    return before, after
+
+
+class _Replay:
+    """The clocks and buffers of one rank while the schedule runs."""
+
+    def __init__(self, schedule: Schedule, cost: CostModel, memory: MemoryModel):
+        self.schedule, self.cost, self.memory = schedule, cost, memory
+        self.world_size = schedule.world_size
+        self.units = {u.index: u for u in schedule.units}
+        self.now = 0.0
+        self.stream_free = {O.GATHER: 0.0, O.REDUCE: 0.0}
+        self.in_flight: dict[tuple[str, int], float] = {}  # (stream, unit) -> collective end
+        self.spans: list[Span] = []
+        self.compute_seconds = self.exposed_seconds = 0.0
+        stage = schedule.stage
+        self.gathered = set(self.units) if stage < 3 else set()
+        self.grads = {
+            u.index: u.grad_nbytes for u in schedule.units if u.has_trainable and stage < 2
+        }
+        self.grad_shard_nbytes = memory.gradient_shard_nbytes if stage != 1 else 0
+        self.samples = [self.sample()]
+
+    def sample(self) -> MemorySample:
+        return MemorySample(
+            time=self.now,
+            parameters=sum(self.units[i].param_nbytes for i in self.gathered),
+            gradients=sum(self.grads.values()) + self.grad_shard_nbytes,
+            optimizer_state=self.memory.optimizer_state_nbytes,
+            persistent_shards=self.memory.parameter_shard_nbytes,
+        )
+
+    def compute(self, name: str, seconds: float, micro: int) -> None:
+        self.spans.append(Span(name, O.COMPUTE, "compute", self.now, self.now + seconds, micro))
+        self.now += seconds
+        self.compute_seconds += seconds
+
+    def collective(self, op: O.Op, stream: str, seconds: float, micro: int) -> float:
+        start = max(self.now, self.stream_free[stream])
+        end = start + seconds
+        self.stream_free[stream] = end
+        self.spans.append(Span(_op_text(op), stream, "collective", start, end, micro))
+        return end
+
+    def wait(self, op: O.Op, end: float, micro: int) -> None:
+        if end > self.now:
+            self.spans.append(Span(_op_text(op), O.COMPUTE, "wait", self.now, end, micro))
+            self.exposed_seconds += end - self.now
+            self.now = end
+        else:
+            self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
+
+    def run(self, ops: tuple[O.Op, ...], micro: int) -> None:
+        n = self.world_size
+        for op in ops:
+            if isinstance(op, O.AllGather):
+                end = self.collective(op, O.GATHER, self.cost.all_gather(op.nbytes, n), micro)
+                self.in_flight[(O.GATHER, op.unit)] = end
+                self.gathered.add(op.unit)
+            elif isinstance(op, (O.ReduceScatter, O.AllReduce)):
+                seconds = (
+                    self.cost.reduce_scatter
+                    if isinstance(op, O.ReduceScatter)
+                    else self.cost.all_reduce
+                )(op.nbytes, n)
+                self.in_flight[(O.REDUCE, op.unit)] = self.collective(op, O.REDUCE, seconds, micro)
+            elif isinstance(op, (O.WaitGather, O.WaitReduce)):
+                stream = O.GATHER if isinstance(op, O.WaitGather) else O.REDUCE
+                self.wait(op, self.in_flight.pop((stream, op.unit), self.now), micro)
+                if isinstance(op, O.WaitReduce) and op.frees_nbytes:
+                    self.grads.pop(op.unit, None)
+            elif isinstance(op, O.ReduceScalars):  # a blocking 8-byte all-reduce
+                end = self.collective(op, O.REDUCE, self.cost.all_reduce(8, n), micro)
+                self.wait(op, end, micro)
+            elif isinstance(op, O.OptimizerStep):
+                self.compute(_op_text(op), self.cost.optimizer(op.shard_numel), micro)
+            elif isinstance(op, (O.Release, O.ZeroGrad, O.ZeroGradShard, O.FreeGradShard)):
+                self.bookkeeping(op)
+                self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
+            else:
+                raise ScheduleError(f"simulate does not know the op {type(op).__name__}")
+            self.samples.append(self.sample())
+
+    def bookkeeping(self, op: O.Op) -> None:
+        if isinstance(op, O.Release):
+            self.gathered.discard(op.unit)
+        elif isinstance(op, O.ZeroGrad):
+            self.grads[op.unit] = op.nbytes
+        elif isinstance(op, O.ZeroGradShard):
+            self.grad_shard_nbytes = op.nbytes
+        elif isinstance(op, O.FreeGradShard):
+            self.grad_shard_nbytes = 0
+
+    def timeline(self, micro_batches: int) -> Timeline:
+        end = max([self.now, *self.in_flight.values(), *self.stream_free.values()])
+        return Timeline(
+            stage=self.schedule.stage,
+            world_size=self.world_size,
+            micro_batches=micro_batches,
+            spans=tuple(self.spans),
+            memory=tuple(self.samples),
+            step_seconds=end,
+            compute_seconds=self.compute_seconds,
+            exposed_communication_seconds=self.exposed_seconds,
+        )
+
+
+def _op_text(op: O.Op) -> str:
+    return " ".join(str(op).split())

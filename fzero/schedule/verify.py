@@ -1,0 +1,452 @@
+"""verify: check that a schedule keeps the invariants the executor relies on.
+
+The schedule is replayed op by op (two steps of two micro-batches, so that anything left behind
+by one micro-batch or one step is seen by the next) against a small model of what each op does
+to this rank's buffers. The first broken invariant raises ``ScheduleInvariantError`` naming the
+op's position, the unit and the rule.
+
+Parameters: in stage 3 a unit is released, gathering (``AllGather`` issued) or ready (after
+``WaitGather``), and must be ready from its pre-compute trigger to the matching post trigger.
+In stages 0-2 every unit is always ready, except during the step phase's refresh gathers.
+Gradients: each trainable unit is reduced exactly once per micro-batch (stages 2 and 3) or once
+per step, in the step phase (stages 0 and 1), after its backward, and before the optimizer
+reads the gradient shard.
+
+Whether all ranks run the same collectives in the same order is checked across ranks, by
+comparing ``collective_signature``.
+
+``ScheduleInvariantError.invariant`` names the rule: gather-before-use, gather-once,
+wait-after-gather, release-after-gather, release-after-last-use, release-stage-3-only,
+max-live-bytes, refresh-after-optimizer (stages 1, 2), zero-grad-before-backward, reduce-once,
+reduce-kind, reduce-after-backward, wait-after-reduce, grad-shard, optimizer-after-reduce,
+end-of-micro-step, end-of-step, known-op (an op verify has no rule for).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from fzero.errors import ScheduleInvariantError
+from fzero.schedule import ops as O
+from fzero.schedule.schedule import Schedule
+
+RELEASED, GATHERING, READY = "released", "gathering", "ready"
+COLLECTIVES = (O.AllGather, O.ReduceScatter, O.AllReduce, O.ReduceScalars)
+
+
+def collective_signature(schedule: Schedule) -> str:
+    """sha256 of the ordered collective ops (micro-step, then step): equal on every rank that
+    will issue the same collectives, with the same sizes, in the same order."""
+    digest = hashlib.sha256()
+    for phase, entries in (("micro_step", schedule.micro_step), ("step", schedule.step)):
+        digest.update(f"[{phase}]\n".encode())
+        for entry in entries:
+            for op in entry.ops:
+                if isinstance(op, COLLECTIVES) or op.stream != O.COMPUTE:
+                    digest.update(f"{op!r}\n".encode())
+    return digest.hexdigest()
+
+
+def verify(schedule: Schedule, *, max_live_nbytes: int | None = None) -> None:
+    """Raise ``ScheduleInvariantError`` at the first op that breaks an invariant.
+
+    ``max_live_nbytes`` bounds the gathered parameter bytes alive at any point in stage 3
+    (below stage 3 every parameter is always gathered, so no limit applies).
+    """
+    checker = _Checker(schedule, max_live_nbytes)
+    for step in (1, 2):
+        for micro in (1, 2):
+            for index, entry in enumerate(schedule.micro_step):
+                checker.entry(f"micro_step[{index}]", entry, f"step {step}, micro-batch {micro}")
+            checker.end_micro_step(f"end of micro_step (step {step}, micro-batch {micro})")
+        for index, entry in enumerate(schedule.step):
+            checker.entry(f"step[{index}]", entry, f"step {step}")
+        checker.end_step(f"end of step (step {step})")
+
+
+def _op_text(op: O.Op) -> str:
+    return " ".join(str(op).split())
+
+
+class _Checker:
+    """The replay state: what the ops so far have done to this rank's buffers. Each ``op_X``
+    method checks and applies one op of class ``X``."""
+
+    def __init__(self, schedule: Schedule, max_live_nbytes: int | None):
+        stage = self.stage = schedule.stage
+        self.units = {u.index: u for u in schedule.units}
+        self.trainable = {u.index for u in schedule.units if u.has_trainable}
+        self.max_live_nbytes = max_live_nbytes
+        self.params = {i: READY if stage < 3 else RELEASED for i in self.units}
+        self.forward: set[int] = set()  # between pre_forward(u) and post_forward(u)
+        self.backward: set[int] = set()  # between pre_backward(u) and post_backward(u)
+        self.backward_seen: set[int] = set()  # pre_backward(u) seen in this micro-batch
+        self.grad_alive = set(self.trainable) if stage < 2 else set()
+        self.grad_dirty: set[int] = set()  # written by backward, not yet reduced
+        self.grad_stale: set[int] = set()  # reduced already: must be zeroed before reuse
+        self.reducing: dict[int, O.Op] = {}
+        self.reduced: dict[int, str] = {}  # where, this micro-batch (stages 2, 3) or step (0, 1)
+        self.shard_alive = stage != 1
+        self.shard_holds: set[int] = set()  # units whose reduction landed in the gradient shard
+        self.shard_consumed = False  # the optimizer read it: must be zeroed before reuse
+        self.scalars_done = self.optimizer_done = False
+        self.refreshed: set[int] = set()
+        self.where = self.phase = ""
+
+    def fail(self, invariant: str, unit: int, message: str) -> None:
+        if unit >= 0:
+            info = self.units.get(unit)
+            message = f"unit {unit} ({info.name or '<root>' if info else 'unknown'}): {message}"
+        raise ScheduleInvariantError(invariant, self.where, unit, message)
+
+    # -- triggers ---------------------------------------------------------------------------
+
+    def entry(self, position: str, entry: O.Entry, context: str) -> None:
+        self.phase = "step" if position.startswith("step") else "micro_step"
+        trigger, unit = entry.trigger, entry.trigger.unit
+        self.where = f"{position} @{trigger} ({context})"
+        if trigger.kind in (O.POST_FORWARD, O.POST_BACKWARD):
+            computing = self.forward if trigger.kind == O.POST_FORWARD else self.backward
+            if unit in computing:
+                self.require_ready(unit, f"its compute before {trigger}")
+                computing.discard(unit)
+        if trigger.kind == O.BACKWARD_END:
+            self.backward.clear()
+        for number, op in enumerate(entry.ops):
+            self.where = f"{position} @{trigger} op {number} '{_op_text(op)}' ({context})"
+            handler = getattr(self, f"op_{type(op).__name__}", None)
+            if handler is None:
+                self.fail("known-op", -1, f"verify does not know the op {type(op).__name__}")
+            handler(op)
+        self.where = f"{position} @{trigger} ({context})"
+        if trigger.kind == O.PRE_FORWARD:
+            self.require_ready(unit, f"its forward at {trigger}")
+            self.forward.add(unit)
+        if trigger.kind == O.PRE_BACKWARD:
+            self.require_ready(unit, f"its backward at {trigger}")
+            self.begin_backward(unit)
+
+    def require_ready(self, unit: int, use: str) -> None:
+        state = self.params.get(unit, RELEASED)
+        if state == GATHERING:
+            self.fail(
+                "gather-before-use",
+                unit,
+                f"used by {use} while its AllGather is in flight (WaitGather missing)",
+            )
+        if state == RELEASED:
+            self.fail(
+                "gather-before-use",
+                unit,
+                f"used by {use} but not gathered (AllGather and WaitGather missing, or released)",
+            )
+
+    def begin_backward(self, unit: int) -> None:
+        self.backward.add(unit)
+        self.backward_seen.add(unit)
+        if unit not in self.trainable:
+            return
+        if self.stage >= 2 and unit in self.reduced:
+            self.fail(
+                "reduce-after-backward",
+                unit,
+                "backward runs after the gradient was "
+                f"reduced at {self.reduced[unit]}: that gradient would be lost",
+            )
+        if unit not in self.grad_alive:
+            self.fail(
+                "zero-grad-before-backward",
+                unit,
+                "backward runs with no gradient buffer: ZeroGrad is missing before it",
+            )
+        if unit in self.grad_stale:
+            self.fail(
+                "zero-grad-before-backward",
+                unit,
+                "backward adds onto a gradient that "
+                "was already reduced: ZeroGrad is missing after the reduction",
+            )
+        if unit in self.reducing:
+            self.fail(
+                "reduce-after-backward",
+                unit,
+                "backward writes the gradient while its reduction is in flight",
+            )
+        self.grad_dirty.add(unit)
+
+    # -- parameter ops ----------------------------------------------------------------------
+
+    def op_AllGather(self, op: O.AllGather) -> None:
+        unit, state = op.unit, self.params.get(op.unit, RELEASED)
+        if self.stage == 0:
+            self.fail("gather-once", unit, "stage 0 does not shard parameters: nothing to gather")
+        refresh = self.stage < 3 and self.phase == "step" and state == READY
+        if refresh and not self.optimizer_done:
+            self.fail(
+                "refresh-after-optimizer",
+                unit,
+                "re-gathered before OptimizerStep updated its shard",
+            )
+        if state != RELEASED and not (refresh and unit not in self.refreshed):
+            self.fail("gather-once", unit, f"gathered while already alive ({state})")
+        if refresh:
+            self.refreshed.add(unit)
+        self.params[unit] = GATHERING
+        alive = sorted(i for i, s in self.params.items() if s != RELEASED)
+        live = sum(self.units[i].param_nbytes for i in alive)
+        if self.stage == 3 and self.max_live_nbytes is not None and live > self.max_live_nbytes:
+            self.fail(
+                "max-live-bytes",
+                unit,
+                f"{live} gathered bytes alive (units {alive}) "
+                f"exceed max_live_nbytes={self.max_live_nbytes}",
+            )
+
+    def op_WaitGather(self, op: O.WaitGather) -> None:
+        if self.params.get(op.unit) != GATHERING:
+            self.fail("wait-after-gather", op.unit, "WaitGather with no AllGather in flight")
+        self.params[op.unit] = READY
+
+    def op_Release(self, op: O.Release) -> None:
+        unit, state = op.unit, self.params.get(op.unit, RELEASED)
+        if self.stage < 3:
+            self.fail(
+                "release-stage-3-only",
+                unit,
+                f"released, but stage {self.stage} keeps every parameter gathered",
+            )
+        if state != READY:
+            what = "its AllGather is in flight" if state == GATHERING else "it is not gathered"
+            self.fail("release-after-gather", unit, f"released while {what}")
+        for pass_name, computing in (("forward", self.forward), ("backward", self.backward)):
+            if unit in computing:
+                self.fail(
+                    "release-after-last-use",
+                    unit,
+                    f"released during its {pass_name} (before its post_{pass_name})",
+                )
+        self.params[unit] = RELEASED
+
+    # -- gradient ops -----------------------------------------------------------------------
+
+    def op_ZeroGrad(self, op: O.ZeroGrad) -> None:
+        unit = op.unit
+        if unit not in self.trainable:
+            self.fail("zero-grad-before-backward", unit, "ZeroGrad, but no trainable parameters")
+        if unit in self.reducing:
+            self.fail(
+                "zero-grad-before-backward",
+                unit,
+                "ZeroGrad while the reduction reading the gradient is in flight",
+            )
+        if unit in self.grad_dirty:
+            self.fail(
+                "zero-grad-before-backward",
+                unit,
+                "ZeroGrad discards a gradient that was never reduced",
+            )
+        self.grad_alive.add(unit)
+        self.grad_stale.discard(unit)
+
+    def op_ReduceScatter(self, op: O.ReduceScatter) -> None:
+        self.reduce(op)
+
+    def op_AllReduce(self, op: O.AllReduce) -> None:
+        self.reduce(op)
+
+    def reduce(self, op: O.ReduceScatter | O.AllReduce) -> None:
+        unit, name = op.unit, type(op).__name__
+        expected = "AllReduce" if self.stage == 0 else "ReduceScatter"
+        if name != expected:
+            self.fail(
+                "reduce-kind",
+                unit,
+                f"stage {self.stage} reduces gradients with {expected}, not {name}",
+            )
+        phase = "step" if self.stage < 2 else "micro_step"
+        if self.phase != phase:
+            self.fail(
+                "reduce-once",
+                unit,
+                f"reduced in the {self.phase}, but stage "
+                f"{self.stage} reduces gradients in the {phase} phase",
+            )
+        if unit not in self.trainable:
+            self.fail("reduce-once", unit, "reduced, but has no trainable parameters")
+        if unit in self.reduced:
+            per = "micro-batch" if self.stage >= 2 else "step"
+            self.fail(
+                "reduce-once", unit, f"reduced twice in one {per} (first at {self.reduced[unit]})"
+            )
+        if unit in self.backward:
+            self.fail(
+                "reduce-after-backward",
+                unit,
+                "reduced before its backward finished (post_backward)",
+            )
+        if unit not in self.grad_alive:
+            self.fail(
+                "zero-grad-before-backward",
+                unit,
+                "reduces a gradient buffer that was never allocated (ZeroGrad missing)",
+            )
+        self.reducing[unit] = op
+        self.reduced[unit] = self.where
+        self.grad_dirty.discard(unit)
+        self.grad_stale.add(unit)
+
+    def op_WaitReduce(self, op: O.WaitReduce) -> None:
+        unit = op.unit
+        reduction = self.reducing.pop(unit, None)
+        if reduction is None:
+            self.fail("wait-after-reduce", unit, "WaitReduce with no reduction in flight")
+        if not self.shard_alive:
+            self.fail(
+                "grad-shard",
+                unit,
+                "the reduction lands in a gradient shard that is not "
+                "allocated (ZeroGradShard missing)",
+            )
+        if isinstance(reduction, O.ReduceScatter) and self.shard_consumed:
+            self.fail(
+                "grad-shard",
+                unit,
+                "the reduction adds into a gradient shard the "
+                "optimizer already read (ZeroGradShard missing after OptimizerStep)",
+            )
+        self.shard_holds.add(unit)
+        if op.frees_nbytes:
+            self.grad_alive.discard(unit)
+            self.grad_stale.discard(unit)
+
+    def op_ZeroGradShard(self, op: O.ZeroGradShard) -> None:
+        self.require_shard_consumed("ZeroGradShard discards")
+        self.shard_alive, self.shard_consumed = True, False
+        self.shard_holds.clear()
+
+    def op_FreeGradShard(self, op: O.FreeGradShard) -> None:
+        if not self.shard_alive:
+            self.fail("grad-shard", -1, "FreeGradShard of a gradient shard that is not allocated")
+        self.require_shard_consumed("FreeGradShard frees")
+        self.shard_alive = False
+        self.shard_holds.clear()
+
+    def require_shard_consumed(self, action: str) -> None:
+        if self.shard_holds and not self.shard_consumed:
+            held = sorted(self.shard_holds)
+            self.fail(
+                "grad-shard",
+                -1,
+                f"{action} the reduced gradients of units {held} before OptimizerStep read them",
+            )
+
+    # -- step ops ---------------------------------------------------------------------------
+
+    def require_gradients_reduced(self, reader: str) -> None:
+        if self.phase != "step":
+            self.fail("optimizer-after-reduce", -1, f"{reader} runs outside the step phase")
+        for unit in sorted(self.reducing):
+            self.fail(
+                "optimizer-after-reduce",
+                unit,
+                f"{reader} reads the gradient shard while "
+                "this unit's reduction is in flight (WaitReduce missing before it)",
+            )
+        if self.stage < 2:
+            for unit in sorted(self.trainable - set(self.reduced)):
+                self.fail(
+                    "reduce-once",
+                    unit,
+                    f"{reader} reads the gradient shard, but this "
+                    "unit's gradient was never reduced in this step",
+                )
+        if not self.shard_alive:
+            self.fail("grad-shard", -1, f"{reader} reads a gradient shard that is not allocated")
+
+    def op_ReduceScalars(self, op: O.ReduceScalars) -> None:
+        self.require_gradients_reduced("ReduceScalars")
+        self.scalars_done = True
+
+    def op_OptimizerStep(self, op: O.OptimizerStep) -> None:
+        self.require_gradients_reduced("OptimizerStep")
+        if not self.scalars_done:
+            self.fail(
+                "optimizer-after-reduce",
+                -1,
+                "OptimizerStep runs before ReduceScalars, so gradient clipping has no global norm",
+            )
+        if self.optimizer_done:
+            self.fail("optimizer-after-reduce", -1, "OptimizerStep runs twice in one step")
+        self.optimizer_done = self.shard_consumed = True
+
+    # -- phase ends -------------------------------------------------------------------------
+
+    def end_micro_step(self, where: str) -> None:
+        self.where = where
+        self.require_quiet("end-of-micro-step", "micro-step")
+        for unit, state in sorted(self.params.items()):
+            if self.stage == 3 and state != RELEASED:
+                self.fail(
+                    "end-of-micro-step",
+                    unit,
+                    "still gathered at the end of the micro-step (Release missing)",
+                )
+        if self.stage >= 2:
+            for unit in sorted((self.trainable & self.backward_seen) - set(self.reduced)):
+                self.fail("reduce-once", unit, "gradient never reduced in the micro-step")
+            self.reduced.clear()
+        self.forward.clear()
+        self.backward.clear()
+        self.backward_seen.clear()
+
+    def end_step(self, where: str) -> None:
+        self.where = where
+        self.require_quiet("end-of-step", "step")
+        if not self.optimizer_done:
+            self.fail("optimizer-after-reduce", -1, "the step has no OptimizerStep")
+        for unit, state in sorted(self.params.items()):
+            if self.stage == 3 and state != RELEASED:
+                self.fail("end-of-step", unit, "still gathered at the end of the step")
+        for unit in sorted(self.trainable - self.refreshed) if self.stage in (1, 2) else ():
+            self.fail(
+                "refresh-after-optimizer",
+                unit,
+                "not re-gathered after OptimizerStep: the next forward would use the old values",
+            )
+        for unit in sorted(self.grad_stale & self.trainable) if self.stage < 2 else ():
+            self.fail(
+                "end-of-step",
+                unit,
+                "gradient not zeroed after its reduction: the next step would add onto it",
+            )
+        if self.stage == 1 and self.shard_alive:
+            self.fail(
+                "end-of-step",
+                -1,
+                "stage 1 keeps the gradient shard past the step (FreeGradShard missing)",
+            )
+        if self.stage >= 2 and self.shard_consumed:
+            self.fail(
+                "end-of-step",
+                -1,
+                "the gradient shard is not zeroed after OptimizerStep "
+                "(ZeroGradShard missing): the next step would add onto it",
+            )
+        self.reduced.clear()
+        self.refreshed.clear()
+        self.scalars_done = self.optimizer_done = False
+
+    def require_quiet(self, invariant: str, phase: str) -> None:
+        for unit in sorted(self.reducing):
+            self.fail(
+                invariant,
+                unit,
+                f"reduction still in flight at the end of the {phase} (WaitReduce missing)",
+            )
+        for unit, state in sorted(self.params.items()):
+            if state == GATHERING:
+                self.fail(
+                    invariant,
+                    unit,
+                    f"AllGather still in flight at the end of the {phase} (WaitGather missing)",
+                )

@@ -1,0 +1,94 @@
+"""What runs is what the schedule says, and stage 3 holds only what it must."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fzero.schedule.compile import on_demand
+from fzero.schedule.ops import Entry
+from tests.harness import Case, train_threads
+from tests.models import ToySpec
+
+
+def _ops(entries: tuple[Entry, ...] | list[Entry]) -> list:
+    return [op for entry in entries for op in entry.ops]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("overlap", [True, False])
+def test_executed_ops_equal_compiled_schedule(stage, overlap):
+    """Every step runs exactly schedule.ops(micro_batches); the first step, which traces the
+    order, runs the order-free on-demand ops for its first micro-batch."""
+    torch.set_num_threads(1)
+    micro = 2
+    case = Case(
+        ToySpec(depth=3, width=5, frozen=True),
+        2,
+        stage,
+        micro,
+        steps=1,
+        extra={"zero_optimization": {"overlap_comm": overlap}},
+    )
+    models_per_step = []
+    for full, state, _ in train_threads(case, record=True):
+        executor = state.runtime.executor
+        schedule = executor.schedule
+        assert schedule.traced
+        trace = tuple(entry.trigger for entry in schedule.micro_step)
+        first = _ops(on_demand(schedule.units, stage, trace))
+        expected = first + _ops(schedule.micro_step) * (micro - 1) + _ops(schedule.step)
+        assert executor.executed == expected
+        models_per_step.append(full)
+    # Later steps run the compiled schedule itself.
+    case = Case(case.spec, 2, stage, micro, steps=3, extra=case.extra)
+    for _, state, _ in train_threads(case, record=True):
+        executor = state.runtime.executor
+        per_step = len(first) + len(_ops(executor.schedule.micro_step)) * (micro - 1)
+        per_step += len(_ops(executor.schedule.step))
+        later = executor.executed[per_step:]
+        assert later == executor.schedule.ops(micro) * 2
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_stage3_holds_only_what_the_schedule_accounts(overlap):
+    """At every trigger the gathered parameter and gradient bytes actually allocated equal the
+    schedule's live_nbytes, and never exceed the root unit plus the blocks the schedule must hold
+    at once (one block, or two with prefetch)."""
+    torch.set_num_threads(1)
+    case = Case(
+        ToySpec(depth=4, width=7),
+        2,
+        3,
+        1,
+        steps=3,
+        extra={"zero_optimization": {"overlap_comm": overlap}},
+    )
+    for _, state, _ in train_threads(case, record=True):
+        executor = state.runtime.executor
+        schedule = executor.schedule
+        per_trigger = {e.trigger: e.live_nbytes for e in schedule.micro_step}
+        compiled_steps = executor.live_log[len(schedule.micro_step) :]
+        assert compiled_steps, "no compiled micro-step ran"
+        for trigger, measured in compiled_steps:
+            assert measured == per_trigger[trigger], f"{trigger}: {measured} allocated"
+        root = next(u for u in schedule.units if u.is_root)
+        blocks = sorted((u for u in schedule.units if not u.is_root), key=lambda u: -u.param_nbytes)
+        held = 2 if overlap else 1
+        bound = (
+            root.param_nbytes
+            + root.grad_nbytes
+            + sum(u.param_nbytes + u.grad_nbytes for u in blocks[:held])
+        )
+        assert max(measured for _, measured in executor.live_log) <= bound
+        assert executor.measured_live_nbytes() == 0  # nothing stays gathered between steps
+
+
+def test_schedule_prints_every_op_with_sizes():
+    torch.set_num_threads(1)
+    case = Case(ToySpec(depth=2, width=5), 1, 3, 1, steps=1)
+    _, state, _ = train_threads(case)[0]
+    text = str(state.schedule)
+    for op in state.schedule.ops(1):
+        assert str(op) in text
+    assert "stage 3" in text and "blocks.1" in text and "live" in text
