@@ -12,6 +12,7 @@ Nothing the executor does to buffers happens outside an op, so the ops it record
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,6 +63,8 @@ class Executor:
     on_trace: Callable[[tuple[Trigger, ...]], Schedule] | None = None
 
     executed: list[O.Op] = field(default_factory=list)
+    host_seconds: float = 0.0  # host time spent running ops, summed over steps
+    steps_run: int = 0
     # With record_ops: (trigger, gathered parameter + gradient bytes allocated after its ops).
     live_log: list[tuple[Trigger, int]] = field(default_factory=list)
     _cursor: int = 0
@@ -121,6 +124,7 @@ class Executor:
         for entry in self.schedule.step:
             self._run(entry.ops)
         self._loss_sum = None
+        self.steps_run += 1
         return self.result
 
     def _log_live(self, trigger: Trigger) -> None:
@@ -138,10 +142,12 @@ class Executor:
     # -- ops ------------------------------------------------------------------------------------
 
     def _run(self, ops: tuple[O.Op, ...]) -> None:
+        start = time.perf_counter()
         for op in ops:
             if self.record_ops:
                 self.executed.append(op)
             getattr(self, f"_op_{type(op).__name__}")(op)
+        self.host_seconds += time.perf_counter() - start
 
     def _op_AllGather(self, op: O.AllGather) -> None:
         flat = self.workspace.param_flats[op.unit]
