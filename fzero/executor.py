@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fzero.collectives import Communicator, Work
+from fzero.collectives import Communicator, DoneWork, Work
 from fzero.errors import ScheduleError
 from fzero.kernels.adamw import WeightDecaySegments, adamw_step
 from fzero.schedule import OnDemand, Schedule, Trigger
@@ -177,6 +177,12 @@ class Executor:
         return grad if grad.dtype == dtype else grad.to(dtype)
 
     def _op_ReduceScatter(self, op: O.ReduceScatter) -> None:
+        if self.comm.world_size == 1:
+            # One rank: the sum is the gradient itself; WaitReduce adds it into the shard in
+            # one pass (casting on the fly) instead of a cast, a copy and an add.
+            grad = self.workspace.grad_flats[op.unit]
+            self._reductions[op.unit] = (DoneWork(), grad, True)
+            return
         full = self._reduce_input(op.unit)
         out = torch.empty(
             self.layout.units[op.unit].shard_numel, dtype=full.dtype, device=full.device
@@ -212,7 +218,8 @@ class Executor:
     def _op_ReduceScalars(self, op: O.ReduceScalars) -> None:
         grad = self.workspace.grad_shard
         device = grad.device
-        squares = grad.float().square().sum() if grad.numel() else torch.zeros((), device=device)
+        # vector_norm reduces without materialising a squared copy of the shard.
+        squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         if self.layout.shard_world == 1 and self.comm.rank != 0:
             squares = torch.zeros_like(squares)  # stage 0: every rank holds the same gradient
         loss = self._loss_sum / self._micro_batches if self._loss_sum is not None else None
