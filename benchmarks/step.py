@@ -5,7 +5,8 @@ installed, DeepSpeed ZeRO, on the same GPT, in the same run.
     python benchmarks/step.py --cpu-smoke                   # CI: tiny model, a few steps on CPU
 
 Each configuration runs in a fresh process so that peak memory is its own. Reported per row:
-tokens/s, MFU, peak allocated memory, step time, the executor's host (CPU) time per step for
+tokens/s, MFU, peak allocated memory during the timed steps (set-up and warm-up excluded; the
+set-up peak is in the JSON), step time, the executor's host (CPU) time per step for
 fzero, and the ratio of tokens/s and peak memory to FSDP2's.
 
 FLOPs per token (for MFU): 6 * N + 12 * n_layer * n_embd * seq_len, where N counts every
@@ -170,6 +171,9 @@ def run_one(impl: str, model_name: str, steps: int, warmup: int, device: torch.d
         step(batches[i % len(batches)])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    setup_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":  # the training peak: steady-state steps, set-up excluded
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for i in range(steps):
         loss = step(batches[i % len(batches)])
@@ -188,6 +192,7 @@ def run_one(impl: str, model_name: str, steps: int, warmup: int, device: torch.d
             if device.type == "cuda"
             else float("nan")
         ),
+        "setup_peak_gib": setup_peak / 2**30,
     }
     result.update(extra())
     return result

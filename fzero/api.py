@@ -18,7 +18,7 @@ from fzero.errors import BatchError, LossError, ScheduleError, ScheduleMismatchE
 from fzero.executor import Executor, Hyper, OptimizerBuffers
 from fzero.hooks import HookDriver
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
-from fzero.state.buffers import Workspace, bind_views, free_storage
+from fzero.state.buffers import Workspace, bind_unit_views, free_storage
 from fzero.state.layout import FlatLayout, build_layout, dtype_from_name, find_unit_modules
 from fzero.state.zero_state import ZeroState
 
@@ -132,14 +132,6 @@ def shard(
     workspace, master = _build_buffers(
         layout, params_per_unit, cfg.stage, comm, device, compute_dtype, accum_dtype
     )
-    bind_views(layout, params_per_unit, workspace.param_flats, workspace.grad_flats)
-    # Views are made while the storage exists; stages 2 and 3 then free what lives only
-    # during a unit's backward (and stage 3 its parameters between uses).
-    for unit, grad in zip(layout.units, workspace.grad_flats):
-        if grad is not None and cfg.stage >= 2:
-            free_storage(grad)
-        if cfg.stage == 3:
-            free_storage(workspace.param_flats[unit.index])
 
     infos = tuple(
         UnitInfo(
@@ -159,7 +151,7 @@ def shard(
     )
     # The schedule is compiled below, once the runtime that compiles it exists.
     executor = Executor(layout, None, workspace, comm, layout.decay_ranges(), record_ops)
-    executor.configure(reduce_dtype, master)
+    executor.configure(reduce_dtype)
     executor.optimizer = optimizer
     modules = {
         u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
@@ -169,13 +161,13 @@ def shard(
     executor.schedule = runtime.compile(presumed_trace(infos), traced=False)
     executor.on_trace = lambda trace: runtime.compile(trace, traced=True)
     model._fzero_runtime = runtime  # marks the model as sharded
-    param_shards = (
-        ()
-        if workspace.param_shard is master
-        else tuple(workspace.unit_param_shard(u.index) for u in layout.units)
-    )
     state = ZeroState(
-        master, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.step, param_shards, runtime
+        master,
+        optimizer.exp_avg,
+        optimizer.exp_avg_sq,
+        optimizer.step,
+        workspace.state_leaves(),
+        runtime,
     )
     runtime.live_state = state
     return state
@@ -242,12 +234,7 @@ def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
     layout, comm, workspace = runtime.layout, runtime.comm, runtime.executor.workspace
     full: dict[str, torch.Tensor] = {}
     for unit in layout.units:
-        owned = workspace.unit_param_shard(
-            unit.index
-        ).float()  # a copy: the master prefix replaces the rounded compute values
-        owned[: unit.optimizer_numel] = state.master[
-            unit.optimizer_offset : unit.optimizer_offset + unit.optimizer_numel
-        ]
+        owned = workspace.owned_fp32(unit.index)
         gathered = owned
         if layout.shard_world > 1:
             gathered = torch.empty(unit.padded_numel, dtype=torch.float32, device=owned.device)
@@ -343,58 +330,58 @@ def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None):
 
 
 def _build_buffers(layout, params_per_unit, stage, comm, device, compute_dtype, accum_dtype):
-    """Copy the model's values into flat buffers (rank 0's values win) and keep this rank's
-    slices. Returns the workspace and the fp32 master shard."""
+    """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
+    point the parameters there; each unit's original storage is released before the next one
+    is copied, so sharding needs about one unit of memory beyond the model itself."""
     master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
-    contiguous_shard = stage in (0, 3)
-    param_shard = (
-        torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
-        if contiguous_shard
-        else None
-    )
-    full_flats = []
+    no_frozen = layout.optimizer_numel == layout.shard_numel
+    param_shard = None
+    if stage == 0:  # fp32 with nothing frozen: the master is the parameter buffer
+        if compute_dtype == torch.float32 and no_frozen:
+            param_shard = master
+        else:
+            param_shard = torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
+    aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen
+    grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
+    param_flats, grad_flats, frozen_tails = [], [], []
     for unit, params in zip(layout.units, params_per_unit):
         flat = torch.zeros(unit.padded_numel, dtype=torch.float32, device=device)
         for slot, param in zip(unit.params, params):
             flat[slot.offset : slot.offset + slot.numel] = param.detach().reshape(-1).float()
         comm.broadcast(flat, src=0)
         lo, _ = layout.owned_range(unit)
-        master[unit.optimizer_offset : unit.optimizer_offset + unit.optimizer_numel] = flat[
-            lo : lo + unit.optimizer_numel
-        ]
-        if param_shard is not None:
-            param_shard[unit.shard_offset : unit.shard_offset + unit.shard_numel] = flat[
-                lo : lo + unit.shard_numel
-            ]
-        full_flats.append(flat)
-    if (
-        param_shard is not None
-        and compute_dtype == torch.float32
-        and layout.optimizer_numel == layout.shard_numel
-    ):
-        param_shard = master  # fp32: the optimizer updates the parameters in place
-    aliased_grads = (
-        stage == 0 and accum_dtype == compute_dtype and layout.optimizer_numel == layout.shard_numel
-    )
-    grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
-    param_flats, grad_flats = [], []
-    for unit, flat in zip(layout.units, full_flats):
-        if stage == 0:  # shards are whole units: the flats are views into the shard space
+        opt = slice(unit.optimizer_offset, unit.optimizer_offset + unit.optimizer_numel)
+        master[opt] = flat[lo : lo + unit.optimizer_numel]
+        if stage == 0:  # shards are whole units: the unit buffer is a view into the shard
             span = slice(unit.shard_offset, unit.shard_offset + unit.shard_numel)
+            if param_shard is not master:
+                param_shard[span] = flat
             param_flats.append(param_shard[span])
         else:
             param_flats.append(flat.to(compute_dtype))
+        if stage == 3:
+            tail = flat[lo + unit.optimizer_numel : lo + unit.shard_numel]
+            frozen_tails.append(tail.to(compute_dtype, copy=True))
         if not unit.has_trainable:
             grad_flats.append(None)
         elif aliased_grads:
-            grad_flats.append(
-                grad_shard[unit.optimizer_offset : unit.optimizer_offset + unit.optimizer_numel]
-            )
+            grad_flats.append(grad_shard[opt])
         else:
             grad_flats.append(torch.zeros(unit.padded_numel, dtype=compute_dtype, device=device))
+        del flat
+        bind_unit_views(unit, params, param_flats[-1], grad_flats[-1])
+        # The views exist now: stages 2 and 3 free what lives only during a unit's backward,
+        # and stage 3 the gathered parameters between uses.
+        if grad_flats[-1] is not None and stage >= 2:
+            free_storage(grad_flats[-1])
+        if stage == 3:
+            free_storage(param_flats[-1])
     if stage == 1:
         free_storage(grad_shard)
-    return Workspace(layout, param_flats, grad_flats, param_shard, grad_shard), master
+    workspace = Workspace(
+        layout, stage, master, param_flats, grad_flats, param_shard, frozen_tails, grad_shard
+    )
+    return workspace, master
 
 
 def _layout_summary(layout: FlatLayout, cfg: Config) -> dict[str, Any]:

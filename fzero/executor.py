@@ -70,7 +70,7 @@ class Executor:
     _cursor: int = 0
     _tracing: OnDemand | None = None
     _trace: list[Trigger] = field(default_factory=list)
-    _gathers: dict[int, Work] = field(default_factory=dict)
+    _gathers: dict[int, tuple[Work, torch.Tensor | None]] = field(default_factory=dict)
     # unit -> (work, result buffer, whether the result adds into the gradient shard)
     _reductions: dict[int, tuple[Work, torch.Tensor, bool]] = field(default_factory=dict)
     _loss_sum: torch.Tensor | None = None
@@ -150,18 +150,26 @@ class Executor:
         self.host_seconds += time.perf_counter() - start
 
     def _op_AllGather(self, op: O.AllGather) -> None:
-        flat = self.workspace.param_flats[op.unit]
+        self._gathers[op.unit] = self.gather(op.unit)
+
+    def gather(self, unit: int) -> tuple[Work, torch.Tensor | None]:
+        """Fill unit ``unit``'s full buffer from every rank's shard; returns the work and the
+        send buffer, which must live until the work is waited on."""
+        flat = self.workspace.param_flats[unit]
         alloc_storage(flat)
-        shard = self.workspace.unit_param_shard(op.unit)
-        self._gathers[op.unit] = self.comm.all_gather(flat, shard)
+        if self.comm.world_size == 1:  # the shard is the whole unit: write it, cast included
+            self.workspace.write_shard(unit, flat)
+            return DoneWork(), None
+        source = self.workspace.gather_source(unit)
+        return self.comm.all_gather(flat, source), source
 
     def _op_WaitGather(self, op: O.WaitGather) -> None:
-        work = self._gathers.pop(op.unit, None)
-        if work is None:
+        pending = self._gathers.pop(op.unit, None)
+        if pending is None:
             raise ScheduleError(
                 f"WaitGather for unit {op.unit} ({op.name!r}) with no gather issued"
             )
-        work.wait()
+        pending[0].wait()
 
     def _op_Release(self, op: O.Release) -> None:
         free_storage(self.workspace.param_flats[op.unit])
@@ -263,9 +271,9 @@ class Executor:
     def reduce_dtype(self) -> torch.dtype:
         return self._reduce_dtype
 
-    def configure(self, reduce_dtype: torch.dtype, master: torch.Tensor) -> None:
+    def configure(self, reduce_dtype: torch.dtype) -> None:
         self._reduce_dtype = reduce_dtype
-        self.optimizer_runs = optimizer_runs(self.layout, self.workspace, master)
+        self.optimizer_runs = optimizer_runs(self.layout, self.workspace)
         self.decay_runs = [
             WeightDecaySegments.from_ranges(
                 [
@@ -282,7 +290,7 @@ class Executor:
         """Return to the between-steps state after a failed micro-batch: wait for collectives
         in flight, release stage-3 parameters, clear partial gradients. Parameters, master
         weights and moments are untouched, so the state given to ``train_step`` stays valid."""
-        for work in self._gathers.values():
+        for work, _ in self._gathers.values():
             work.wait()
         for work, _, _ in self._reductions.values():
             work.wait()
@@ -303,33 +311,38 @@ class Executor:
             ws.grad_shard.zero_()
 
 
-def optimizer_runs(layout: FlatLayout, workspace: Workspace, master: torch.Tensor):
-    """Split the optimizer space into runs whose compute-dtype destinations are contiguous too,
-    one kernel launch each: a single run in stages 0 and 3 (unless a unit holds frozen
-    parameters), one per unit in stages 1 and 2, whose shards are slices of separate unit
-    buffers. The destination is None where the parameter shard is the fp32 master itself."""
-    shard = workspace.param_shard
-    runs: list[list] = []  # [lo, hi, shard_lo or None]
+def optimizer_runs(layout: FlatLayout, workspace: Workspace):
+    """Split the optimizer space into runs, one kernel launch each, whose compute-dtype
+    destinations are contiguous too: one run in stages 0 and 3 unless a unit holds frozen
+    parameters, one per unit in stages 1 and 2 (each unit's shard is a slice of its own buffer).
+    The destination is None where nothing besides the master is kept."""
+    runs: list[tuple[int, int, torch.Tensor | None]] = []
     for u in layout.units:
         if u.optimizer_numel == 0:
             continue
         lo, hi = u.optimizer_offset, u.optimizer_offset + u.optimizer_numel
-        if (
-            runs
-            and runs[-1][1] == lo
-            and shard is not None
-            and (runs[-1][2] + (runs[-1][1] - runs[-1][0]) == u.shard_offset)
-        ):
-            runs[-1][1] = hi
-        else:
-            runs.append([lo, hi, u.shard_offset if shard is not None else u.index])
-    out = []
-    for lo, hi, where in runs:
-        if shard is master:
-            dest = None
-        elif shard is not None:
-            dest = shard[where : where + hi - lo]
-        else:
-            dest = workspace.unit_param_shard(where)[: hi - lo]
-        out.append((lo, hi, dest))
-    return out
+        dest = workspace.param_out(u.index)
+        if runs and runs[-1][1] == lo:
+            prev_lo, _, prev = runs[-1]
+            if prev is None and dest is None:
+                runs[-1] = (prev_lo, hi, None)
+                continue
+            if prev is not None and dest is not None and _follows(prev, dest):
+                runs[-1] = (
+                    prev_lo,
+                    hi,
+                    workspace.param_shard[
+                        prev.storage_offset() : dest.storage_offset() + dest.numel()
+                    ],
+                )
+                continue
+        runs.append((lo, hi, dest))
+    return runs
+
+
+def _follows(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether ``second`` starts where ``first`` ends in the same storage (stage 0's shard)."""
+    return (
+        first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        and first.storage_offset() + first.numel() == second.storage_offset()
+    )

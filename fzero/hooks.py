@@ -29,7 +29,7 @@ from fzero.schedule.ops import (
     PRE_FORWARD,
     Trigger,
 )
-from fzero.state.buffers import alloc_storage, free_storage, is_allocated
+from fzero.state.buffers import free_storage, is_allocated
 
 
 class _PreBackward(torch.autograd.Function):
@@ -161,12 +161,7 @@ class HookDriver:
         flat = self.executor.workspace.param_flats[unit]
         if is_allocated(flat) or flat.numel() == 0:
             return
-        alloc_storage(flat)
-        layout_unit = self.executor.layout.units[unit]
-        shard = self.executor.workspace.param_shard[
-            layout_unit.shard_offset : layout_unit.shard_offset + layout_unit.shard_numel
-        ]
-        self.comm.all_gather(flat, shard).wait()
+        self.executor.gather(unit)[0].wait()
         self._eval_gathered.add(unit)
 
     def _eval_release(self, unit: int) -> None:

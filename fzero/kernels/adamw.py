@@ -12,8 +12,9 @@ so that in fp32 without ``grad_scale``/``found_inf`` it is bitwise equal to
 
 Low-precision moments: ``exp_avg``/``exp_avg_sq`` may be bf16 (math in fp32, rounded to nearest
 when stored), cutting optimizer state from 8 to 4 bytes per element. Round-to-nearest drops any
-change smaller than half a bf16 ulp (2**-9 relative), so with ``beta2`` = 0.999 ``exp_avg_sq``
-stops decaying once ``(1 - beta2) * v`` is below that; use it knowingly.
+change smaller than half a bf16 ulp (2**-9 relative): with ``beta2`` = 0.999 a stored
+``exp_avg_sq`` can grow but never decay, since ``v * beta2`` rounds back to ``v``. Use it knowingly
+(stochastic rounding would fix that; it is not done here).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fzero.state.layout import FlatLayout
+from fzero.state.layout import FlatLayout, Unit
 
 
 def free_storage(tensor: torch.Tensor) -> None:
@@ -42,40 +42,104 @@ def is_allocated(tensor: torch.Tensor) -> bool:
 
 @dataclass(repr=False)
 class Workspace:
-    """``param_shard`` is one contiguous compute-dtype buffer of this rank's shard space in
-    stages 0 and 3 (stage 0's unit buffers are views into it), and None in stages 1 and 2, where
-    each unit's full buffer persists and this rank's shard is its own slice of it (the gathers
-    run in place, so the shard costs no second copy)."""
+    """Where this rank's parameter values live besides the fp32 master shard.
+
+    - Stage 0: ``param_shard`` is one contiguous compute-dtype buffer of whole units (the
+      master itself in fp32), and the unit buffers are views into it.
+    - Stages 1 and 2: each unit's full buffer persists; this rank's shard is its own slice of
+      it, so the gathers after the optimizer step run in place and the shard costs no copy.
+    - Stage 3: no compute-dtype shard is kept. A gather casts the master slice on the fly
+      (frozen parameters, which have no master, keep their values in ``frozen_tails``), which
+      saves 2 bytes per parameter over keeping a bf16 copy and costs one cast per gather.
+    """
 
     layout: FlatLayout
+    stage: int
+    master: torch.Tensor
     param_flats: list[torch.Tensor]  # per unit, compute dtype, padded length
     grad_flats: list[torch.Tensor | None]  # per unit, compute dtype; None for frozen units
-    param_shard: torch.Tensor | None
+    param_shard: torch.Tensor | None  # stage 0 only
+    frozen_tails: list[torch.Tensor]  # stage 3 only: per unit, the shard past the master part
     grad_shard: torch.Tensor  # this rank's optimizer space, gradient-accumulation dtype
 
-    def unit_param_shard(self, index: int) -> torch.Tensor:
-        """This rank's compute-dtype slice of unit ``index``: what its all-gather sends."""
+    def _master_part(self, index: int) -> torch.Tensor:
+        unit = self.layout.units[index]
+        return self.master[unit.optimizer_offset : unit.optimizer_offset + unit.optimizer_numel]
+
+    def standing_shard(self, index: int) -> torch.Tensor | None:
+        """The compute-dtype shard of unit ``index`` kept in memory (stages 0-2), else None."""
         unit = self.layout.units[index]
         if self.param_shard is not None:
             return self.param_shard[unit.shard_offset : unit.shard_offset + unit.shard_numel]
-        lo, hi = self.layout.owned_range(unit)
-        return self.param_flats[index][lo:hi]
+        if self.stage in (1, 2):
+            lo, hi = self.layout.owned_range(unit)
+            return self.param_flats[index][lo:hi]
+        return None
+
+    def gather_source(self, index: int) -> torch.Tensor:
+        """This rank's compute-dtype shard of unit ``index``: what its all-gather sends. In
+        stage 3 it is assembled from the master (a view when no cast or frozen tail is needed)."""
+        shard = self.standing_shard(index)
+        if shard is not None:
+            return shard
+        master, tail = self._master_part(index), self.frozen_tails[index]
+        dtype = self.param_flats[index].dtype
+        if tail.numel() == 0 and master.dtype == dtype:
+            return master
+        out = torch.empty(master.numel() + tail.numel(), dtype=dtype, device=master.device)
+        self.write_shard(index, out)
+        return out
+
+    def write_shard(self, index: int, out: torch.Tensor) -> None:
+        """Write this rank's compute-dtype shard of unit ``index`` into ``out`` (one pass, the
+        cast included): a one-rank gather needs nothing else."""
+        shard = self.standing_shard(index)
+        if shard is not None:
+            if shard.data_ptr() != out.data_ptr():
+                out.copy_(shard)
+            return
+        master = self._master_part(index)
+        out[: master.numel()].copy_(master)
+        out[master.numel() :].copy_(self.frozen_tails[index])
+
+    def owned_fp32(self, index: int) -> torch.Tensor:
+        """This rank's shard of unit ``index`` in fp32: master values where they exist."""
+        unit = self.layout.units[index]
+        out = torch.empty(unit.shard_numel, dtype=torch.float32, device=self.master.device)
+        shard = self.standing_shard(index)
+        if shard is not None:
+            out.copy_(shard)
+        else:
+            out[unit.optimizer_numel :].copy_(self.frozen_tails[index])
+        out[: unit.optimizer_numel] = self._master_part(index)
+        return out
+
+    def param_out(self, index: int) -> torch.Tensor | None:
+        """Where the optimizer writes unit ``index``'s updated compute-dtype values, or None
+        when nothing is kept besides the master (stage 3, or stage 0 in fp32)."""
+        shard = self.standing_shard(index)
+        if shard is None or shard.data_ptr() == self._master_part(index).data_ptr():
+            return None
+        return shard[: self.layout.units[index].optimizer_numel]
+
+    def state_leaves(self) -> tuple[torch.Tensor, ...]:
+        """Parameter values a checkpoint needs beyond the master: the compute-dtype shards
+        (stages 0-2, unless they are the master) or the frozen tails (stage 3)."""
+        if self.stage == 3:
+            return tuple(self.frozen_tails)
+        if self.param_shard is self.master:
+            return ()
+        return tuple(self.standing_shard(u.index) for u in self.layout.units)
 
 
-def bind_views(
-    layout: FlatLayout,
-    params_per_unit: list[list[nn.Parameter]],
-    param_flats: list[torch.Tensor],
-    grad_flats: list[torch.Tensor | None],
+def bind_unit_views(
+    unit: Unit, params: list[nn.Parameter], flat: torch.Tensor, grad_flat: torch.Tensor | None
 ) -> None:
-    """Point every parameter's ``.data`` (and ``.grad``, when trainable) into its unit's flat
-    buffers. Parameter objects keep their identity, so tied parameters stay tied."""
-    for unit, params, flat, grad_flat in zip(
-        layout.units, params_per_unit, param_flats, grad_flats
-    ):
-        for slot, param in zip(unit.params, params):
-            view = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
-            param.data = view
-            if slot.requires_grad:
-                assert grad_flat is not None
-                param.grad = grad_flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+    """Point every parameter's ``.data`` (and ``.grad``, when trainable) of ``unit`` into its
+    flat buffers. Parameter objects keep their identity, so tied parameters stay tied, and the
+    model's own storage is released as soon as nothing else refers to it."""
+    for slot, param in zip(unit.params, params):
+        param.data = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+        if slot.requires_grad:
+            assert grad_flat is not None
+            param.grad = grad_flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
