@@ -83,6 +83,7 @@ def _init_single_process_group(device: torch.device) -> None:
 def make_step(impl: str, model, device: torch.device):
     """Returns step(batch) -> loss tensor and a dict of extra numbers to report."""
     kind, _, stage = impl.partition(":")
+    stage, _, fake_world = stage.partition("@")  # fzero:3@64: rank 0 of a simulated world
     bf16 = device.type == "cuda"
     if kind == "fzero":
         import fzero
@@ -92,18 +93,33 @@ def make_step(impl: str, model, device: torch.device):
             "gradient_clipping": 1.0,
             "bf16": {"enabled": bf16},
         }
-        box = {"state": fzero.shard(model, stage=int(stage), config=config)}
+        world = int(fake_world) if fake_world else None
+        box = {
+            "state": fzero.shard(model, stage=int(stage), config=config, simulate_world_size=world)
+        }
 
         def step(batch):
             box["state"], metrics = fzero.train_step(box["state"], batch)
             return metrics["loss"]
 
         def extra():
+            from fzero.memory import estimate_memory
+
             executor = box["state"].runtime.executor
+            estimate = estimate_memory(
+                box["state"].layout.numel,
+                world or 1,
+                int(stage),
+                compute_dtype="bf16" if bf16 else "fp32",
+                grad_accum_dtype="fp32",
+                layout="fzero",
+            )
             return {
                 "executor_host_ms_per_step": 1e3
                 * executor.host_seconds
-                / max(executor.steps_run, 1)
+                / max(executor.steps_run, 1),
+                "world_size": world or 1,
+                "estimate_model_states_gib": estimate.total / 2**30,
             }
 
         return step, extra
@@ -299,6 +315,19 @@ def _table(rows: list[dict], peak_tflops: float) -> str:
         "tok/s vs FSDP2 | peak vs FSDP2 |\n|---|---|---|---|---|---|---|---|---|"
     )
     body = [_format(r, rows, peak_tflops) for r in rows if not r.get("failed")]
+    fake = [r for r in rows if r.get("world_size", 1) > 1]
+    if fake:  # simulated worlds: measured per-rank peak next to the model-state estimate
+        body += [
+            "",
+            "| model | impl | simulated ranks | measured peak GiB per rank | "
+            "estimate_memory model states GiB |",
+            "|---|---|---|---|---|",
+        ]
+        body += [
+            f"| {r['model']} | {r['impl']} | {r['world_size']} | {r['peak_gib']:.2f} | "
+            f"{r['estimate_model_states_gib']:.2f} |"
+            for r in fake
+        ]
     return "\n".join([header, *body])
 
 

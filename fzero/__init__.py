@@ -12,3 +12,7 @@ from fzero.state import NAMESPACE, ZeroState
 
 __all__ = ["NAMESPACE", "Config", "ZeroState", "full_state_dict", "shard", "train_step"]
 __version__ = "0.1.0"
+
+from fzero.checkpoint import load, save  # noqa: E402 - appended: sharded checkpoints
+
+__all__ += ["load", "save"]

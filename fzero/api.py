@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fzero.collectives import Communicator, make_communicator
+from fzero.collectives import Communicator, FakeWorld, make_communicator
 from fzero.config import Config
 from fzero.errors import BatchError, LossError, ScheduleError, ScheduleMismatchError, ShardError
 from fzero.executor import Executor, Hyper, OptimizerBuffers
 from fzero.hooks import HookDriver
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
+from fzero.schedule.verify import is_collective
 from fzero.state.buffers import Workspace, bind_unit_views, free_storage
 from fzero.state.layout import FlatLayout, build_layout, dtype_from_name, find_unit_modules
 from fzero.state.zero_state import ZeroState
@@ -76,6 +77,7 @@ def shard(
     *,
     units: list[nn.Module | str] | None = None,
     record_ops: bool = False,
+    simulate_world_size: int | None = None,
 ) -> ZeroState:
     """Partition ``model``'s parameters into flat buffers, keep this rank's shard, build AdamW
     state for it and compile the step schedule.
@@ -85,6 +87,9 @@ def shard(
     root for the rest). ``process_group``: a ``torch.distributed`` group, an fzero communicator
     (``fzero.collectives.ThreadGroup(n).communicator(rank)``), or None for the default group (or
     world size 1 when none is initialised). ``record_ops`` keeps a log of executed ops for tests.
+    ``simulate_world_size=N`` runs as rank 0 of N ranks that do not exist: collectives only
+    shape their outputs, so the memory (and compute time) of one rank of N can be measured on
+    one device; the values trained are meaningless.
     The model's parameters become views into fzero's buffers; keep using the same model object.
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
@@ -92,6 +97,10 @@ def shard(
     if stage is not None and stage not in (0, 1, 2, 3):
         raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage}")
     cfg = Config.from_any(config).with_stage_override(stage)
+    if simulate_world_size is not None:
+        if process_group is not None:
+            raise ShardError("give process_group or simulate_world_size, not both")
+        process_group = FakeWorld(simulate_world_size)
     comm = make_communicator(process_group)
     params = list(model.parameters())
     if not params:
@@ -376,7 +385,7 @@ def _build_buffers(layout, params_per_unit, stage, comm, device, compute_dtype, 
             free_storage(grad_flats[-1])
         if stage == 3:
             free_storage(param_flats[-1])
-    if stage == 1:
+    if stage >= 1:  # alive only from a step's first reduction to its optimizer step
         free_storage(grad_shard)
     workspace = Workspace(
         layout, stage, master, param_flats, grad_flats, param_shard, frozen_tails, grad_shard
@@ -396,7 +405,14 @@ def _layout_summary(layout: FlatLayout, cfg: Config) -> dict[str, Any]:
 
 
 def _schedule_summary(schedule: Schedule) -> dict[str, Any]:
-    return {"ops": [str(e.trigger) + ":" + ",".join(map(str, e.ops)) for e in schedule.micro_step]}
+    """The collectives each trigger issues, in order: what every rank must agree on (per-rank
+    sizes such as the optimizer shard may differ)."""
+    return {
+        "collectives": [
+            f"{entry.trigger}: " + ", ".join(str(op) for op in entry.ops if is_collective(op))
+            for entry in schedule.micro_step + schedule.step
+        ]
+    }
 
 
 def _check_same_on_all_ranks(comm: Communicator, what: str, summary: dict[str, Any]) -> None:

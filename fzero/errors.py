@@ -70,3 +70,27 @@ class ScheduleInvariantError(ScheduleError):
         self.where = where
         self.unit = unit
         super().__init__(f"{where}: {message} [{invariant}]")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the directory or file and why."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """``fzero.save`` failed on some rank (unwritable directory, disk full, ...). The partial
+    checkpoint was removed and the previous one is untouched; ``__cause__`` holds the OS error
+    on the rank that raised it."""
+
+
+class CheckpointIncompleteError(CheckpointError):
+    """The directory holds no finished checkpoint: its manifest is missing, so the save that
+    wrote it was interrupted (or it is not an fzero checkpoint)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A file the manifest lists is missing, has the wrong size or fails its sha256 checksum."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The checkpoint was written for a different model: parameter names, shapes or which
+    parameters are trainable differ (the message lists the first differences)."""

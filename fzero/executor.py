@@ -23,7 +23,7 @@ from fzero.errors import ScheduleError
 from fzero.kernels.adamw import WeightDecaySegments, adamw_step
 from fzero.schedule import OnDemand, Schedule, Trigger
 from fzero.schedule import ops as O
-from fzero.state.buffers import Workspace, alloc_storage, free_storage
+from fzero.state.buffers import Workspace, alloc_storage, free_storage, is_allocated
 from fzero.state.layout import FlatLayout
 
 
@@ -83,7 +83,9 @@ class Executor:
     def begin_micro_step(self) -> None:
         self._cursor = 0
         if not self.schedule.traced and self.on_trace is not None:
-            self._tracing = OnDemand(self.schedule.units, self.schedule.stage)
+            self._tracing = OnDemand(
+                self.schedule.units, self.schedule.stage, self.grad_shard_nbytes
+            )
             self._trace = []
 
     def fire(self, trigger: Trigger) -> None:
@@ -217,8 +219,11 @@ class Executor:
             free_storage(self.workspace.grad_flats[op.unit])
 
     def _op_ZeroGradShard(self, op: O.ZeroGradShard) -> None:
-        alloc_storage(self.workspace.grad_shard)
-        self.workspace.grad_shard.zero_()
+        # Materialise the shard as zeros, unless it already holds this step's gradients
+        # (a later micro-batch, or the step phase after reductions).
+        if not is_allocated(self.workspace.grad_shard):
+            alloc_storage(self.workspace.grad_shard)
+            self.workspace.grad_shard.zero_()
 
     def _op_FreeGradShard(self, op: O.FreeGradShard) -> None:
         free_storage(self.workspace.grad_shard)
@@ -268,6 +273,11 @@ class Executor:
     # -- set-up ---------------------------------------------------------------------------------
 
     @property
+    def grad_shard_nbytes(self) -> int:
+        shard = self.workspace.grad_shard
+        return shard.numel() * shard.element_size()
+
+    @property
     def reduce_dtype(self) -> torch.dtype:
         return self._reduce_dtype
 
@@ -307,8 +317,10 @@ class Executor:
                 free_storage(grad)
             elif grad is not None:
                 grad.zero_()
-        if self.schedule.stage != 1:
+        if self.schedule.stage == 0:
             ws.grad_shard.zero_()
+        else:
+            free_storage(ws.grad_shard)
 
 
 def optimizer_runs(layout: FlatLayout, workspace: Workspace):

@@ -6,24 +6,36 @@ rank, for Psi parameters on N ranks with K bytes of optimizer state per paramete
     stage 0: (2 + 2 + K) Psi         stage 2: 2 Psi + (2 + K) Psi / N
     stage 1: (2 + 2) Psi + K Psi / N stage 3: (2 + 2 + K) Psi / N
 
+fzero's own buffers differ (``layout="fzero"``). Stage 3 keeps no bf16 copy of its shard (a
+gather casts the fp32 master slice on the fly), so its model states at the optimizer step are
+(2 + K) Psi / N. Stages 1-3 hold the gradient shard (2 Psi / N) only from a step's first
+reduction to its optimizer step: stage 1 holds it beside its full gradients during the step
+phase, (2 + 2) Psi + (2 + K) Psi / N at the optimizer step, and between steps stages 2 and 3
+hold 2 Psi + K Psi / N and K Psi / N.
+
 Activations, temporary buffers and gathered parameters in flight are not included; for those,
-compile the schedule and ``fzero.schedule.simulate`` it (which uses the same formula code).
+compile the schedule and ``fzero.schedule.simulate`` it (its model states match
+``layout="fzero"``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
-from fzero.schedule.memory_model import BytesPerParam, model_states
+from fzero.schedule.memory_model import BytesPerParam, dtype_nbytes, model_states
 
 GB = 1e9  # the paper's gigabyte
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per rank of parameters, gradients and optimizer state."""
+    """Bytes per rank of parameters, gradients and optimizer state at the optimizer step.
+
+    ``transient_gradients``: the part of ``gradients`` freed between steps (fzero's gradient
+    shard in stages 1-3; 0 for the paper's layout).
+    """
 
     stage: int
     world_size: int
@@ -32,15 +44,25 @@ class MemoryEstimate:
     parameters: int
     gradients: int
     optimizer_state: int
+    transient_gradients: int = 0
+    layout: str = "paper"
 
     @property
     def total(self) -> int:
         return self.parameters + self.gradients + self.optimizer_state
 
+    @property
+    def between_steps(self) -> int:
+        """What a rank keeps from one step to the next."""
+        return self.total - self.transient_gradients
+
     def __str__(self) -> str:
+        between = (
+            f", {self.between_steps / GB:.2f} GB between steps" if self.transient_gradients else ""
+        )
         return (
-            f"ZeRO stage {self.stage}, {self.numel / 1e9:.3g}B parameters on "
-            f"{self.world_size} rank(s): {self.total / GB:.2f} GB per rank (parameters "
+            f"ZeRO stage {self.stage} ({self.layout}), {self.numel / 1e9:.3g}B parameters on "
+            f"{self.world_size} rank(s): {self.total / GB:.2f} GB per rank{between} (parameters "
             f"{self.parameters / GB:.2f} GB, gradients {self.gradients / GB:.2f} GB, optimizer "
             f"state {self.optimizer_state / GB:.2f} GB)"
         )
@@ -63,15 +85,17 @@ def estimate_memory(
     master_dtype: str = "fp32",
     grad_accum_dtype: str | None = None,
     optimizer_state_bytes: int | None = None,
+    layout: str = "paper",
 ) -> MemoryEstimate:
     """Per-rank model-state bytes of ``model_or_param_count`` (an ``nn.Module`` or an element
-    count) on ``world_size`` ranks at ZeRO ``stage``.
+    count) on ``world_size`` ranks at ZeRO ``stage``, at the optimizer step.
 
     Defaults are the paper's: bf16/fp16 parameters and gradients, fp32 master weights and
     moments (K = 12). ``grad_accum_dtype`` sizes the gradient shard (None: the compute dtype;
     fzero's own default config accumulates in fp32, pass ``"fp32"`` to match it).
     ``optimizer_state_bytes`` overrides K. Frozen parameters of a module cost no gradients and
-    no optimizer state.
+    no optimizer state. ``layout``: ``"paper"`` for the ZeRO paper's formulas, ``"fzero"`` for
+    the buffers fzero keeps (see the module docstring).
     """
     if isinstance(model_or_param_count, nn.Module):
         numel, trainable = count_parameters(model_or_param_count)
@@ -84,14 +108,17 @@ def estimate_memory(
     if numel < 0:
         raise ValueError(f"parameter count must be non-negative, got {numel}")
     bytes_per_param = BytesPerParam.from_dtypes(compute_dtype, master_dtype, grad_accum_dtype)
-    if optimizer_state_bytes is not None:
-        bytes_per_param = BytesPerParam(
-            bytes_per_param.parameter,
-            bytes_per_param.gradient,
-            bytes_per_param.gradient_shard,
-            optimizer_state_bytes,
+    if layout == "fzero" and stage > 0 and master_dtype == compute_dtype:
+        # Only stage 0 uses the master as its parameters: stages 1-3 keep it apart.
+        bytes_per_param = replace(
+            bytes_per_param,
+            optimizer_state=bytes_per_param.optimizer_state + dtype_nbytes(master_dtype),
         )
-    states = model_states(numel, world_size, stage, bytes_per_param, trainable_numel=trainable)
+    if optimizer_state_bytes is not None:
+        bytes_per_param = replace(bytes_per_param, optimizer_state=optimizer_state_bytes)
+    states = model_states(
+        numel, world_size, stage, bytes_per_param, trainable_numel=trainable, layout=layout
+    )
     return MemoryEstimate(
         stage,
         world_size,
@@ -100,4 +127,6 @@ def estimate_memory(
         states.parameters,
         states.gradients,
         states.optimizer_state,
+        states.transient_gradients,
+        layout,
     )

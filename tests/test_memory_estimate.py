@@ -1,4 +1,5 @@
-"""estimate_memory: the ZeRO paper's per-rank model-state bytes, and agreement with simulate."""
+"""estimate_memory: the ZeRO paper's per-rank model-state bytes, fzero's own, and agreement with
+simulate."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fzero.memory import count_parameters, estimate_memory
+from fzero.schedule import ops as O
 from fzero.schedule.compile import Knobs, compile_schedule, presumed_trace
 from fzero.schedule.memory_model import BytesPerParam, model_states
 from fzero.schedule.schedule import UnitInfo
@@ -43,9 +45,70 @@ def test_paper_formulas_exactly():
         assert estimate.total == parameters + gradients + optimizer_state
 
 
+def test_fzero_formulas_exactly():
+    """fzero at the optimizer step and between steps, bf16 gradients, K = 12 (P = Psi / N):
+    stage 0 2 + 2 + 12 always; stage 1 2 + 2 + (2 + 12) P, 2 + 2 + 12 P between steps;
+    stage 2 2 + (2 + 12) P, then 2 + 12 P; stage 3 (2 + 12) P, then 12 P: no bf16 shard, and
+    the gradient shard (2 P) lives only from the first reduction to the optimizer step."""
+    shard = PSI // N  # 7.5e9 / 64 = 117,187,500 exactly
+    expected = {  # (parameters, gradients, optimizer state, transient gradients)
+        0: (2 * PSI, 2 * PSI, 12 * PSI, 0),
+        1: (2 * PSI, 2 * PSI + 2 * shard, 12 * shard, 2 * shard),
+        2: (2 * PSI, 2 * shard, 12 * shard, 2 * shard),
+        3: (0, 2 * shard, 12 * shard, 2 * shard),
+    }
+    for stage, (parameters, gradients, optimizer_state, transient) in expected.items():
+        estimate = estimate_memory(PSI, N, stage, layout="fzero")
+        assert (
+            estimate.parameters,
+            estimate.gradients,
+            estimate.optimizer_state,
+            estimate.transient_gradients,
+        ) == (parameters, gradients, optimizer_state, transient)
+        assert estimate.between_steps == parameters + gradients + optimizer_state - transient
+    fzero = {stage: estimate_memory(PSI, N, stage, layout="fzero") for stage in range(4)}
+    paper = {stage: estimate_memory(PSI, N, stage) for stage in range(4)}
+    assert fzero[0].total == fzero[0].between_steps == paper[0].total  # 16 Psi = 120 GB
+    assert fzero[1].between_steps == paper[1].total  # (2 + 2) Psi + 12 P
+    assert fzero[1].total == paper[1].total + 2 * shard
+    assert fzero[2].total == paper[2].total  # 2 Psi + (2 + 12) P
+    assert fzero[2].between_steps == paper[2].total - 2 * shard
+    assert fzero[3].total == paper[3].total - 2 * shard  # (2 + 12) P = 1.64 GB, not 1.88
+    assert fzero[3].total == 14 * shard == 1_640_625_000
+    assert fzero[3].between_steps == 12 * shard
+    # Accumulating in fp32 (fzero's default config) makes the gradient shard 4 P.
+    fp32_accumulation = estimate_memory(PSI, N, 2, grad_accum_dtype="fp32", layout="fzero")
+    assert fp32_accumulation.total == 2 * PSI + (4 + 12) * shard
+    assert fp32_accumulation.between_steps == 2 * PSI + 12 * shard
+
+
+def test_fzero_estimate_in_fp32_and_with_frozen_parameters():
+    """In fp32, stages 1-3 keep the fp32 master apart from the parameters (K = 4 + 8), while
+    stage 0's master is its parameters (K = 8); stage 3 keeps a compute-dtype shard of its
+    frozen parameters only."""
+    stage0 = estimate_memory(1000, 4, 0, compute_dtype="fp32", layout="fzero")
+    assert (stage0.parameters, stage0.gradients, stage0.optimizer_state) == (4000, 4000, 8000)
+    stage2 = estimate_memory(1000, 4, 2, compute_dtype="fp32", layout="fzero")
+    # 4 * 1000 parameters; 4 * 250 gradient shard; (4 + 8) * 250 master and moments.
+    assert (stage2.parameters, stage2.gradients, stage2.optimizer_state) == (4000, 1000, 3000)
+    stage3 = estimate_memory(1000, 4, 3, compute_dtype="fp32", layout="fzero")
+    assert (stage3.parameters, stage3.gradients, stage3.optimizer_state) == (0, 1000, 3000)
+    model = nn.Linear(10, 10)  # 100 weights + 10 frozen biases, on 2 ranks
+    model.bias.requires_grad_(False)
+    frozen = estimate_memory(model, 2, 3, layout="fzero")
+    # bf16 shard of the 10 frozen elements: 5 * 2; gradient shard 50 * 2; K: 50 * 12.
+    assert (frozen.parameters, frozen.gradients, frozen.optimizer_state) == (10, 100, 600)
+    assert frozen.between_steps == 10 + 600
+    with pytest.raises(ValueError, match="layout"):
+        estimate_memory(10, 4, 1, layout="deepspeed")
+
+
 def test_str_reports_gigabytes():
     text = str(estimate_memory(PSI, N, 3))
     assert "ZeRO stage 3" in text and "64 rank" in text and "1.88 GB per rank" in text
+    assert "between steps" not in text
+    text = str(estimate_memory(PSI, N, 3, layout="fzero"))
+    assert "(fzero)" in text and "1.64 GB per rank, 1.41 GB between steps" in text
 
 
 def test_module_parameters_are_counted_once_when_tied():
@@ -93,9 +156,10 @@ def test_bad_arguments():
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_simulated_model_states_match_the_estimate(data):
-    """Before the first op of a step, simulate's parameters (stage 3: the persistent shards),
-    gradients and optimizer state are the paper formula's bytes for the schedule's padded
-    parameter count, whatever the units, stage, world size and dtypes."""
+    """Before the first op of a step, simulate's parameters (stage 3: the persistent shards of
+    frozen units), gradients and optimizer state are fzero's formula between steps for the
+    schedule's padded parameter count, and right after OptimizerStep they are its formula at
+    the optimizer step, whatever the units, stage, world size and dtypes."""
     world_size = data.draw(st.sampled_from([1, 2, 3, 4, 8]))
     compute = data.draw(st.sampled_from([2, 4]))
     units = data.draw(unit_lists(world_size, compute_itemsize=compute))
@@ -120,22 +184,33 @@ def test_simulated_model_states_match_the_estimate(data):
         grad_shard_nbytes=optimizer_numel * bytes_per_param.gradient_shard,
         knobs=Knobs(prefetch=data.draw(st.booleans())),
     )
-    start = simulate(schedule, bytes_per_param=bytes_per_param).memory[0]
-    expected = model_states(padded, world_size, stage, bytes_per_param, trainable_numel=trainable)
-    parameters = start.persistent_shards if stage == 3 else start.parameters
-    assert (parameters, start.gradients, start.optimizer_state) == (
-        expected.parameters,
-        expected.gradients,
-        expected.optimizer_state,
+    memory = simulate(schedule, bytes_per_param=bytes_per_param).memory
+    optimizer = next(i for i, op in enumerate(schedule.ops()) if isinstance(op, O.OptimizerStep))
+    at_optimizer = memory[1 + optimizer]  # memory[0] is before the first op
+    expected = model_states(
+        padded, world_size, stage, bytes_per_param, trainable_numel=trainable, layout="fzero"
     )
+    for sample, transient in ((memory[0], expected.transient_gradients), (at_optimizer, 0)):
+        # Stage 3 has released every unit by then: only frozen units' shards hold parameters.
+        parameters = sample.persistent_shards if stage == 3 else sample.parameters
+        assert (parameters, sample.gradients + transient, sample.optimizer_state) == (
+            expected.parameters,
+            expected.gradients,
+            expected.optimizer_state,
+        )
+    assert memory[0].total == expected.between_steps
+    assert at_optimizer.total == expected.total
+    assert memory[-1].total == expected.between_steps
     if trainable == padded and bytes_per_param == BytesPerParam():
-        estimate = estimate_memory(padded, world_size, stage)
+        estimate = estimate_memory(padded, world_size, stage, layout="fzero")
         assert estimate.total == expected.total
 
 
 def test_presumed_schedule_matches_estimate_for_a_paper_sized_model():
-    """A 7.5B-parameter model in 32 blocks on 64 ranks: simulate's stage-3 model states are the
-    paper's 1.9 GB, and its peak adds only the gathered blocks and their gradients."""
+    """A 7.5B-parameter model in 32 blocks on 64 ranks: simulate's stage-3 model states are
+    fzero's estimate, K Psi / N = 1.41 GB between steps (the paper's 1.9 GB less the bf16 shard
+    and the gradient shard), and its peak adds only the gathered blocks and their gradients to
+    (2 + K) Psi / N = 1.64 GB."""
     block_numel = PSI // 32
     units = tuple(
         UnitInfo(
@@ -154,6 +229,7 @@ def test_presumed_schedule_matches_estimate_for_a_paper_sized_model():
     )
     timeline = simulate(schedule)
     start, peak = timeline.memory[0], timeline.peak_memory
-    estimate = estimate_memory(PSI, N, 3)
-    assert start.total == estimate.total
+    estimate = estimate_memory(PSI, N, 3, layout="fzero")
+    assert start.total == estimate.between_steps == 12 * (PSI // N)
+    assert estimate_memory(PSI, N, 3).total - start.total == (2 + 2) * (PSI // N)
     assert peak.total - estimate.total <= 3 * 2 * block_numel + 2 * 2 * block_numel

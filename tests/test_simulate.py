@@ -27,6 +27,8 @@ from tests.test_verify import peak_gathered_nbytes, schedules
 
 # Two 1000-byte blocks on 2 ranks. With no latency and 1000 B/s, a gather takes
 # (N-1)/N * 1000 / 1000 = 0.5 s and a 2000-byte reduce-scatter 1 s. Forward 1 s, backward 2 s.
+# This rank's shard: 2 * 500 elements / 2 ranks = 500, so its bf16 gradient shard is 1000 bytes.
+GRAD_SHARD_NBYTES = 1000
 BLOCKS = (
     UnitInfo(0, "blocks.0", 500, 1000, 1000, 2000, True),
     UnitInfo(1, "blocks.1", 500, 1000, 1000, 2000, True),
@@ -62,7 +64,9 @@ def entry(kind: str, unit: int, *ops: O.Op) -> O.Entry:
 
 def stage3(prefetch: bool) -> Schedule:
     """Stage 3 by hand; with ``prefetch`` the next block's gather is issued one block early in
-    forward and in backward."""
+    forward and in backward. The gradient shard is allocated right before the first reduction
+    and freed after the optimizer step; the step's ``ZeroGradShard`` finds it alive and does
+    nothing."""
     ag0, wait0 = gather(0)
     ag1, wait1 = gather(1)
     z0, z1 = O.ZeroGrad(0, "blocks.0", 1000), O.ZeroGrad(1, "blocks.1", 1000)
@@ -72,12 +76,21 @@ def stage3(prefetch: bool) -> Schedule:
         entry(O.PRE_FORWARD, 1, *((wait1,) if prefetch else (ag1, wait1))),
         entry(O.POST_FORWARD, 1, O.Release(1, "blocks.1", 1000)),
         entry(O.PRE_BACKWARD, 1, ag1, wait1, z1, *((ag0,) if prefetch else ())),
-        entry(O.POST_BACKWARD, 1, *reduce(1)),
+        entry(O.POST_BACKWARD, 1, O.ZeroGradShard(GRAD_SHARD_NBYTES), *reduce(1)),
         entry(O.PRE_BACKWARD, 0, *((wait0,) if prefetch else (ag0, wait0)), z0),
         entry(O.POST_BACKWARD, 0, *reduce(0)),
         entry(O.BACKWARD_END, -1),
     )
-    step = (entry(O.STEP, -1, O.ReduceScalars(), O.OptimizerStep(500), O.ZeroGradShard(1000)),)
+    step = (
+        entry(
+            O.STEP,
+            -1,
+            O.ZeroGradShard(GRAD_SHARD_NBYTES),
+            O.ReduceScalars(),
+            O.OptimizerStep(500),
+            O.FreeGradShard(GRAD_SHARD_NBYTES),
+        ),
+    )
     schedule = Schedule(3, 2, BLOCKS, micro, step, traced=True)
     verify(schedule)
     return schedule
@@ -142,30 +155,65 @@ def test_micro_batches_repeat_the_micro_step():
         simulate(stage3(False), COST, micro_batches=0)
 
 
+def after(schedule: Schedule, kind: type, micro_batches: int = 1) -> int:
+    """Index in ``Timeline.memory`` of the sample taken right after the first ``kind`` op
+    (``memory[0]`` is before the first op)."""
+    ops = schedule.ops(micro_batches)
+    return 1 + next(i for i, op in enumerate(ops) if isinstance(op, kind))
+
+
 def test_memory_by_hand():
-    """Persistent bytes from the MemoryModel; gathered parameters and gradient buffers come and
-    go with the ops; prefetch holds two blocks at once."""
+    """Bytes from the MemoryModel (hand-picked: 10, 20 and 30, each in its own field) last the
+    whole step; gathered parameters, gradient buffers and the gradient shard come and go with
+    the ops; prefetch holds two blocks at once."""
     memory = MemoryModel(
         parameter_shard_nbytes=10, gradient_shard_nbytes=20, optimizer_state_nbytes=30
     )
-    plain = simulate(stage3(prefetch=False), COST, memory=memory)
+    schedule = stage3(prefetch=False)
+    plain = simulate(schedule, COST, memory=memory)
     first = plain.memory[0]
     assert (first.parameters, first.gradients, first.optimizer_state) == (0, 20, 30)
     assert first.persistent_shards == 10 and first.total == 60
+    # The gradient shard appears at post_backward(1), while block 1 is still gathered and its
+    # gradient not yet reduced: 1000 B of parameters, 1000 (gradient) + 1000 (shard) + 20.
     peak = plain.peak_memory
-    assert (peak.parameters, peak.gradients) == (1000, 1020)  # one block and its gradient
-    assert plain.memory[-1].parameters == 0
+    assert (peak.parameters, peak.gradients) == (1000, 2020)
+    assert peak.total == 1000 + 2020 + 30 + 10
+    # At the optimizer step the gradient shard is the only gradient left: 1000 + 20.
+    assert plain.memory[after(schedule, O.OptimizerStep)].gradients == 1020
+    last = plain.memory[-1]  # after FreeGradShard
+    assert (last.parameters, last.gradients, last.total) == (0, 20, 60)
     prefetched = simulate(stage3(prefetch=True), COST, memory=memory)
     assert max(s.parameters for s in prefetched.memory) == 2000
-    assert prefetched.peak_memory.total == 2000 + 1020 + 40
+    # At post_backward(1): blocks 1 and 0 (prefetched) gathered, block 1's gradient, the shard.
+    assert prefetched.peak_memory.total == 2000 + (1000 + 1000 + 20) + 30 + 10
+
+
+def test_gradient_shard_is_counted_once_per_step():
+    """The micro-step's ZeroGradShard finds the shard alive on micro-batches 2 and 3 and the
+    step's finds it alive too: the shard's 1000 bytes are counted once, and only until the
+    FreeGradShard."""
+    schedule = stage3(prefetch=False)
+    timeline = simulate(schedule, COST, micro_batches=3, memory=MemoryModel())
+    # Most gradient bytes: one block's gradient buffer (1000) plus the shard (1000).
+    assert max(s.gradients for s in timeline.memory) == 1000 + 1000
+    assert timeline.memory[after(schedule, O.OptimizerStep, 3)].gradients == 1000
+    assert timeline.memory[-1].gradients == 0
 
 
 def test_default_memory_model_reads_the_schedule():
-    timeline = simulate(stage3(False), COST)  # 2 bytes per parameter, K = 12
+    """fzero's stage 3 keeps no compute-dtype shard and no gradient shard between steps; the
+    optimizer shard comes from OptimizerStep, the gradient shard from ZeroGradShard."""
+    schedule = stage3(False)
+    timeline = simulate(schedule, COST)  # 2 bytes per parameter, K = 12
     first = timeline.memory[0]
-    assert first.persistent_shards == 2000 // 2 // 2 * 2  # 500 of 1000 padded elements, bf16
-    assert first.optimizer_state == 500 * 12
-    assert first.gradients == 1000  # the ZeroGradShard's bytes
+    assert first.persistent_shards == 0  # gathers cast the master; no block is frozen
+    assert first.optimizer_state == 500 * 12  # OptimizerStep(500), K = 12
+    assert first.gradients == 0  # the gradient shard is freed between steps
+    assert first.total == 6000
+    at_optimizer = timeline.memory[after(schedule, O.OptimizerStep)]
+    assert at_optimizer.gradients == 1000  # the ZeroGradShard's bytes
+    assert at_optimizer.total == 1000 + 6000  # (2 + 12) bytes for each of the 500 elements
 
 
 def test_unknown_op_is_refused():

@@ -414,14 +414,53 @@ def test_stage_1_and_2_refresh_parameters_after_the_optimizer():
 
 
 def test_gradient_shard_lifecycle():
+    """Stages 1-3 hold the gradient shard from a step's first reduction to its optimizer step:
+    allocated before a reduction lands in it, freed after OptimizerStep and before the step
+    ends. Stage 0 keeps it across steps."""
     broken(remove(compiled(1), O.ZeroGradShard), "grad-shard", "not allocated")
     broken(remove(compiled(1), O.FreeGradShard), "end-of-step", "FreeGradShard missing")
-    broken(remove(compiled(3), O.ZeroGradShard), "end-of-step", "ZeroGradShard missing")
+    # Stages 2 and 3 allocate it in the micro-step, right before the first ReduceScatter.
+    for stage in (2, 3):
+        schedule = remove(compiled(stage), O.ZeroGradShard)  # the micro-step's
+        broken(schedule, "grad-shard", "step 1, micro-batch 1", "not allocated")
+        schedule = remove(compiled(stage), O.FreeGradShard)
+        broken(schedule, "end-of-step", f"stage {stage} keeps", "FreeGradShard missing")
     schedule = compiled(1)
     at = find(schedule, O.FreeGradShard)
     op = op_at(schedule, at)
     schedule = edit(edit(schedule, at, remove=1), find(schedule, O.ReduceScalars), insert=(op,))
     broken(schedule, "grad-shard", "before OptimizerStep read them")
+    # Freed between micro-batches, the first micro-batch's reductions would be lost.
+    schedule = compiled(3)
+    at = entry_at(schedule, "backward_end")
+    schedule = edit(schedule, at, insert=(O.FreeGradShard(400),))
+    broken(schedule, "grad-shard", "micro-batch 1", "before OptimizerStep read them")
+    schedule = edit(compiled(0), entry_at(compiled(0), "step"), insert=(O.FreeGradShard(400),))
+    broken(schedule, "end-of-step", "stage 0 frees its gradient shard")
+
+
+def test_step_zero_grad_shard_only_matters_when_nothing_was_reduced():
+    """In stages 2 and 3 the step's ZeroGradShard finds the shard alive whenever a unit was
+    reduced in the micro-step (removing it changes nothing); with no backward at all it is what
+    allocates the shard the optimizer reads."""
+    verify(remove(compiled(3), O.ZeroGradShard, trigger="step"))
+    # A pre_forward and a post_forward per unit, then straight to the end of backward.
+    forward_only = presumed_trace(UNITS)[: 2 * len(UNITS)] + (O.Trigger(O.BACKWARD_END),)
+    for stage in (2, 3):
+        schedule = compile_schedule(
+            UNITS,
+            stage=stage,
+            world_size=4,
+            trace=forward_only,
+            traced=True,
+            optimizer_numel=100,
+            grad_shard_nbytes=400,
+            knobs=Knobs(prefetch=False),
+        )
+        verify(schedule)
+        assert not any(isinstance(op, O.ReduceScatter) for op in schedule.ops())
+        schedule = remove(schedule, O.ZeroGradShard, trigger="step")
+        broken(schedule, "grad-shard", "ReduceScalars reads a gradient shard that is not allocated")
 
 
 def test_stage_0_gradients_are_zeroed_for_the_next_step():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fzero.collectives.base import Communicator, DoneWork, SingleProcess, Work
+from fzero.collectives.fake import FakeWorld
 from fzero.collectives.threads import ThreadCommunicator, ThreadGroup, run_ranks
 from fzero.collectives.torch_dist import (
     ProcessGroupCommunicator,
@@ -17,6 +18,7 @@ from fzero.collectives.torch_dist import (
 __all__ = [
     "Communicator",
     "DoneWork",
+    "FakeWorld",
     "ProcessGroupCommunicator",
     "SingleProcess",
     "ThreadCommunicator",

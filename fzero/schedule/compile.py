@@ -78,7 +78,7 @@ def compile_schedule(
     grad_shard_nbytes: int,
     knobs: Knobs = Knobs(),
 ) -> Schedule:
-    micro = on_demand(units, stage, trace)
+    micro = on_demand(units, stage, trace, grad_shard_nbytes)
     if stage == 3 and knobs.prefetch:
         micro = prefetch(units, micro, knobs.max_live_nbytes)
     micro = with_live_nbytes(units, stage, micro)
@@ -86,8 +86,10 @@ def compile_schedule(
     return Schedule(stage, world_size, units, tuple(micro), (step,), traced)
 
 
-def on_demand(units: tuple[UnitInfo, ...], stage: int, trace: tuple[Trigger, ...]) -> list[Entry]:
-    planner = OnDemand(units, stage)
+def on_demand(
+    units: tuple[UnitInfo, ...], stage: int, trace: tuple[Trigger, ...], grad_shard_nbytes: int = 0
+) -> list[Entry]:
+    planner = OnDemand(units, stage, grad_shard_nbytes)
     return [Entry(trigger, planner.ops(trigger)) for trigger in trace]
 
 
@@ -95,9 +97,11 @@ class OnDemand:
     """Emits, trigger by trigger, the ops that need no knowledge of what comes next. The
     executor uses it directly while it traces the first micro-batch."""
 
-    def __init__(self, units: tuple[UnitInfo, ...], stage: int):
+    def __init__(self, units: tuple[UnitInfo, ...], stage: int, grad_shard_nbytes: int = 0):
         self.by_index = {u.index: u for u in units}
         self.stage = stage
+        self.grad_shard_nbytes = grad_shard_nbytes
+        self.shard_ready = False  # ZeroGradShard emitted in this micro-batch
         self.gathered: set[int] = set() if stage == 3 else set(self.by_index)
         self.grad_live: set[int] = set()
         self.reduced: set[int] = set()
@@ -127,6 +131,11 @@ class OnDemand:
             self.gathered.discard(unit.index)
         if kind == POST_BACKWARD:
             if unit.index in self.grad_live:
+                if not self.shard_ready:
+                    # Stages 2 and 3 keep the gradient shard only from the first reduction to
+                    # the optimizer step, so it is not alive while activations peak.
+                    ops.append(ZeroGradShard(self.grad_shard_nbytes))
+                    self.shard_ready = True
                 ops += [
                     ReduceScatter(unit.index, unit.name, unit.reduce_nbytes),
                     WaitReduce(unit.index, unit.name, unit.grad_nbytes),
@@ -144,6 +153,7 @@ class OnDemand:
                 ]
                 self.gathered.clear()
             self.reduced.clear()
+            self.shard_ready = False
         return tuple(ops)
 
 
@@ -238,18 +248,17 @@ def step_ops(
     if stage == 0:
         ops += [AllReduce(u.index, u.name, u.reduce_nbytes) for u in trainable]
         ops += [WaitReduce(u.index, u.name, 0) for u in trainable]
-    if stage == 1:
+    if stage in (1, 2, 3):  # stages 2 and 3: a no-op unless no unit was reduced this step
         ops.append(ZeroGradShard(grad_shard_nbytes))
+    if stage == 1:
         ops += [ReduceScatter(u.index, u.name, u.reduce_nbytes) for u in trainable]
         ops += [WaitReduce(u.index, u.name, 0) for u in trainable]
     ops += [ReduceScalars(), OptimizerStep(optimizer_numel)]
-    if stage == 1:
+    if stage >= 1:  # stage 0's gradient shard is the all-reduced full gradient: it persists
         ops.append(FreeGradShard(grad_shard_nbytes))
     if stage in (1, 2):  # refresh the full parameters from the updated shards
         ops += [AllGather(u.index, u.name, u.param_nbytes) for u in trainable]
         ops += [WaitGather(u.index, u.name) for u in trainable]
     if stage in (0, 1):  # full gradients persist; clear them for the next step
         ops += [ZeroGrad(u.index, u.name, u.grad_nbytes) for u in trainable]
-    if stage in (2, 3):
-        ops.append(ZeroGradShard(grad_shard_nbytes))
     return tuple(ops)

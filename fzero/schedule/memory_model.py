@@ -1,10 +1,11 @@
-"""Bytes per parameter, and the per-rank model-state formulas of the ZeRO paper.
+"""Bytes per parameter, and the per-rank model-state formulas of the ZeRO paper and of fzero.
 
-One description (``BytesPerParam``) feeds both ``fzero.memory.estimate_memory`` (the paper's
-closed formulas, ``model_states``) and ``simulate`` (``MemoryModel``: the bytes a rank holds for
-the whole step besides what the schedule's ops allocate and free), so the two agree: before the
-first op of a step, the simulated parameters (stage 3: the persistent shards), gradients and
-optimizer state are exactly ``model_states`` of the schedule's padded parameter count.
+One description (``BytesPerParam``) feeds both ``fzero.memory.estimate_memory`` (the closed
+formulas, ``model_states``) and ``simulate`` (``MemoryModel``: the bytes a rank holds for the
+whole step besides what the schedule's ops allocate and free), so the two agree: before the
+first op of a step the simulated parameters, gradients and optimizer state are exactly
+``model_states(..., layout="fzero").between_steps`` of the schedule's padded parameter count,
+and at its ``OptimizerStep`` exactly its ``total``.
 """
 
 from __future__ import annotations
@@ -59,17 +60,30 @@ class BytesPerParam:
         )
 
 
+LAYOUTS = ("paper", "fzero")
+
+
 @dataclass(frozen=True)
 class ModelStates:
-    """Per-rank bytes of the three model states."""
+    """Per-rank bytes of the three model states at the optimizer step, where they peak.
+
+    ``transient_gradients``: the part of ``gradients`` alive only from a step's first reduction
+    to its optimizer step (fzero's gradient shard in stages 1-3; the paper counts none).
+    """
 
     parameters: int
     gradients: int
     optimizer_state: int
+    transient_gradients: int = 0
 
     @property
     def total(self) -> int:
         return self.parameters + self.gradients + self.optimizer_state
+
+    @property
+    def between_steps(self) -> int:
+        """What a rank keeps from one step to the next."""
+        return self.total - self.transient_gradients
 
 
 def model_states(
@@ -78,15 +92,28 @@ def model_states(
     stage: int,
     bytes_per_param: BytesPerParam = BytesPerParam(),
     trainable_numel: int | None = None,
+    layout: str = "paper",
 ) -> ModelStates:
-    """The ZeRO paper's per-rank bytes for ``numel`` parameters (Figure 1, with 2 + 2 + K):
-    stage 0 (2 + 2 + K) numel, stage 1 (2 + 2) numel + K numel/N, stage 2 2 numel +
-    (2 + K) numel/N, stage 3 (2 + 2 + K) numel/N. Gradients and optimizer state exist for the
-    ``trainable_numel`` elements only (default: all). Shards round up, like padded buffers."""
+    """Per-rank bytes for ``numel`` parameters on N = ``world_size`` ranks.
+
+    ``layout="paper"``: the ZeRO paper (Figure 1, with 2 + 2 + K): stage 0 (2 + 2 + K) numel,
+    stage 1 (2 + 2) numel + K numel/N, stage 2 2 numel + (2 + K) numel/N, stage 3
+    (2 + 2 + K) numel/N. ``layout="fzero"``, at the optimizer step: stage 0 as the paper,
+    stage 1 (2 + 2) numel + (2 + K) numel/N, stage 2 as the paper, stage 3 (2 + K) numel/N;
+    the gradient shard (the 2 numel/N) of stages 1-3 is ``transient_gradients``, so
+    ``between_steps`` is (2 + 2) numel + K numel/N, 2 numel + K numel/N and K numel/N. The
+    gradient shard's 2 is ``bytes_per_param.gradient_shard``.
+
+    Gradients and optimizer state exist for the ``trainable_numel`` elements only (default:
+    all); in fzero's stage 3 only the frozen elements keep a compute-dtype shard. Shards round
+    up, like padded buffers.
+    """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}")
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     b = bytes_per_param
     trainable = numel if trainable_numel is None else trainable_numel
 
@@ -98,10 +125,20 @@ def model_states(
         # Stage 0 accumulates into the shard (the whole model) beside the compute-dtype
         # gradients; in one dtype the two are the same buffer.
         gradients += trainable * b.gradient_shard
+    parameters = per_rank(numel, stage == 3) * b.parameter
+    transient = 0
+    if layout == "fzero" and stage >= 1:
+        # The gradient shard lives only from a step's first reduction to its optimizer step;
+        # stage 1 reduces into it beside its full gradients.
+        transient = per_rank(trainable, True) * b.gradient_shard
+        gradients = trainable * b.gradient + transient if stage == 1 else transient
+        if stage == 3:  # gathers cast the master on the fly: no compute-dtype shard is kept
+            parameters = per_rank(numel - trainable, True) * b.parameter
     return ModelStates(
-        parameters=per_rank(numel, stage == 3) * b.parameter,
+        parameters=parameters,
         gradients=gradients,
         optimizer_state=per_rank(trainable, stage >= 1) * b.optimizer_state,
+        transient_gradients=transient,
     )
 
 
@@ -109,11 +146,14 @@ def model_states(
 class MemoryModel:
     """Bytes one rank holds for the whole step that no op of the schedule allocates.
 
-    ``parameter_shard_nbytes``: the compute-dtype shard gathers read from (stages 1-3; in stage
-    0 the full parameters are the shard). ``gradient_shard_nbytes``: the accumulated gradient
-    when it lives across steps (stage 0 unless it is the gradient buffers themselves, stages 2
-    and 3; stage 1's comes and goes with ``ZeroGradShard``/``FreeGradShard``).
-    ``optimizer_state_nbytes``: master weights and moments of this rank's shard.
+    ``parameter_shard_nbytes``: a compute-dtype parameter shard kept beside the full parameters
+    (fzero keeps none for its trainable parameters: stage 0's full parameters are the shard,
+    stages 1 and 2 view their shard inside the full parameters, and stage 3 gathers from the
+    master; only stage 3's frozen parameters keep their shard). ``gradient_shard_nbytes``: the
+    accumulated gradient when it lives across steps (stage 0, unless it is the gradient buffers
+    themselves); stages 1-3 allocate theirs with ``ZeroGradShard`` and free it with
+    ``FreeGradShard``, so ``simulate`` counts it from those ops. ``optimizer_state_nbytes``:
+    master weights and moments of this rank's shard.
     """
 
     parameter_shard_nbytes: int = 0
@@ -124,9 +164,10 @@ class MemoryModel:
     def from_schedule(
         cls, schedule: Schedule, bytes_per_param: BytesPerParam = BytesPerParam()
     ) -> MemoryModel:
-        """Read the sizes from the schedule: the padded parameter bytes of its units, the
-        optimizer shard of its ``OptimizerStep`` and the gradient shard of its
-        ``ZeroGradShard``; ``bytes_per_param`` converts element counts to bytes."""
+        """Read fzero's sizes from the schedule: the padded parameter bytes of its units and
+        the optimizer shard of its ``OptimizerStep``; ``bytes_per_param`` converts element
+        counts to bytes (its K should count the fp32 master, which fzero keeps apart from the
+        compute-dtype parameters in stages 1-3)."""
         b, stage = bytes_per_param, schedule.stage
         step_ops = [op for entry in schedule.step for op in entry.ops]
         shard_world = schedule.world_size if stage > 0 else 1
@@ -135,14 +176,14 @@ class MemoryModel:
         optimizer_numel = next(
             (op.shard_numel for op in step_ops if isinstance(op, O.OptimizerStep)), shard_numel
         )
-        grad_shard_nbytes = next(
-            (op.nbytes for op in step_ops if isinstance(op, O.ZeroGradShard)),
-            optimizer_numel * b.gradient_shard,
-        )
-        if stage == 1 or (stage == 0 and b.gradient_shard == b.gradient):
-            grad_shard_nbytes = 0
+        aliased = b.gradient_shard == b.gradient  # stage 0 accumulates in the gradient buffers
         return cls(
-            parameter_shard_nbytes=0 if stage == 0 else shard_numel * b.parameter,
-            gradient_shard_nbytes=grad_shard_nbytes,
+            # Stage 3's frozen parameters: the shard elements the optimizer does not own.
+            parameter_shard_nbytes=(shard_numel - optimizer_numel) * b.parameter
+            if stage == 3
+            else 0,
+            gradient_shard_nbytes=optimizer_numel * b.gradient_shard
+            if stage == 0 and not aliased
+            else 0,
             optimizer_state_nbytes=optimizer_numel * b.optimizer_state,
         )

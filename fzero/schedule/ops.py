@@ -167,7 +167,9 @@ class WaitReduce(Op):
 
 @dataclass(frozen=True)
 class ZeroGradShard(Op):
-    """Materialise this rank's gradient shard as zeros (stage 1 keeps it only during the step)."""
+    """Materialise this rank's gradient shard as zeros, unless it is already alive (then it
+    holds this step's earlier reductions and nothing happens). Stages 1-3 keep the shard only
+    from a step's first reduction to its optimizer step."""
 
     nbytes: int
 
@@ -177,7 +179,7 @@ class ZeroGradShard(Op):
 
 @dataclass(frozen=True)
 class FreeGradShard(Op):
-    """Free this rank's gradient shard once the optimizer has read it (stage 1)."""
+    """Free this rank's gradient shard once the optimizer has read it (stages 1-3)."""
 
     nbytes: int
 
@@ -195,8 +197,9 @@ class ReduceScalars(Op):
 
 @dataclass(frozen=True)
 class OptimizerStep(Op):
-    """AdamW over this rank's whole flat shard in one pass; also writes the compute-dtype copy of
-    the shard that the next gather sends. ``shard_numel`` elements."""
+    """AdamW over this rank's whole flat shard in one pass (one launch per contiguous run); in
+    stages 0-2 it also writes the compute-dtype parameters, in stage 3 the next gathers cast
+    the master. ``shard_numel`` elements."""
 
     shard_numel: int
 

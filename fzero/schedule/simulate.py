@@ -8,7 +8,8 @@ the ring algorithms: all-gather and reduce-scatter cost ``(N-1)`` latencies plus
 the full buffer over the link, all-reduce twice that.
 
 Memory is tracked in bytes as the ops allocate and free (gathered parameters, gradient buffers,
-the gradient shard) on top of what a ``MemoryModel`` says lives for the whole step.
+the gradient shard from the ``ZeroGradShard`` that finds it freed to its ``FreeGradShard``) on
+top of what a ``MemoryModel`` says lives for the whole step.
 
 Compute is placed at the triggers: a unit's forward (backward) right after the ops of its
 ``pre_forward`` (``pre_backward``). The root unit wraps the blocks, so half of its compute runs
@@ -114,9 +115,9 @@ class MemorySample:
     """This rank's bytes at ``time``, by what holds them.
 
     ``parameters``: full (gathered) parameter buffers; below stage 3 they are always there.
-    ``gradients``: unit gradient buffers plus the gradient shard. ``persistent_shards``: the
-    compute-dtype parameter shard (below stage 3 fzero keeps it beside the full parameters,
-    which the ZeRO paper's formulas do not count).
+    ``gradients``: unit gradient buffers plus the gradient shard while it is alive.
+    ``persistent_shards``: the ``MemoryModel``'s compute-dtype parameter shard (in fzero only
+    stage 3's frozen parameters keep one: trainable ones are gathered from the master).
     """
 
     time: float
@@ -178,8 +179,8 @@ def simulate(
 ) -> Timeline:
     """Replay ``schedule`` for one optimizer step of ``micro_batches`` micro-batches.
 
-    ``memory`` defaults to ``MemoryModel.from_schedule(schedule, bytes_per_param)`` (the ZeRO
-    paper's bytes per parameter when that is None too).
+    ``memory`` defaults to ``MemoryModel.from_schedule(schedule, bytes_per_param)``: fzero's
+    buffers, at the ZeRO paper's bytes per parameter (2, 2 and K = 12) when that is None too.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
@@ -244,14 +245,16 @@ class _Replay:
         self.grads = {
             u.index: u.grad_nbytes for u in schedule.units if u.has_trainable and stage < 2
         }
-        self.grad_shard_nbytes = memory.gradient_shard_nbytes if stage != 1 else 0
+        # The gradient shard the schedule allocates (stages 1-3): None while it is freed.
+        self.grad_shard_nbytes: int | None = None
         self.samples = [self.sample()]
 
     def sample(self) -> MemorySample:
+        grad_shard_nbytes = self.memory.gradient_shard_nbytes + (self.grad_shard_nbytes or 0)
         return MemorySample(
             time=self.now,
             parameters=sum(self.units[i].param_nbytes for i in self.gathered),
-            gradients=sum(self.grads.values()) + self.grad_shard_nbytes,
+            gradients=sum(self.grads.values()) + grad_shard_nbytes,
             optimizer_state=self.memory.optimizer_state_nbytes,
             persistent_shards=self.memory.parameter_shard_nbytes,
         )
@@ -312,10 +315,10 @@ class _Replay:
             self.gathered.discard(op.unit)
         elif isinstance(op, O.ZeroGrad):
             self.grads[op.unit] = op.nbytes
-        elif isinstance(op, O.ZeroGradShard):
-            self.grad_shard_nbytes = op.nbytes
+        elif isinstance(op, O.ZeroGradShard) and self.grad_shard_nbytes is None:
+            self.grad_shard_nbytes = op.nbytes  # on a live shard it does nothing
         elif isinstance(op, O.FreeGradShard):
-            self.grad_shard_nbytes = 0
+            self.grad_shard_nbytes = None
 
     def timeline(self, micro_batches: int) -> Timeline:
         end = max([self.now, *self.in_flight.values(), *self.stream_free.values()])

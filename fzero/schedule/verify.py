@@ -10,7 +10,10 @@ Parameters: in stage 3 a unit is released, gathering (``AllGather`` issued) or r
 In stages 0-2 every unit is always ready, except during the step phase's refresh gathers.
 Gradients: each trainable unit is reduced exactly once per micro-batch (stages 2 and 3) or once
 per step, in the step phase (stages 0 and 1), after its backward, and before the optimizer
-reads the gradient shard.
+reads the gradient shard. The gradient shard: stage 0 keeps it across steps; stages 1-3 hold it
+only from a step's first reduction to its optimizer step, so it must be allocated
+(``ZeroGradShard``, which does nothing to a live shard) before a reduction lands in it, freed
+(``FreeGradShard``) only after ``OptimizerStep`` read it, and freed before the step ends.
 
 Whether all ranks run the same collectives in the same order is checked across ranks, by
 comparing ``collective_signature``.
@@ -34,6 +37,11 @@ RELEASED, GATHERING, READY = "released", "gathering", "ready"
 COLLECTIVES = (O.AllGather, O.ReduceScatter, O.AllReduce, O.ReduceScalars)
 
 
+def is_collective(op: O.Op) -> bool:
+    """Whether ``op`` talks to the other ranks (they must all issue it, in the same order)."""
+    return isinstance(op, COLLECTIVES) or op.stream != O.COMPUTE
+
+
 def collective_signature(schedule: Schedule) -> str:
     """sha256 of the ordered collective ops (micro-step, then step): equal on every rank that
     will issue the same collectives, with the same sizes, in the same order."""
@@ -42,7 +50,7 @@ def collective_signature(schedule: Schedule) -> str:
         digest.update(f"[{phase}]\n".encode())
         for entry in entries:
             for op in entry.ops:
-                if isinstance(op, COLLECTIVES) or op.stream != O.COMPUTE:
+                if is_collective(op):
                     digest.update(f"{op!r}\n".encode())
     return digest.hexdigest()
 
@@ -86,9 +94,9 @@ class _Checker:
         self.grad_stale: set[int] = set()  # reduced already: must be zeroed before reuse
         self.reducing: dict[int, O.Op] = {}
         self.reduced: dict[int, str] = {}  # where, this micro-batch (stages 2, 3) or step (0, 1)
-        self.shard_alive = stage != 1
+        self.shard_alive = stage == 0  # stages 1-3 allocate it in each step
         self.shard_holds: set[int] = set()  # units whose reduction landed in the gradient shard
-        self.shard_consumed = False  # the optimizer read it: must be zeroed before reuse
+        self.shard_consumed = False  # the optimizer read it: it may be freed
         self.scalars_done = self.optimizer_done = False
         self.refreshed: set[int] = set()
         self.where = self.phase = ""
@@ -307,20 +315,16 @@ class _Checker:
                 "the reduction lands in a gradient shard that is not "
                 "allocated (ZeroGradShard missing)",
             )
-        if isinstance(reduction, O.ReduceScatter) and self.shard_consumed:
-            self.fail(
-                "grad-shard",
-                unit,
-                "the reduction adds into a gradient shard the "
-                "optimizer already read (ZeroGradShard missing after OptimizerStep)",
-            )
         self.shard_holds.add(unit)
         if op.frees_nbytes:
             self.grad_alive.discard(unit)
             self.grad_stale.discard(unit)
 
     def op_ZeroGradShard(self, op: O.ZeroGradShard) -> None:
-        self.require_shard_consumed("ZeroGradShard discards")
+        # Materialises the shard as zeros; on a shard that is alive (it holds this step's
+        # earlier reductions) it does nothing.
+        if self.shard_alive:
+            return
         self.shard_alive, self.shard_consumed = True, False
         self.shard_holds.clear()
 
@@ -419,18 +423,19 @@ class _Checker:
                 unit,
                 "gradient not zeroed after its reduction: the next step would add onto it",
             )
-        if self.stage == 1 and self.shard_alive:
+        if self.stage >= 1 and self.shard_alive:
             self.fail(
                 "end-of-step",
                 -1,
-                "stage 1 keeps the gradient shard past the step (FreeGradShard missing)",
+                f"stage {self.stage} keeps the gradient shard past the step (FreeGradShard "
+                "missing): the next step would add onto it",
             )
-        if self.stage >= 2 and self.shard_consumed:
+        if self.stage == 0 and not self.shard_alive:
             self.fail(
                 "end-of-step",
                 -1,
-                "the gradient shard is not zeroed after OptimizerStep "
-                "(ZeroGradShard missing): the next step would add onto it",
+                "stage 0 frees its gradient shard, the all-reduced full gradient it keeps "
+                "across steps (FreeGradShard is for stages 1-3 only)",
             )
         self.reduced.clear()
         self.refreshed.clear()

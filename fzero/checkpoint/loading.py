@@ -1,0 +1,144 @@
+"""``fzero.load``: shard a fresh model, then fill its buffers from a checkpoint, at any world size
+and stage.
+
+Each rank asks for exactly its own part: for every unit, its owned range of the unit flat
+(optimizer part and compute-dtype part), which ``ShardReader`` maps to slices of the old ranks'
+files. With the same world size and stage that is this rank's own file, read whole, so training
+resumes bitwise where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+import fzero.errors as errors_module
+from fzero.api import shard
+from fzero.checkpoint.manifest import Checkpoint, check_layout, check_model, open_checkpoint
+from fzero.checkpoint.refresh import refresh_parameters
+from fzero.checkpoint.sources import OPTIMIZER_KINDS, ShardReader
+from fzero.config import Config
+from fzero.errors import CheckpointError
+from fzero.state.zero_state import ZeroState
+
+RNG_NAMES = ("rng.cpu", "rng.cuda")
+
+
+def load(
+    path: str | os.PathLike,
+    model: nn.Module,
+    config: Config | dict | str | None = None,
+    *,
+    stage: int | None = None,
+    process_group: Any = None,
+    loss_fn: Any = None,
+    units: list[nn.Module | str] | None = None,
+    verify: bool = True,
+) -> ZeroState:
+    """Shard ``model`` (fresh, as built) with ``fzero.shard`` and fill it from the checkpoint at
+    ``path``: a ``step-*`` directory, or a checkpoint root (its ``latest`` one). Call it on every
+    rank. Returns the state, ready for ``train_step``.
+
+    ``config``: None uses the saved config (the batch size re-derived for this world size);
+    ``stage``: None uses the config's. Any world size and stage can load any checkpoint of the
+    same model. ``units``: as given to ``shard`` when the checkpoint was written (the grouping
+    must match; the sizes need not). ``verify`` checks the sha256 of every file this rank reads.
+    On an error the model is left sharded but unfilled: build a fresh one to try again.
+    """
+    checkpoint = open_checkpoint(path)
+    check_model(checkpoint, model)
+    state = shard(
+        model,
+        stage,
+        config=_saved_config(checkpoint) if config is None else config,
+        loss_fn=loss_fn,
+        process_group=process_group,
+        units=units,
+    )
+    runtime = state.runtime
+    comm = runtime.comm
+    check_layout(checkpoint, runtime.layout)
+
+    reader = ShardReader(checkpoint, prefer=comm.rank, verify=verify)
+    failure: BaseException | None = None
+    rng: dict[str, torch.Tensor] = {}
+    try:
+        _fill(state, reader)
+        if checkpoint.world_size == comm.world_size:  # RNG streams are per rank
+            rng = {n: reader.tensor(comm.rank, n) for n in RNG_NAMES if reader.has(comm.rank, n)}
+    except Exception as error:  # noqa: BLE001 - every rank must reach the collective below
+        failure = error
+    outcomes = comm.all_gather_object(
+        None if failure is None else (type(failure).__name__, str(failure))
+    )
+    if failure is not None:
+        raise failure
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            raise _error_from(rank, *outcome)
+
+    refresh_parameters(state)
+    runtime.step_count = checkpoint.step
+    if "rng.cpu" in rng:
+        torch.set_rng_state(rng["rng.cpu"])
+    if "rng.cuda" in rng and state.master.is_cuda:
+        torch.cuda.set_rng_state(rng["rng.cuda"], state.master.device)
+    return state
+
+
+def _fill(state: ZeroState, reader: ShardReader) -> None:
+    """Write this rank's master, moments, step, compute-dtype shards and buffers in place."""
+    layout = state.runtime.layout
+    for unit in layout.units:
+        start, end = layout.owned_range(unit)
+        span = slice(unit.optimizer_offset, unit.optimizer_offset + unit.optimizer_numel)
+        for kind in OPTIMIZER_KINDS:
+            target = getattr(state, kind)[span]
+            staged = torch.zeros(target.numel(), dtype=target.dtype)
+            reader.read(unit.index, start, start + unit.optimizer_numel, kind, staged)
+            target.copy_(staged)
+        if not state.param_shards:
+            continue
+        # The compute-dtype values cover the end of the shard: trainable ones are the master
+        # cast (the optimizer writes exactly that), overwritten by saved ones where they exist.
+        leaf = state.param_shards[unit.index]
+        leaf_start = end - leaf.numel()
+        staged = torch.zeros(leaf.numel(), dtype=leaf.dtype)
+        trainable_end = start + unit.optimizer_numel
+        if leaf_start < trainable_end:
+            staged[: trainable_end - leaf_start].copy_(state.master[span][leaf_start - start :])
+        reader.read(unit.index, leaf_start, end, "compute", staged)
+        leaf.copy_(staged)
+    state.step.copy_(reader.tensor(reader.prefer, "step"))
+    for name, buffer in _model_buffers(state).items():
+        buffer.copy_(reader.tensor(reader.prefer, f"buffer.{name}"))
+
+
+def _model_buffers(state: ZeroState) -> dict[str, torch.Tensor]:
+    runtime = state.runtime
+    params = {name for unit in runtime.layout.units for slot in unit.params for name in slot.names}
+    return {
+        name: tensor
+        for name, tensor in runtime.model.state_dict(keep_vars=True).items()
+        if name not in params
+    }
+
+
+def _saved_config(checkpoint: Checkpoint) -> Config:
+    data = dict(checkpoint.manifest["config"])
+    if data.get("train_micro_batch_size_per_gpu") is not None:
+        # Saved resolved for the old world size; derived again from micro x accumulation.
+        data["train_batch_size"] = None
+    return Config.from_dict(data)
+
+
+def _error_from(rank: int, name: str, message: str) -> CheckpointError:
+    """Another rank's load error, raised here too so that every rank fails alike."""
+    kind = getattr(errors_module, name, None)
+    if not (isinstance(kind, type) and issubclass(kind, CheckpointError)):
+        kind = CheckpointError
+        message = f"{name}: {message}"
+    return kind(f"rank {rank} could not load: {message}")
