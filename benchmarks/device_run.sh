@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on the lent device: environment, GPU tests, the example, benchmarks.
-#   bash benchmarks/device_run.sh [tests] [example] [step255] [step1.4b] [adamw]
+#   bash benchmarks/device_run.sh [tests] [example] [step255] [step1.4b] [fakeworld] [adamw]
 # Logs go to $OUT (or ./out). The GPU image lacks optree: wheels in .whl/ are installed first.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -18,6 +18,7 @@ for task in "$@"; do
     example) python3 examples/train_gpt.py --stage 3 --bf16 --steps 200 --log-every 50 --n-layer 6 --n-embd 256 2>&1 | tee "$OUT/example.log" ;;
     step255) python3 benchmarks/step.py --models 255m --impls fsdp2 torch fzero:3 fzero:2 fzero:1 --steps 20 --warmup 5 --json "$OUT/step_255m.json" 2>&1 | tee "$OUT/step_255m.log" ;;
     step1.4b) python3 benchmarks/step.py --models 1.4b --impls fsdp2 torch fzero:3 --steps 10 --warmup 3 --json "$OUT/step_1.4b.json" 2>&1 | tee "$OUT/step_1.4b.log" ;;
+    fakeworld) python3 benchmarks/step.py --models 1.4b --impls fzero:3@8 fzero:3@64 --steps 5 --warmup 2 --json "$OUT/fake_world.json" 2>&1 | tee "$OUT/fake_world.log" ;;
     adamw) python3 benchmarks/adamw.py 2>&1 | tee "$OUT/adamw.log" ;;
   esac
 done
