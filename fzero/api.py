@@ -14,9 +14,17 @@ from torch import nn
 
 from fzero.collectives import Communicator, FakeWorld, make_communicator
 from fzero.config import Config
-from fzero.errors import BatchError, LossError, ScheduleError, ScheduleMismatchError, ShardError
+from fzero.errors import (
+    BatchError,
+    LossError,
+    NonFiniteGradientError,
+    ScheduleError,
+    ScheduleMismatchError,
+    ShardError,
+)
 from fzero.executor import Executor, Hyper, OptimizerBuffers
 from fzero.hooks import HookDriver
+from fzero.loss_scale import LossScaler, update
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
 from fzero.schedule.verify import is_collective
 from fzero.state.buffers import Workspace, bind_unit_views, free_storage
@@ -36,14 +44,24 @@ class Runtime:
     hooks: HookDriver
     loss_fn: Callable[[nn.Module, Any], Any] | None
     units: tuple[UnitInfo, ...]
-    step_count: int = 0
+    step_count: int = 0  # train_step calls, skipped steps included
+    skipped_steps: int = 0  # steps whose gradients were not finite (nothing was updated)
+    loss_scaler: LossScaler = field(default_factory=LossScaler)
     live_state: ZeroState | None = field(default=None, repr=False)
 
     def compile(self, trace: tuple[Trigger, ...], traced: bool) -> Schedule:
         zero = self.config.zero_optimization
+        reduction = ""  # the stage's default
+        if self.config.fzero.deterministic:
+            reduction = "ordered"
+        elif self.config.stage >= 2 and not self.config.reduce_every_micro_batch:
+            reduction = "last_micro_batch"
+        gather_numel = sum(u.padded_numel for u in self.layout.units if u.has_trainable)
         knobs = Knobs(
             prefetch=zero.overlap_comm,
             max_live_nbytes=zero.stage3_max_live_parameters * self.compute_itemsize,
+            gradient_reduction=reduction,
+            grad_gather_nbytes=gather_numel * self.grad_itemsize,
         )
         schedule = compile_schedule(
             self.units,
@@ -66,6 +84,11 @@ class Runtime:
     @property
     def grad_itemsize(self) -> int:
         return dtype_from_name(self.config.grad_accum_dtype_name).itemsize
+
+    @property
+    def check_finite(self) -> bool:
+        """Whether a step looks for non-finite gradients (and so reads one flag on the host)."""
+        return self.config.fp16.enabled is True or self.config.fzero.nonfinite_grads != "apply"
 
 
 def shard(
@@ -139,7 +162,14 @@ def shard(
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(compute_dtype)
     workspace, master = _build_buffers(
-        layout, params_per_unit, cfg.stage, comm, device, compute_dtype, accum_dtype
+        layout,
+        params_per_unit,
+        cfg.stage,
+        comm,
+        device,
+        compute_dtype,
+        accum_dtype,
+        ordered=cfg.fzero.deterministic,
     )
 
     infos = tuple(
@@ -162,11 +192,14 @@ def shard(
     executor = Executor(layout, None, workspace, comm, layout.decay_ranges(), record_ops)
     executor.configure(reduce_dtype)
     executor.optimizer = optimizer
+    executor.unit_params = params_per_unit
+    executor.norm_order = _norm_order(model, layout)
     modules = {
         u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
     }
     hooks = HookDriver(model, modules, params_per_unit, executor, comm)
     runtime = Runtime(model, cfg, layout, comm, executor, hooks, loss_fn, infos)
+    runtime.loss_scaler = LossScaler.from_fp16(cfg.fp16)
     executor.schedule = runtime.compile(presumed_trace(infos), traced=False)
     executor.on_trace = lambda trace: runtime.compile(trace, traced=True)
     model._fzero_runtime = runtime  # marks the model as sharded
@@ -189,7 +222,19 @@ def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]
     ``batch`` is one micro-batch or a list of micro-batches accumulated into one step. The
     state's buffers are donated: they may be updated in place, and ``state`` must not be used
     again; use the returned one. Metric values ``loss`` and ``grad_norm`` are 0-dim tensors
-    (reading them syncs with the device), averaged over micro-batches and ranks.
+    (reading them syncs with the device), averaged over micro-batches and ranks; ``grad_norm``
+    is the unscaled gradient's.
+
+    Non-finite gradients on any rank skip the whole step on every rank (no parameter, moment or
+    step-count change; the learning-rate schedule does not advance), unless
+    ``fzero.nonfinite_grads`` is ``"apply"``; ``"error"`` raises ``NonFiniteGradientError`` after
+    skipping, leaving ``state`` usable. In fp16 the loss is multiplied by ``loss_scale`` before
+    backward and the scale follows DeepSpeed's dynamic rule (``fzero/loss_scale.py``). Deciding
+    whether the step was skipped reads one flag on the host, once per step, after the optimizer
+    kernel is queued: the host waits for the step to finish there, the device does not idle
+    (``"apply"`` skips the check and the read). ``metrics``: ``skipped`` (this step),
+    ``skipped_steps`` (so far), ``loss_scale`` (for the next step), ``step`` (steps run, skipped
+    ones included).
     """
     state.check_live()
     runtime: Runtime = state.runtime
@@ -203,18 +248,26 @@ def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]
             f"got {len(micro_batches)} micro-batches but gradient_accumulation_steps is "
             f"{expected}; pass a list of {expected} micro-batches (or fix the config)"
         )
-    opt = cfg.optimizer
+    opt, scale = cfg.optimizer, runtime.loss_scaler.scale
+    applied = runtime.step_count - runtime.skipped_steps  # skipped steps keep the lr schedule
     executor.hyper = Hyper(
-        cfg.lr_at(runtime.step_count), opt.betas[0], opt.betas[1], opt.eps, cfg.gradient_clipping
+        cfg.lr_at(applied),
+        opt.betas[0],
+        opt.betas[1],
+        opt.eps,
+        cfg.gradient_clipping,
+        loss_scale=scale,
+        check_finite=runtime.check_finite,
     )
     count = len(micro_batches)
     try:
         for index, micro_batch in enumerate(micro_batches):
-            hooks.begin_micro_step()
+            hooks.begin_micro_step(last=index == count - 1)
             loss = _forward(runtime, micro_batch, index)
             executor.add_loss(loss)
             hooks.begin_backward()
-            (loss / count if count > 1 else loss).backward()
+            scaled = loss / count if count > 1 else loss
+            (scaled * scale if scale != 1.0 else scaled).backward()
             hooks.end_backward()
     except BaseException:
         hooks.deactivate()
@@ -222,14 +275,25 @@ def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]
         raise
     result = executor.run_step(count)
     runtime.step_count += 1
+    # The step's one host read: whether any rank's gradients were not finite.
+    skipped = result.found_inf is not None and bool(result.found_inf.item())
+    runtime.skipped_steps += skipped
+    # Both errors come before the state is donated: nothing changed, ``state`` stays usable.
+    runtime.loss_scaler = update(runtime.loss_scaler, skipped)
+    if skipped and cfg.fzero.nonfinite_grads == "error":
+        raise NonFiniteGradientError(
+            f"step {runtime.step_count}: the gradients hold Inf or NaN on some rank; the step was "
+            'skipped on every rank (fzero.nonfinite_grads is "error")'
+        )
     new_state = dataclasses.replace(state)
     runtime.live_state = new_state
     metrics = {
         "loss": result.loss,
         "grad_norm": result.grad_norm,
         "lr": executor.hyper.lr,
-        "loss_scale": 1.0,
-        "skipped": False,
+        "loss_scale": runtime.loss_scaler.scale,
+        "skipped": skipped,
+        "skipped_steps": runtime.skipped_steps,
         "step": runtime.step_count,
     }
     return new_state, metrics
@@ -338,10 +402,14 @@ def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None):
     return resolved
 
 
-def _build_buffers(layout, params_per_unit, stage, comm, device, compute_dtype, accum_dtype):
+def _build_buffers(
+    layout, params_per_unit, stage, comm, device, compute_dtype, accum_dtype, ordered=False
+):
     """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
     point the parameters there; each unit's original storage is released before the next one
-    is copied, so sharding needs about one unit of memory beyond the model itself."""
+    is copied, so sharding needs about one unit of memory beyond the model itself.
+    ``ordered`` (deterministic mode): stage 0's gradient shard is an accumulator of its own,
+    alive only during a step, as in stages 1-3."""
     master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
     no_frozen = layout.optimizer_numel == layout.shard_numel
     param_shard = None
@@ -350,7 +418,7 @@ def _build_buffers(layout, params_per_unit, stage, comm, device, compute_dtype, 
             param_shard = master
         else:
             param_shard = torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
-    aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen
+    aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen and not ordered
     grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
     param_flats, grad_flats, frozen_tails = [], [], []
     for unit, params in zip(layout.units, params_per_unit):
@@ -371,7 +439,7 @@ def _build_buffers(layout, params_per_unit, stage, comm, device, compute_dtype, 
         if stage == 3:
             tail = flat[lo + unit.optimizer_numel : lo + unit.shard_numel]
             frozen_tails.append(tail.to(compute_dtype, copy=True))
-        if not unit.has_trainable:
+        if not unit.has_trainable or stage >= 2:  # stages 2, 3: autograd's own gradients
             grad_flats.append(None)
         elif aliased_grads:
             grad_flats.append(grad_shard[opt])
@@ -379,13 +447,10 @@ def _build_buffers(layout, params_per_unit, stage, comm, device, compute_dtype, 
             grad_flats.append(torch.zeros(unit.padded_numel, dtype=compute_dtype, device=device))
         del flat
         bind_unit_views(unit, params, param_flats[-1], grad_flats[-1])
-        # The views exist now: stages 2 and 3 free what lives only during a unit's backward,
-        # and stage 3 the gathered parameters between uses.
-        if grad_flats[-1] is not None and stage >= 2:
-            free_storage(grad_flats[-1])
+        # The views exist now: stage 3 frees the gathered parameters between uses.
         if stage == 3:
             free_storage(param_flats[-1])
-    if stage >= 1:  # alive only from a step's first reduction to its optimizer step
+    if stage >= 1 or ordered:  # alive only from a step's first reduction to its optimizer step
         free_storage(grad_shard)
     workspace = Workspace(
         layout, stage, master, param_flats, grad_flats, param_shard, frozen_tails, grad_shard
@@ -393,13 +458,35 @@ def _build_buffers(layout, params_per_unit, stage, comm, device, compute_dtype, 
     return workspace, master
 
 
+def _norm_order(model: nn.Module, layout: FlatLayout) -> tuple[tuple[int, int, tuple], ...]:
+    """Trainable parameters as (unit, offset, shape), in ``model.parameters()`` order: the
+    order deterministic mode adds squared norms in, which a plain reference can follow."""
+    position = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    slots = [
+        (position[slot.names[0]], unit.index, slot.offset, slot.shape)
+        for unit in layout.units
+        for slot in unit.params
+        if slot.requires_grad
+    ]
+    return tuple((unit, offset, shape) for _, unit, offset, shape in sorted(slots))
+
+
 def _layout_summary(layout: FlatLayout, cfg: Config) -> dict[str, Any]:
+    """What every rank must agree on at shard time, keyed by names so that a difference reads
+    as ``units.blocks.0.blocks.0.linear.weight.shape[1] (5 vs 7)``."""
     return {
         "world_size": layout.world_size,
-        "units": [
-            [u.name, [[list(s.names), list(s.shape), s.requires_grad] for s in u.params]]
-            for u in layout.units
-        ],
+        "units": {
+            unit.name or "<root>": {
+                slot.names[0]: {
+                    "shape": list(slot.shape),
+                    "trainable": slot.requires_grad,
+                    "tied_names": list(slot.names[1:]),
+                }
+                for slot in unit.params
+            }
+            for unit in layout.units
+        },
         "config": cfg.to_dict(),
     }
 
@@ -410,7 +497,7 @@ def _schedule_summary(schedule: Schedule) -> dict[str, Any]:
     return {
         "collectives": [
             f"{entry.trigger}: " + ", ".join(str(op) for op in entry.ops if is_collective(op))
-            for entry in schedule.micro_step + schedule.step
+            for entry in schedule.micro_step + (schedule.last_micro_step or ()) + schedule.step
         ]
     }
 

@@ -179,8 +179,6 @@ class Config:
         self.fp16.validate("fp16")
         if self.bf16.enabled is True and self.fp16.enabled is True:
             raise ConfigError("bf16.enabled", "bf16.enabled and fp16.enabled are both true")
-        if self.fp16.enabled is True:
-            raise ConfigError("fp16.enabled", "fp16 loss scaling is not available yet; use bf16")
         check_at_least("gradient_clipping", self.gradient_clipping, 0)
         check_at_least("steps_per_print", self.steps_per_print, 1)
         check_at_least("fzero.alignment", self.fzero.alignment, 1)
@@ -200,6 +198,47 @@ class Config:
         ):
             if name is not None and name not in _DTYPE_NAMES:
                 raise ConfigError(path, f"must be one of {_DTYPE_NAMES}, got {name!r}")
+        self._check_precision()
+
+    def _check_precision(self) -> None:
+        """Precision settings that contradict each other (each error names the key to change)."""
+        self.fp16.check_consistent("fp16")
+        fp16, bf16 = self.fp16.enabled is True, self.bf16.enabled is True
+        for path, name in (
+            ("communication_data_type", self.communication_data_type),
+            ("data_types.grad_accum_dtype", self.data_types.grad_accum_dtype),
+        ):
+            if fp16 and name == "bf16":
+                raise ConfigError(
+                    path,
+                    "bf16 with fp16.enabled: loss-scaled fp16 gradients would be rounded to "
+                    "bf16's 8-bit mantissa; use fp32 (or fp16)",
+                )
+            if bf16 and name == "fp16":
+                raise ConfigError(
+                    path,
+                    "fp16 with bf16.enabled: bf16 gradients are not loss-scaled and can exceed "
+                    "fp16's range (65504); use fp32 (or bf16)",
+                )
+        if fp16 and self.fzero.nonfinite_grads != "skip":
+            raise ConfigError(
+                "fzero.nonfinite_grads",
+                f"{self.fzero.nonfinite_grads!r} with fp16.enabled: fp16 skips overflowing steps "
+                'and lowers the loss scale; leave it "skip"',
+            )
+        zero, fzero = self.zero_optimization, self.fzero
+        if fzero.deterministic and fzero.reduce_every_micro_batch is False:
+            raise ConfigError(
+                "fzero.reduce_every_micro_batch",
+                "false with fzero.deterministic: deterministic mode reduces every micro-batch "
+                "in a fixed order; remove one of the two",
+            )
+        if zero.stage < 2 and fzero.reduce_every_micro_batch is True:
+            raise ConfigError(
+                "fzero.reduce_every_micro_batch",
+                f"true with stage {zero.stage}: stages 0 and 1 keep full gradients and reduce "
+                "once per step; remove it or use stage 2 or 3",
+            )
 
     # -- derived values the runtime reads -------------------------------------------------------
 
@@ -221,6 +260,15 @@ class Config:
         if self.bf16.enabled is True:
             return "bf16"
         return "fp16" if self.fp16.enabled is True else "fp32"
+
+    @property
+    def reduce_every_micro_batch(self) -> bool:
+        """Whether gradients are reduced at every micro-batch (stages 2, 3 by default, and
+        every stage in deterministic mode) rather than once per step."""
+        if self.fzero.deterministic:
+            return True
+        flag = self.fzero.reduce_every_micro_batch
+        return self.stage >= 2 if flag is None else flag
 
     @property
     def grad_accum_dtype_name(self) -> str:

@@ -9,6 +9,7 @@ string ``"auto"`` until ``Config.resolve`` replaces it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -172,7 +173,8 @@ class Fp16Config(PrecisionConfig):
 
     ``loss_scale`` 0 means dynamic scaling starting at ``2**initial_scale_power``, halved after
     ``hysteresis`` overflowing steps and doubled after ``loss_scale_window`` clean ones, never below
-    ``min_loss_scale``. ``enabled: true`` is rejected until fzero implements loss scaling.
+    ``min_loss_scale`` (the exact rule: ``fzero/loss_scale.py``); ``loss_scale`` > 0 is a static
+    scale. Overflowing steps are skipped on every rank either way.
     """
 
     auto_cast: bool = False
@@ -185,6 +187,8 @@ class Fp16Config(PrecisionConfig):
 
     def validate(self, path: str = "fp16") -> None:
         check_at_least(f"{path}.loss_scale", self.loss_scale, 0)
+        if not math.isfinite(self.loss_scale):
+            raise ConfigError(f"{path}.loss_scale", f"must be finite, got {self.loss_scale}")
         if not 0 <= self.initial_scale_power <= 127:
             raise ConfigError(
                 f"{path}.initial_scale_power",
@@ -192,8 +196,21 @@ class Fp16Config(PrecisionConfig):
             )
         check_at_least(f"{path}.loss_scale_window", self.loss_scale_window, 1)
         check_at_least(f"{path}.hysteresis", self.hysteresis, 1)
-        if not self.min_loss_scale > 0:
-            raise ConfigError(f"{path}.min_loss_scale", f"must be > 0, got {self.min_loss_scale}")
+        if not (self.min_loss_scale > 0 and math.isfinite(self.min_loss_scale)):
+            raise ConfigError(
+                f"{path}.min_loss_scale", f"must be finite and > 0, got {self.min_loss_scale}"
+            )
+
+    def check_consistent(self, path: str = "fp16") -> None:
+        """Contradictions within an enabled dynamic block (parsed-only keys are not checked)."""
+        initial = 2.0**self.initial_scale_power
+        if self.enabled is True and self.loss_scale == 0 and self.min_loss_scale > initial:
+            raise ConfigError(
+                f"{path}.min_loss_scale",
+                f"{self.min_loss_scale:g} is above the initial dynamic loss scale "
+                f"2**{path}.initial_scale_power = {initial:g}; lower it or raise "
+                "initial_scale_power",
+            )
 
 
 @dataclass(frozen=True)
@@ -210,7 +227,24 @@ class FzeroConfig:
     ``no_weight_decay``: glob patterns (``fnmatch``) on parameter names that get weight decay 0,
     e.g. ``["*.bias", "*norm*"]``. ``alignment``: every flat buffer is padded to a multiple of
     world size x alignment elements.
+
+    ``nonfinite_grads``: what a step whose gradients hold Inf or NaN does in fp32 and bf16:
+    ``"skip"`` it on every rank (nothing changes; ``metrics["skipped"]``), raise
+    ``NonFiniteGradientError`` after skipping it (``"error"``), or ``"apply"`` it as it is (no
+    check, no host read). fp16 always skips and lowers the loss scale.
+
+    ``reduce_every_micro_batch``: stages 2 and 3 reduce each micro-batch's gradient into the
+    fp32 gradient shard (true, the default), or keep every unit's full gradient across the
+    micro-batches and reduce once, at the last one (false: 1/micro_batches of the traffic, full
+    gradients held through the step). Stages 0 and 1 always reduce once per step.
+
+    ``deterministic``: reduce in a fixed order that depends neither on the world size nor on
+    the layout, so that N ranks match one device that sums the same micro-batch gradients in
+    order bit for bit (``fzero/schedule/compile.py`` says how, and what it costs).
     """
 
     no_weight_decay: tuple[str, ...] = ()
     alignment: int = 16
+    nonfinite_grads: Literal["skip", "error", "apply"] = "skip"
+    reduce_every_micro_batch: bool | None = None
+    deterministic: bool = False

@@ -218,7 +218,9 @@ RULES: dict[str, Rule] = {
     "bf16.immediate_grad_update": warned(
         "fzero accumulates gradients in its flat buffers; the update runs at the step"
     ),
-    "bf16.check_grad_overflow": warned("fzero does not check bf16 gradients for overflow"),
+    "bf16.check_grad_overflow": warned(
+        "fzero.nonfinite_grads decides what a non-finite gradient does (default: skip the step)"
+    ),
     "bf16.bf16_master_weights_and_grads": rejected("fzero keeps fp32 master weights"),
     "bf16.bf16_optimizer_states": rejected("fzero keeps fp32 optimizer states"),
 }

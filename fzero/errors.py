@@ -72,6 +72,16 @@ class ScheduleInvariantError(ScheduleError):
         super().__init__(f"{where}: {message} [{invariant}]")
 
 
+class NonFiniteGradientError(RuntimeError):
+    """A step's gradients hold Inf or NaN and ``fzero.nonfinite_grads`` is ``"error"``. The step
+    was skipped on every rank (nothing was updated), so the state stays usable."""
+
+
+class LossScaleError(RuntimeError):
+    """fp16 gradients overflowed at ``fp16.min_loss_scale``: the dynamic loss scale cannot go
+    lower (DeepSpeed stops the run here too). The step was skipped; the state stays usable."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the directory or file and why."""
 

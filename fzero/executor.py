@@ -29,13 +29,18 @@ from fzero.state.layout import FlatLayout
 
 @dataclass
 class Hyper:
-    """Per-step optimizer values, set by ``train_step`` before the step phase runs."""
+    """Per-step optimizer values, set by ``train_step`` before the step phase runs.
+
+    ``loss_scale``: what the loss was multiplied by (fp16); gradients are divided by it.
+    ``check_finite``: whether a non-finite gradient skips the update (``found_inf``)."""
 
     lr: float
     beta1: float
     beta2: float
     eps: float
     max_grad_norm: float
+    loss_scale: float = 1.0
+    check_finite: bool = False
 
 
 @dataclass
@@ -49,7 +54,8 @@ class OptimizerBuffers:
 @dataclass
 class StepResult:
     loss: torch.Tensor | None = None
-    grad_norm: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None  # of the unscaled, averaged gradient
+    found_inf: torch.Tensor | None = None  # 1.0 when a gradient on some rank was not finite
 
 
 @dataclass(repr=False)
@@ -65,26 +71,43 @@ class Executor:
     executed: list[O.Op] = field(default_factory=list)
     host_seconds: float = 0.0  # host time spent running ops, summed over steps
     steps_run: int = 0
-    # With record_ops: (trigger, gathered parameter + gradient bytes allocated after its ops).
-    live_log: list[tuple[Trigger, int]] = field(default_factory=list)
+    # With record_ops: (trigger, gathered parameter bytes, gradient bytes) after its ops.
+    live_log: list[tuple[Trigger, int, int]] = field(default_factory=list)
     _cursor: int = 0
     _tracing: OnDemand | None = None
     _trace: list[Trigger] = field(default_factory=list)
     _gathers: dict[int, tuple[Work, torch.Tensor | None]] = field(default_factory=dict)
-    # unit -> (work, result buffer, whether the result adds into the gradient shard)
-    _reductions: dict[int, tuple[Work, torch.Tensor, bool]] = field(default_factory=dict)
+    # unit -> (work, result buffer, how it lands in the gradient shard: "add", "copy" or
+    # "fold", every rank's piece added in rank order)
+    _reductions: dict[int, tuple[Work, torch.Tensor, str]] = field(default_factory=dict)
+    _entries: tuple = ()  # the micro-step entries this micro-batch runs
+    # Trainable parameters in model order as (unit, offset, shape): the order deterministic
+    # mode sums squared norms in.
+    norm_order: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
     _loss_sum: torch.Tensor | None = None
+    _sending: dict[int, torch.Tensor] = field(default_factory=dict)  # reduce inputs in flight
+    _shard_written: set[int] = field(default_factory=set)  # units written into the shard
+    _in_step_phase: bool = False
+    unit_params: list[list[torch.nn.Parameter]] = field(default_factory=list)
     optimizer: OptimizerBuffers | None = None
     hyper: Hyper | None = None
     result: StepResult = field(default_factory=StepResult)
 
     # -- triggers -------------------------------------------------------------------------------
 
-    def begin_micro_step(self) -> None:
+    def begin_micro_step(self, last: bool = True) -> None:
+        """Start a micro-batch; ``last``: the step's last, which may run other ops."""
         self._cursor = 0
+        self._entries = self.schedule.micro_entries(last)
         if not self.schedule.traced and self.on_trace is not None:
+            # A traced micro-batch reduces its gradients (in order, in deterministic mode)
+            # whether it is the last or not: the sum comes out the same.
+            ordered = self.schedule.gradient_reduction == "ordered"
             self._tracing = OnDemand(
-                self.schedule.units, self.schedule.stage, self.grad_shard_nbytes
+                self.schedule.units,
+                self.schedule.stage,
+                self.grad_shard_nbytes,
+                reduction="ordered" if ordered else "",
             )
             self._trace = []
 
@@ -94,7 +117,7 @@ class Executor:
             self._run(self._tracing.ops(trigger))
             self._log_live(trigger)
             return
-        entries = self.schedule.micro_step
+        entries = self._entries
         if self._cursor >= len(entries) or entries[self._cursor].trigger != trigger:
             expected = entries[self._cursor].trigger if self._cursor < len(entries) else "nothing"
             raise ScheduleError(
@@ -112,8 +135,8 @@ class Executor:
             assert self.on_trace is not None
             self.schedule = self.on_trace(tuple(self._trace))
             return
-        if self._cursor != len(self.schedule.micro_step):
-            missing = self.schedule.micro_step[self._cursor].trigger
+        if self._cursor != len(self._entries):
+            missing = self._entries[self._cursor].trigger
             raise ScheduleError(f"the micro-batch ended before the schedule's {missing}")
 
     def add_loss(self, loss: torch.Tensor) -> None:
@@ -123,23 +146,39 @@ class Executor:
     def run_step(self, micro_batches: int) -> StepResult:
         self.result = StepResult()
         self._micro_batches = micro_batches
-        for entry in self.schedule.step:
-            self._run(entry.ops)
+        self._in_step_phase = True
+        try:
+            for entry in self.schedule.step:
+                self._run(entry.ops)
+        finally:
+            self._in_step_phase = False
         self._loss_sum = None
         self.steps_run += 1
         return self.result
 
     def _log_live(self, trigger: Trigger) -> None:
         if self.record_ops:
-            self.live_log.append((trigger, self.measured_live_nbytes()))
+            self.live_log.append(
+                (trigger, self.measured_param_nbytes(), self.measured_grad_nbytes())
+            )
 
     def measured_live_nbytes(self) -> int:
-        """Bytes of gathered (stage 3) parameter and transient (stage 2, 3) gradient buffers
-        allocated now: what the schedule's ``live_nbytes`` accounts for."""
-        stage = self.schedule.stage
-        flats = list(self.workspace.param_flats) if stage == 3 else []
-        flats += [g for g in self.workspace.grad_flats if g is not None] if stage >= 2 else []
-        return sum(f.untyped_storage().size() for f in flats)
+        """Bytes of gathered (stage 3) parameters and of transient (stage 2, 3) gradients alive
+        now: parameter gradients autograd produced and reduce buffers in flight. The schedule's
+        ``live_nbytes`` bounds it (gradients appear during a unit's backward)."""
+        return self.measured_param_nbytes() + self.measured_grad_nbytes()
+
+    def measured_param_nbytes(self) -> int:
+        if self.schedule.stage != 3:
+            return 0
+        return sum(f.untyped_storage().size() for f in self.workspace.param_flats)
+
+    def measured_grad_nbytes(self) -> int:
+        if self.schedule.stage < 2:
+            return 0
+        grads = [p.grad for params in self.unit_params for p in params if p.grad is not None]
+        grads += list(self._sending.values())
+        return sum(g.numel() * g.element_size() for g in grads)
 
     # -- ops ------------------------------------------------------------------------------------
 
@@ -177,56 +216,145 @@ class Executor:
         free_storage(self.workspace.param_flats[op.unit])
 
     def _op_ZeroGrad(self, op: O.ZeroGrad) -> None:
+        if self.schedule.stage >= 2:
+            # Stages 2 and 3: autograd hands each parameter a fresh gradient (no zeroed buffer
+            # to add into); ReduceScatter packs them and lets them go.
+            for param in self._trainable(op.unit):
+                param.grad = None
+            return
         grad = self.workspace.grad_flats[op.unit]
         alloc_storage(grad)
         grad.zero_()
+
+    def _op_AllocGrad(self, op: O.AllocGrad) -> None:
+        # Stages 2 and 3: autograd creates each gradient at the unit's first backward of the
+        # step and adds later micro-batches into it; nothing to do until the reduction.
+        grad = self.workspace.grad_flats[op.unit]
+        if grad is not None and not is_allocated(grad):
+            alloc_storage(grad)
+            grad.zero_()
+
+    def _trainable(self, unit: int) -> list[torch.nn.Parameter]:
+        return [p for p in self.unit_params[unit] if p.requires_grad]
 
     def _reduce_input(self, unit: int) -> torch.Tensor:
         grad = self.workspace.grad_flats[unit]
         dtype = self.reduce_dtype
         return grad if grad.dtype == dtype else grad.to(dtype)
 
+    def _packed_gradients(self, unit: int, out: torch.Tensor) -> None:
+        """Write unit ``unit``'s parameter gradients into ``out`` (its flat layout, any dtype:
+        the copy casts) and let them go; gradients that were never produced, frozen parameters
+        and padding read as zeros."""
+        layout_unit = self.layout.units[unit]
+        targets, grads = [], []
+        covered = 0
+        for slot, param in zip(layout_unit.params, self.unit_params[unit]):
+            view = out[slot.offset : slot.offset + slot.numel]
+            if param.requires_grad and param.grad is not None:
+                targets.append(view)
+                grads.append(param.grad.reshape(-1))
+                covered += slot.numel
+            else:
+                view.zero_()
+            param.grad = None
+        out[layout_unit.numel :].zero_()
+        if targets:
+            torch._foreach_copy_(targets, grads)
+
     def _op_ReduceScatter(self, op: O.ReduceScatter) -> None:
-        if self.comm.world_size == 1:
-            # One rank: the sum is the gradient itself; WaitReduce adds it into the shard in
-            # one pass (casting on the fly) instead of a cast, a copy and an add.
-            grad = self.workspace.grad_flats[op.unit]
-            self._reductions[op.unit] = (DoneWork(), grad, True)
+        u = self.layout.units[op.unit]
+        if self.schedule.stage == 1:  # full gradients persist in the unit buffers
+            full = self._reduce_input(op.unit)
+        elif self.comm.world_size == 1:
+            # One rank: the sum is the gradient itself; WaitReduce writes it into the shard in
+            # one pass (casting on the fly).
+            full = torch.empty(
+                u.padded_numel, dtype=self.reduce_dtype, device=self.workspace.master.device
+            )
+            self._packed_gradients(op.unit, full)
+            self._reductions[op.unit] = (DoneWork(), full, "add")
             return
-        full = self._reduce_input(op.unit)
-        out = torch.empty(
-            self.layout.units[op.unit].shard_numel, dtype=full.dtype, device=full.device
-        )
-        self._reductions[op.unit] = (self.comm.reduce_scatter(out, full), out, True)
+        else:
+            full = torch.empty(
+                u.padded_numel, dtype=self.reduce_dtype, device=self.workspace.master.device
+            )
+            self._packed_gradients(op.unit, full)
+        out = torch.empty(u.shard_numel, dtype=full.dtype, device=full.device)
+        # ``full`` must live until the reduction is waited on.
+        self._reductions[op.unit] = (self.comm.reduce_scatter(out, full), out, "add")
+        self._sending[op.unit] = full
 
     def _op_AllReduce(self, op: O.AllReduce) -> None:
         full = self._reduce_input(op.unit)
-        self._reductions[op.unit] = (self.comm.all_reduce(full), full, False)
+        self._reductions[op.unit] = (self.comm.all_reduce(full), full, "copy")
+
+    def _op_ReduceInOrder(self, op: O.ReduceInOrder) -> None:
+        u = self.layout.units[op.unit]
+        if self.schedule.stage < 2:  # full gradients persist in the unit buffers
+            full = self._reduce_input(op.unit)
+        else:
+            full = torch.empty(
+                u.padded_numel, dtype=self.reduce_dtype, device=self.workspace.master.device
+            )
+            self._packed_gradients(op.unit, full)
+        # Cast to the reduce dtype even on one rank: the sum must not depend on the world size.
+        world = self.comm.world_size
+        if world == 1:
+            self._reductions[op.unit] = (DoneWork(), full, "fold")
+            return
+        if op.whole_unit:  # stage 0 owns whole units: it receives every rank's whole gradient
+            out = torch.empty(world * full.numel(), dtype=full.dtype, device=full.device)
+            work = self.comm.all_gather(out, full)
+        else:
+            out = torch.empty_like(full)
+            work = self.comm.all_to_all(out, full)
+        self._reductions[op.unit] = (work, out, "fold")
+        self._sending[op.unit] = full
 
     def _op_WaitReduce(self, op: O.WaitReduce) -> None:
-        work, out, accumulate = self._reductions.pop(op.unit)
+        work, out, how = self._reductions.pop(op.unit)
         work.wait()
+        self._sending.pop(op.unit, None)
         u = self.layout.units[op.unit]
         target = self.workspace.grad_shard[
             u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
         ]
         source = out[: u.optimizer_numel]
-        if accumulate:
+        if how == "fold":
+            # Every rank's piece of this unit, added in rank order.
+            pieces = out.view(self.comm.world_size, -1)[:, : u.optimizer_numel]
+            first = op.unit not in self._shard_written
+            for rank, piece in enumerate(pieces):
+                target.copy_(piece) if first and rank == 0 else target.add_(piece)
+        elif how == "add" and op.unit in self._shard_written:
             target.add_(source)
         elif source.data_ptr() != target.data_ptr():  # stage 0 may reduce the shard in place
+            # The first reduction of a step writes instead of adding: the shard was never
+            # zeroed (ZeroGradShard zeroes only what no reduction wrote, before it is read).
             target.copy_(source)
-        if op.frees_nbytes:
-            free_storage(self.workspace.grad_flats[op.unit])
+        self._shard_written.add(op.unit)
 
     def _op_ZeroGradShard(self, op: O.ZeroGradShard) -> None:
-        # Materialise the shard as zeros, unless it already holds this step's gradients
-        # (a later micro-batch, or the step phase after reductions).
-        if not is_allocated(self.workspace.grad_shard):
-            alloc_storage(self.workspace.grad_shard)
-            self.workspace.grad_shard.zero_()
+        # Materialise the shard; the reductions of this step write their units' slices. Once
+        # alive (a later micro-batch, or the step phase), it only zeroes the slices of units
+        # no reduction wrote this step, so the optimizer never reads stale memory.
+        shard = self.workspace.grad_shard
+        if not is_allocated(shard):
+            alloc_storage(shard)
+            self._shard_written = set()
+            if self._in_step_phase:
+                shard.zero_()
+            return
+        if self._in_step_phase:
+            for u in self.layout.units:
+                if u.optimizer_numel and u.index not in self._shard_written:
+                    shard[u.optimizer_offset : u.optimizer_offset + u.optimizer_numel].zero_()
+                    self._shard_written.add(u.index)
 
     def _op_FreeGradShard(self, op: O.FreeGradShard) -> None:
         free_storage(self.workspace.grad_shard)
+        self._shard_written = set()
 
     def _op_ReduceScalars(self, op: O.ReduceScalars) -> None:
         grad = self.workspace.grad_shard
@@ -242,18 +370,72 @@ class Executor:
         self.comm.all_reduce(scalars).wait()
         world = self.comm.world_size
         self.result.loss = scalars[0] / world
-        # The gradient shard holds the sum over ranks; the mean is 1/world of it.
-        self.result.grad_norm = scalars[1].sqrt() / world
+        self._finish_scalars(scalars[1])
+
+    def _op_ReduceScalarsInOrder(self, op: O.ReduceScalarsInOrder) -> None:
+        # No float sum is left to a collective: gathered values are added in a fixed order.
+        world = self.comm.world_size
+        device = self.workspace.master.device
+        loss = self._loss_sum / self._micro_batches if self._loss_sum is not None else None
+        loss = loss if loss is not None else torch.zeros((), device=device)
+        losses = torch.empty(world, dtype=torch.float32, device=device)
+        self.comm.all_gather(losses, loss.float().reshape(1)).wait()
+        total_loss = losses[0]
+        for value in losses[1:]:
+            total_loss = total_loss + value
+        self.result.loss = total_loss / world
+        squares = torch.zeros((), dtype=torch.float32, device=device)
+        for value in self._squares_in_model_order():
+            squares = squares + value
+        self._finish_scalars(squares)
+
+    def _squares_in_model_order(self) -> list[torch.Tensor]:
+        """Each trainable parameter's squared norm of the reduced gradient (summed over ranks),
+        in model parameter order. Units are gathered one at a time: this rank's part of the
+        gradient shard, zeros past it."""
+        ws, layout = self.workspace, self.layout
+        squares: dict[tuple[int, int], torch.Tensor] = {}
+        for u in layout.units:
+            if not u.has_trainable:
+                continue
+            full = ws.grad_shard[u.optimizer_offset : u.optimizer_offset + u.optimizer_numel]
+            if layout.shard_world > 1:
+                send = torch.zeros(u.shard_numel, dtype=full.dtype, device=full.device)
+                send[: u.optimizer_numel] = full
+                full = torch.empty(u.padded_numel, dtype=full.dtype, device=full.device)
+                self.comm.all_gather(full, send).wait()
+            for slot in u.params:
+                if slot.requires_grad:
+                    grad = full[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                    value = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+                    squares[(u.index, slot.offset)] = value
+        return [squares[(unit, offset)] for unit, offset, _ in self.norm_order]
+
+    def _finish_scalars(self, squares: torch.Tensor) -> None:
+        """The gradient norm and overflow flag from the global sum of squares of the reduced
+        gradient, which is the sum over ranks (the mean is 1/world of it) times the loss scale.
+        A non-finite sum means some rank's gradient held Inf or NaN."""
+        hyper = self.hyper
+        norm = squares.sqrt() / self.comm.world_size
+        if hyper is not None and hyper.loss_scale != 1.0:
+            norm = norm / hyper.loss_scale  # a power of two when dynamic: exact
+        self.result.grad_norm = norm
+        if hyper is not None and hyper.check_finite:
+            self.result.found_inf = (~torch.isfinite(squares)).float()
 
     def _op_OptimizerStep(self, op: O.OptimizerStep) -> None:
         state, hyper = self.optimizer, self.hyper
         assert state is not None and hyper is not None
-        scale = torch.full((), 1.0 / self.comm.world_size, device=state.master.device)
+        # Averaging over ranks and undoing the loss scale, in the one factor AdamW reads.
+        average = 1.0 / (self.comm.world_size * hyper.loss_scale)
+        scale = torch.full((), average, device=state.master.device)
         if hyper.max_grad_norm > 0:
             # torch.nn.utils.clip_grad_norm_'s coefficient, kept on the device (no host sync).
             coef = hyper.max_grad_norm / (self.result.grad_norm + 1e-6)
             scale = scale * torch.clamp(coef, max=1.0)
-        state.step.add_(1)
+        found_inf = self.result.found_inf
+        # A skipped step leaves the step count too (on the device: no host sync).
+        state.step.add_(1 if found_inf is None else 1 - found_inf)
         for (lo, hi, param_out), decay in zip(self.optimizer_runs, self.decay_runs):
             adamw_step(
                 state.master[lo:hi],
@@ -267,6 +449,7 @@ class Executor:
                 step=state.step,
                 decay=decay,
                 grad_scale=scale,
+                found_inf=found_inf,
                 param_out=param_out,
             )
 
@@ -312,15 +495,18 @@ class Executor:
         if self.schedule.stage == 3:
             for flat in ws.param_flats:
                 free_storage(flat)
-        for grad in ws.grad_flats:
-            if grad is not None and self.schedule.stage >= 2:
-                free_storage(grad)
+        self._sending.clear()
+        for unit, grad in enumerate(ws.grad_flats):
+            if self.schedule.stage >= 2:
+                for param in self._trainable(unit):
+                    param.grad = None
             elif grad is not None:
                 grad.zero_()
-        if self.schedule.stage == 0:
-            ws.grad_shard.zero_()
+        if self.schedule.stage == 0 and self.schedule.gradient_reduction == "step":
+            ws.grad_shard.zero_()  # stage 0's all-reduced gradient persists across steps
         else:
             free_storage(ws.grad_shard)
+            self._shard_written = set()
 
 
 def optimizer_runs(layout: FlatLayout, workspace: Workspace):

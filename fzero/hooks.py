@@ -88,12 +88,13 @@ class HookDriver:
 
     # -- step bracketing (called by train_step) -------------------------------------------------
 
-    def begin_micro_step(self) -> None:
+    def begin_micro_step(self, last: bool = True) -> None:
+        """``last``: this is the step's last micro-batch."""
         self.active = True
         self.counts = {}
         self.started = []
         self.done = set()
-        self.executor.begin_micro_step()
+        self.executor.begin_micro_step(last)
 
     def begin_backward(self) -> None:
         for unit in self.root_units:

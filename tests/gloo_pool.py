@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -64,12 +65,22 @@ class GlooPool:
             q.put((fn, args))
         out: list[Any] = [None] * self.world_size
         failures = []
+        deadline = time.monotonic() + timeout_s
         for _ in range(self.world_size):
-            try:
-                rank, ok, value = self.results.get(timeout=timeout_s)
-            except queue.Empty:
-                self.close()
-                raise TimeoutError(f"gloo workers did not answer within {timeout_s} s") from None
+            while True:
+                try:
+                    rank, ok, value = self.results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+                    if dead:
+                        self.close()
+                        raise RuntimeError(f"gloo worker (rank, exit code) {dead} died") from None
+                    if time.monotonic() > deadline:
+                        self.close()
+                        raise TimeoutError(
+                            f"gloo workers did not answer within {timeout_s} s"
+                        ) from None
             if ok:
                 out[rank] = value
             else:

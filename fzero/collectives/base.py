@@ -39,6 +39,10 @@ class Communicator(Protocol):
     def all_reduce(self, tensor: torch.Tensor) -> Work:
         """``tensor`` becomes the sum over ranks, in place."""
 
+    def all_to_all(self, output: torch.Tensor, full: torch.Tensor) -> Work:
+        """Slice ``r`` of ``output`` (``world_size`` equal slices) receives rank ``r``'s slice
+        ``rank`` of ``full``: each rank gets every rank's copy of its own slice, unsummed."""
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """``tensor`` becomes rank ``src``'s ``tensor``, in place."""
 
@@ -54,6 +58,16 @@ def check_gather_sizes(comm: Communicator, output: torch.Tensor, shard: torch.Te
         )
     if output.dtype != shard.dtype:
         raise CollectiveError(f"all_gather: dtypes differ ({output.dtype} vs {shard.dtype})")
+
+
+def check_all_to_all_sizes(comm: Communicator, output: torch.Tensor, full: torch.Tensor) -> None:
+    if output.numel() != full.numel() or full.numel() % comm.world_size:
+        raise CollectiveError(
+            f"all_to_all: input and output need the same size, a multiple of {comm.world_size}; "
+            f"got {full.numel()} and {output.numel()}"
+        )
+    if output.dtype != full.dtype:
+        raise CollectiveError(f"all_to_all: dtypes differ ({output.dtype} vs {full.dtype})")
 
 
 def check_scatter_sizes(comm: Communicator, output: torch.Tensor, full: torch.Tensor) -> None:
@@ -85,6 +99,12 @@ class SingleProcess:
         return DoneWork()
 
     def all_reduce(self, tensor: torch.Tensor) -> Work:
+        return DoneWork()
+
+    def all_to_all(self, output: torch.Tensor, full: torch.Tensor) -> Work:
+        check_all_to_all_sizes(self, output, full)
+        if output.data_ptr() != full.data_ptr():
+            output.copy_(full)
         return DoneWork()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:

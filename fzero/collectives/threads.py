@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from fzero.collectives.base import DoneWork, Work, check_gather_sizes, check_scatter_sizes
+from fzero.collectives.base import (
+    DoneWork,
+    Work,
+    check_all_to_all_sizes,
+    check_gather_sizes,
+    check_scatter_sizes,
+)
 from fzero.errors import CollectiveError
 
 
@@ -77,6 +83,15 @@ class ThreadCommunicator:
 
     def all_reduce(self, tensor: torch.Tensor) -> Work:
         tensor.copy_(self.group.exchange(self.rank, tensor, _ordered_sum))
+        return DoneWork()
+
+    def all_to_all(self, output: torch.Tensor, full: torch.Tensor) -> Work:
+        check_all_to_all_sizes(self, output, full)
+        n = full.numel() // self.world_size
+        lo, hi = self.rank * n, (self.rank + 1) * n
+        output.copy_(
+            self.group.exchange(self.rank, full, lambda fulls: torch.cat([f[lo:hi] for f in fulls]))
+        )
         return DoneWork()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:

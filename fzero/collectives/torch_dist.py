@@ -12,7 +12,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fzero.collectives.base import Work, check_gather_sizes, check_scatter_sizes
+from fzero.collectives.base import (
+    Work,
+    check_all_to_all_sizes,
+    check_gather_sizes,
+    check_scatter_sizes,
+)
 
 
 def is_initialized() -> bool:
@@ -44,6 +49,10 @@ class ProcessGroupCommunicator:
 
     def all_reduce(self, tensor: torch.Tensor) -> Work:
         return dist.all_reduce(tensor, group=self.group, async_op=True)
+
+    def all_to_all(self, output: torch.Tensor, full: torch.Tensor) -> Work:
+        check_all_to_all_sizes(self, output, full)
+        return dist.all_to_all_single(output, full, group=self.group, async_op=True)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(

@@ -11,6 +11,26 @@ It works in two passes over plain integers:
 
 Stages 0 and 1 keep full gradients and reduce them once, at the ``step`` trigger; stages 2 and 3
 reduce each unit's gradient right after its backward, and stage 3 also gathers parameters.
+
+Two other ways to reduce (``Knobs.gradient_reduction``, read from the ``fzero`` config block):
+
+- ``"last_micro_batch"`` (``reduce_every_micro_batch: false``, stages 2 and 3): each unit's full
+  gradient is kept across micro-batches (``AllocGrad`` zeroes it only when it is not alive) and
+  reduced once, in ``last_micro_step``. Reduction traffic drops from one reduce-scatter per
+  micro-batch to one per step; the price is that every unit's full gradient (in the compute
+  dtype) stays allocated from the first micro-batch's backward to the last one's reduction,
+  instead of one unit at a time, and the accumulation is in the compute dtype, not the fp32
+  shard (bf16 sums of many micro-batches lose precision).
+- ``"ordered"`` (``deterministic: true``, every stage): each micro-batch's gradient of a unit is
+  zeroed before its backward and reduced right after it with ``ReduceInOrder``: an all-to-all
+  gives each rank every rank's slice of its shard (stage 0: an all-gather of whole units) and
+  the rank adds them into the fp32 gradient shard in rank order. The gradient shard therefore
+  sums micro-batch gradients in the fixed order (micro-batch 0 of rank 0, of rank 1, ..., then
+  micro-batch 1 ...), whatever the world size or layout. ``ReduceScalarsInOrder`` gathers the
+  reduced gradient (``grad_gather_nbytes``) to sum the squared norm parameter by parameter in
+  model order. Costs: stages 0 and 1 reduce every micro-batch instead of once per step, stage
+  0's all-gather moves N times an all-reduce's bytes, the all-to-all receive buffer is a full
+  unit, and the norm gathers the whole gradient once per step.
 """
 
 from __future__ import annotations
@@ -25,12 +45,15 @@ from fzero.schedule.ops import (
     PRE_FORWARD,
     STEP,
     AllGather,
+    AllocGrad,
     AllReduce,
     Entry,
     FreeGradShard,
     Op,
     OptimizerStep,
+    ReduceInOrder,
     ReduceScalars,
+    ReduceScalarsInOrder,
     ReduceScatter,
     Release,
     Trigger,
@@ -39,15 +62,19 @@ from fzero.schedule.ops import (
     ZeroGrad,
     ZeroGradShard,
 )
-from fzero.schedule.schedule import Schedule, UnitInfo
+from fzero.schedule.schedule import GRADIENT_REDUCTIONS, Schedule, UnitInfo
 
 
 @dataclass(frozen=True)
 class Knobs:
-    """Compile-time choices (bytes)."""
+    """Compile-time choices (bytes). ``gradient_reduction``: one of ``GRADIENT_REDUCTIONS``, ""
+    for the stage's default. ``grad_gather_nbytes``: what ``ReduceScalarsInOrder`` gathers (the
+    padded trainable units in the accumulation dtype; equal on every rank)."""
 
     prefetch: bool = True
     max_live_nbytes: int = 1 << 62
+    gradient_reduction: str = ""
+    grad_gather_nbytes: int = 0
 
 
 def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
@@ -78,29 +105,78 @@ def compile_schedule(
     grad_shard_nbytes: int,
     knobs: Knobs = Knobs(),
 ) -> Schedule:
-    micro = on_demand(units, stage, trace, grad_shard_nbytes)
-    if stage == 3 and knobs.prefetch:
-        micro = prefetch(units, micro, knobs.max_live_nbytes)
-    micro = with_live_nbytes(units, stage, micro)
-    step = Entry(Trigger(STEP), step_ops(units, stage, optimizer_numel, grad_shard_nbytes))
-    return Schedule(stage, world_size, units, tuple(micro), (step,), traced)
+    reduction = knobs.gradient_reduction or ("step" if stage < 2 else "micro_batch")
+    if reduction not in GRADIENT_REDUCTIONS:
+        raise ValueError(f"gradient_reduction must be one of {GRADIENT_REDUCTIONS}")
+    if stage < 2 and reduction in ("micro_batch", "last_micro_batch"):
+        raise ValueError(f"stage {stage} keeps full gradients: it cannot reduce by {reduction}")
+    if stage >= 2 and reduction == "step":
+        raise ValueError(f"stage {stage} frees gradients after each unit: it cannot reduce by step")
+
+    def micro_pass(reduce: bool) -> tuple[Entry, ...]:
+        entries = on_demand(units, stage, trace, grad_shard_nbytes, reduction, reduce)
+        if stage == 3 and knobs.prefetch:
+            entries = prefetch(units, entries, knobs.max_live_nbytes)
+        # Kept across micro-batches, every unit's gradient may be alive from the start.
+        carried = {u.index for u in units if u.has_trainable}
+        carried = carried if reduction == "last_micro_batch" else set()
+        return tuple(with_live_nbytes(units, stage, entries, carried))
+
+    last = reduction == "last_micro_batch"
+    micro = micro_pass(reduce=not last)
+    ops = step_ops(units, stage, optimizer_numel, grad_shard_nbytes, reduction)
+    if reduction == "ordered":
+        ops = tuple(
+            ReduceScalarsInOrder(knobs.grad_gather_nbytes if stage > 0 else 0)
+            if isinstance(op, ReduceScalars)
+            else op
+            for op in ops
+        )
+    step = Entry(Trigger(STEP), ops)
+    return Schedule(
+        stage,
+        world_size,
+        units,
+        micro,
+        (step,),
+        traced,
+        last_micro_step=micro_pass(reduce=True) if last else None,
+        gradient_reduction=reduction,
+    )
 
 
 def on_demand(
-    units: tuple[UnitInfo, ...], stage: int, trace: tuple[Trigger, ...], grad_shard_nbytes: int = 0
+    units: tuple[UnitInfo, ...],
+    stage: int,
+    trace: tuple[Trigger, ...],
+    grad_shard_nbytes: int = 0,
+    reduction: str = "",
+    reduce: bool = True,
 ) -> list[Entry]:
-    planner = OnDemand(units, stage, grad_shard_nbytes)
+    planner = OnDemand(units, stage, grad_shard_nbytes, reduction, reduce)
     return [Entry(trigger, planner.ops(trigger)) for trigger in trace]
 
 
 class OnDemand:
     """Emits, trigger by trigger, the ops that need no knowledge of what comes next. The
-    executor uses it directly while it traces the first micro-batch."""
+    executor uses it directly while it traces the first micro-batch (then with ``reduce`` true:
+    a traced micro-batch reduces its gradients whether it is the last one or not).
 
-    def __init__(self, units: tuple[UnitInfo, ...], stage: int, grad_shard_nbytes: int = 0):
+    ``reduce`` false (``last_micro_batch``'s micro-batches before the last) keeps gradients."""
+
+    def __init__(
+        self,
+        units: tuple[UnitInfo, ...],
+        stage: int,
+        grad_shard_nbytes: int = 0,
+        reduction: str = "",
+        reduce: bool = True,
+    ):
         self.by_index = {u.index: u for u in units}
         self.stage = stage
         self.grad_shard_nbytes = grad_shard_nbytes
+        self.reduction = reduction or ("step" if stage < 2 else "micro_batch")
+        self.reduce = reduce
         self.shard_ready = False  # ZeroGradShard emitted in this micro-batch
         self.gathered: set[int] = set() if stage == 3 else set(self.by_index)
         self.grad_live: set[int] = set()
@@ -116,30 +192,36 @@ class OnDemand:
                 WaitGather(unit.index, unit.name),
             ]
             self.gathered.add(unit.index)
+        ordered = self.reduction == "ordered"
         if (
             kind == PRE_BACKWARD
-            and stage >= 2
+            and (stage >= 2 or ordered)
             and unit.has_trainable
             and unit.index not in self.grad_live
             and unit.index not in self.reduced
         ):
-            ops.append(ZeroGrad(unit.index, unit.name, unit.grad_nbytes))
+            zero = AllocGrad if self.reduction == "last_micro_batch" else ZeroGrad
+            ops.append(zero(unit.index, unit.name, unit.grad_nbytes))
             self.grad_live.add(unit.index)
         # The root unit is used at both ends of forward and backward: keep it for the step.
         if kind == POST_FORWARD and stage == 3 and not unit.is_root:
             ops.append(Release(unit.index, unit.name, unit.param_nbytes))
             self.gathered.discard(unit.index)
         if kind == POST_BACKWARD:
-            if unit.index in self.grad_live:
+            if unit.index in self.grad_live and self.reduce:
                 if not self.shard_ready:
                     # Stages 2 and 3 keep the gradient shard only from the first reduction to
                     # the optimizer step, so it is not alive while activations peak.
                     ops.append(ZeroGradShard(self.grad_shard_nbytes))
                     self.shard_ready = True
-                ops += [
-                    ReduceScatter(unit.index, unit.name, unit.reduce_nbytes),
-                    WaitReduce(unit.index, unit.name, unit.grad_nbytes),
-                ]
+                if ordered:
+                    reduction = ReduceInOrder(
+                        unit.index, unit.name, unit.reduce_nbytes, whole_unit=stage == 0
+                    )
+                else:
+                    reduction = ReduceScatter(unit.index, unit.name, unit.reduce_nbytes)
+                frees = unit.grad_nbytes if stage >= 2 else 0  # stages 0, 1 keep full gradients
+                ops += [reduction, WaitReduce(unit.index, unit.name, frees)]
                 self.grad_live.discard(unit.index)
                 self.reduced.add(unit.index)
             if stage == 3 and unit.index in self.gathered:
@@ -218,11 +300,18 @@ def _live_after(units: tuple[UnitInfo, ...], entries: list[Entry]) -> int:
     return sum(by_index[i].param_nbytes for i in live)
 
 
-def with_live_nbytes(units: tuple[UnitInfo, ...], stage: int, entries: list[Entry]) -> list[Entry]:
-    """Annotate each entry with the gathered parameter and gradient bytes alive after it."""
+def with_live_nbytes(
+    units: tuple[UnitInfo, ...],
+    stage: int,
+    entries: list[Entry],
+    grads_at_start: frozenset[int] | set[int] = frozenset(),
+) -> list[Entry]:
+    """Annotate each entry with the gathered parameter and transient gradient bytes alive
+    after it (stages 2 and 3 only allocate gradient buffers in the micro-step).
+    ``grads_at_start``: units whose gradients a previous micro-batch left alive."""
     by_index = {u.index: u for u in units}
     params: set[int] = set()
-    grads: set[int] = set()
+    grads: set[int] = set(grads_at_start) if stage >= 2 else set()
     out = []
     for entry in entries:
         for op in entry.ops:
@@ -230,9 +319,9 @@ def with_live_nbytes(units: tuple[UnitInfo, ...], stage: int, entries: list[Entr
                 params.add(op.unit)
             elif isinstance(op, Release):
                 params.discard(op.unit)
-            elif isinstance(op, ZeroGrad):
+            elif isinstance(op, (ZeroGrad, AllocGrad)) and stage >= 2:
                 grads.add(op.unit)
-            elif isinstance(op, WaitReduce):
+            elif isinstance(op, WaitReduce) and op.frees_nbytes:
                 grads.discard(op.unit)
         live = sum(by_index[i].param_nbytes for i in params)
         live += sum(by_index[i].grad_nbytes for i in grads)
@@ -241,24 +330,29 @@ def with_live_nbytes(units: tuple[UnitInfo, ...], stage: int, entries: list[Entr
 
 
 def step_ops(
-    units: tuple[UnitInfo, ...], stage: int, optimizer_numel: int, grad_shard_nbytes: int
+    units: tuple[UnitInfo, ...],
+    stage: int,
+    optimizer_numel: int,
+    grad_shard_nbytes: int,
+    reduction: str = "",
 ) -> tuple[Op, ...]:
     trainable = [u for u in units if u.has_trainable]
+    once = (reduction or "step") == "step" and stage < 2  # stages 0, 1 reduce here
     ops: list[Op] = []
-    if stage == 0:
+    if stage == 0 and once:
         ops += [AllReduce(u.index, u.name, u.reduce_nbytes) for u in trainable]
         ops += [WaitReduce(u.index, u.name, 0) for u in trainable]
-    if stage in (1, 2, 3):  # stages 2 and 3: a no-op unless no unit was reduced this step
+    if stage >= 1 or not once:  # a no-op unless no unit was reduced in a micro-step
         ops.append(ZeroGradShard(grad_shard_nbytes))
-    if stage == 1:
+    if stage == 1 and once:
         ops += [ReduceScatter(u.index, u.name, u.reduce_nbytes) for u in trainable]
         ops += [WaitReduce(u.index, u.name, 0) for u in trainable]
     ops += [ReduceScalars(), OptimizerStep(optimizer_numel)]
-    if stage >= 1:  # stage 0's gradient shard is the all-reduced full gradient: it persists
+    if stage >= 1 or not once:  # stage 0's all-reduced full gradient persists
         ops.append(FreeGradShard(grad_shard_nbytes))
     if stage in (1, 2):  # refresh the full parameters from the updated shards
         ops += [AllGather(u.index, u.name, u.param_nbytes) for u in trainable]
         ops += [WaitGather(u.index, u.name) for u in trainable]
-    if stage in (0, 1):  # full gradients persist; clear them for the next step
+    if once:  # full gradients persist; clear them for the next step
         ops += [ZeroGrad(u.index, u.name, u.grad_nbytes) for u in trainable]
     return tuple(ops)

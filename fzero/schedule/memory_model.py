@@ -182,8 +182,9 @@ class MemoryModel:
             parameter_shard_nbytes=(shard_numel - optimizer_numel) * b.parameter
             if stage == 3
             else 0,
+            # Deterministic mode allocates stage 0's shard with ops, as stages 1-3 do.
             gradient_shard_nbytes=optimizer_numel * b.gradient_shard
-            if stage == 0 and not aliased
+            if stage == 0 and not aliased and schedule.gradient_reduction == "step"
             else 0,
             optimizer_state_nbytes=optimizer_numel * b.optimizer_state,
         )

@@ -120,6 +120,21 @@ class ZeroGrad(Op):
 
 
 @dataclass(frozen=True)
+class AllocGrad(Op):
+    """Materialise unit ``unit``'s gradient buffer as zeros, unless it is already alive (then it
+    holds this step's earlier micro-batches and nothing happens): stages 2 and 3 with
+    ``reduce_every_micro_batch: false`` accumulate full gradients locally until the last
+    micro-batch reduces them."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"AllocGrad    {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
 class ReduceScatter(Op):
     """Sum unit ``unit``'s gradient over ranks; each rank adds its shard of the sum into its
     gradient shard. ``nbytes`` is the size of the reduced buffer, in the reduce dtype."""
@@ -150,6 +165,28 @@ class AllReduce(Op):
 
     def __str__(self) -> str:
         return f"AllReduce    {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class ReduceInOrder(Op):
+    """Deterministic mode: every rank receives every rank's gradient of what it owns (an
+    all-to-all of shard slices; stage 0, which owns whole units, an all-gather) and
+    ``WaitReduce`` adds them into the gradient shard in rank order. Summing in a fixed order on
+    the receiver, instead of inside the collective, is what makes the result independent of the
+    backend, world size and layout. ``nbytes``: the unit's gradient in the reduce dtype."""
+
+    unit: int
+    name: str
+    nbytes: int
+    whole_unit: bool = False  # stage 0: every rank receives every rank's whole gradient
+
+    @property
+    def stream(self) -> str:
+        return REDUCE
+
+    def __str__(self) -> str:
+        how = "all-gather" if self.whole_unit else "all-to-all"
+        return f"ReduceInOrder {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}  ({how})"
 
 
 @dataclass(frozen=True)
@@ -189,10 +226,24 @@ class FreeGradShard(Op):
 
 @dataclass(frozen=True)
 class ReduceScalars(Op):
-    """One tiny all-reduce of (loss, squared gradient norm) so every rank sees global values."""
+    """One tiny all-reduce of (loss, squared gradient norm) so every rank sees global values.
+    A non-finite norm on any rank makes the global one non-finite: that is the overflow check."""
 
     def __str__(self) -> str:
         return "ReduceScalars loss, grad_norm^2  8 B"
+
+
+@dataclass(frozen=True)
+class ReduceScalarsInOrder(Op):
+    """Deterministic mode's ``ReduceScalars``: the reduced gradient is gathered one unit at a
+    time (``grad_nbytes`` in all; 0 in stage 0, where every rank holds all of it) and every rank
+    sums each parameter's squared norm in the model's parameter order; the losses are gathered
+    and summed in rank order. No float sum is left to a collective."""
+
+    grad_nbytes: int
+
+    def __str__(self) -> str:
+        return f"ReduceScalarsInOrder loss, grad_norm^2  gathers {_size(self.grad_nbytes)}"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,18 @@
 """Schedule: the ops one optimizer step runs, as data.
 
 ``micro_step`` runs once per micro-batch (forward and backward), ``step`` once after the last
-micro-batch. ``print(schedule)`` lists every op under its trigger with the gathered bytes alive
-after it; ``schedule.ops(n)`` is the exact op sequence of a step with ``n`` micro-batches.
+micro-batch. When gradients are reduced only at the last micro-batch, that one runs
+``last_micro_step`` instead (same triggers, plus the reductions). ``print(schedule)`` lists every
+op under its trigger with the gathered bytes alive after it; ``schedule.ops(n)`` is the exact op
+sequence of a step with ``n`` micro-batches.
+
+``gradient_reduction`` says where gradients are reduced:
+
+- ``"step"``: once per step, in the step phase (stages 0 and 1);
+- ``"micro_batch"``: each micro-batch, right after a unit's backward (stages 2 and 3);
+- ``"last_micro_batch"``: stages 2 and 3 keep full unit gradients across micro-batches and
+  reduce them in ``last_micro_step`` only;
+- ``"ordered"``: deterministic mode, each micro-batch, with ``ReduceInOrder`` (every stage).
 """
 
 from __future__ import annotations
@@ -37,12 +47,31 @@ class Schedule:
     micro_step: tuple[Entry, ...]
     step: tuple[Entry, ...]
     traced: bool  # False: order presumed from module registration, until the first step traces it
+    last_micro_step: tuple[Entry, ...] | None = None  # None: the last runs micro_step too
+    gradient_reduction: str = ""  # one of GRADIENT_REDUCTIONS; "" means the stage's default
+
+    def __post_init__(self) -> None:
+        if not self.gradient_reduction:
+            default = "step" if self.stage < 2 else "micro_batch"
+            object.__setattr__(self, "gradient_reduction", default)
+        if self.gradient_reduction not in GRADIENT_REDUCTIONS:
+            raise ValueError(
+                f"gradient_reduction must be one of {GRADIENT_REDUCTIONS}, "
+                f"got {self.gradient_reduction!r}"
+            )
+
+    def micro_entries(self, last: bool) -> tuple[Entry, ...]:
+        """The entries a micro-batch runs: ``last_micro_step`` for the last one when there is
+        one, else ``micro_step``."""
+        if last and self.last_micro_step is not None:
+            return self.last_micro_step
+        return self.micro_step
 
     def ops(self, micro_batches: int = 1) -> list[Op]:
         """Every op a step with ``micro_batches`` micro-batches runs, in order."""
         ops: list[Op] = []
-        for _ in range(micro_batches):
-            for entry in self.micro_step:
+        for index in range(micro_batches):
+            for entry in self.micro_entries(last=index == micro_batches - 1):
                 ops.extend(entry.ops)
         for entry in self.step:
             ops.extend(entry.ops)
@@ -50,7 +79,8 @@ class Schedule:
 
     @property
     def peak_live_nbytes(self) -> int:
-        return max((e.live_nbytes for e in self.micro_step), default=0)
+        entries = self.micro_step + (self.last_micro_step or ())
+        return max((e.live_nbytes for e in entries), default=0)
 
     def __str__(self) -> str:
         order = "traced" if self.traced else "presumed from module order (traced on first step)"
@@ -59,28 +89,52 @@ class Schedule:
             f"Schedule: ZeRO stage {self.stage}, world size {self.world_size}, "
             f"{len(self.units)} units, {_size(total)} of parameters (gathered size), order {order}",
             f"  peak gathered bytes alive: {_size(self.peak_live_nbytes)}",
+            f"  gradients reduced: {_REDUCTION_TEXT[self.gradient_reduction]}",
         ]
-        phase = None
-        for entry in self.micro_step + self.step:
-            kind = entry.trigger.kind
-            new_phase = (
-                "backward"
-                if kind in (PRE_BACKWARD, POST_BACKWARD, BACKWARD_END)
-                else "step"
-                if entry in self.step
-                else "forward"
-            )
-            if new_phase != phase:
-                phase = new_phase
-                header = {
-                    "forward": "forward (each micro-batch)",
-                    "backward": "backward (each micro-batch)",
-                    "step": "step (once, after the last micro-batch)",
-                }[phase]
-                lines.append(f"-- {header}")
-            unit = next((u for u in self.units if u.index == entry.trigger.unit), None)
-            where = f" {unit.name or '<root>'}" if unit else ""
-            live = f"live {_size(entry.live_nbytes)}" if entry in self.micro_step else ""
-            lines.append(f"  @{entry.trigger}{where}  {live}".rstrip())
-            lines.extend(f"      {op}    [{op.stream}]" for op in entry.ops)
+        which = "each micro-batch"
+        phases = [(self.micro_step, which)]
+        if self.last_micro_step is not None:
+            phases = [(self.micro_step, f"{which} but the last"), (self.last_micro_step, "last")]
+        for entries, micro_label in phases:
+            lines += _entry_lines(self.units, entries, micro_label, live=True)
+        lines += _entry_lines(self.units, self.step, "", live=False)
         return "\n".join(lines)
+
+
+GRADIENT_REDUCTIONS = ("step", "micro_batch", "last_micro_batch", "ordered")
+_REDUCTION_TEXT = {
+    "step": "once per step, in the step phase",
+    "micro_batch": "each micro-batch, after each unit's backward",
+    "last_micro_batch": "once per step, at the last micro-batch (full gradients kept until then)",
+    "ordered": "each micro-batch, summed in rank order (deterministic)",
+}
+
+
+def _entry_lines(
+    units: tuple[UnitInfo, ...], entries: tuple[Entry, ...], micro_label: str, live: bool
+) -> list[str]:
+    lines: list[str] = []
+    phase = None
+    for entry in entries:
+        kind = entry.trigger.kind
+        new_phase = (
+            "step"
+            if not live
+            else "backward"
+            if kind in (PRE_BACKWARD, POST_BACKWARD, BACKWARD_END)
+            else "forward"
+        )
+        if new_phase != phase:
+            phase = new_phase
+            header = (
+                "step (once, after the last micro-batch)"
+                if phase == "step"
+                else f"{phase} ({micro_label})"
+            )
+            lines.append(f"-- {header}")
+        unit = next((u for u in units if u.index == entry.trigger.unit), None)
+        where = f" {unit.name or '<root>'}" if unit else ""
+        live_text = f"live {_size(entry.live_nbytes)}" if live else ""
+        lines.append(f"  @{entry.trigger}{where}  {live_text}".rstrip())
+        lines.extend(f"      {op}    [{op.stream}]" for op in entry.ops)
+    return lines

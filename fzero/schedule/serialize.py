@@ -15,7 +15,7 @@ from fzero.schedule import ops as O
 from fzero.schedule.schedule import Schedule, UnitInfo
 
 FORMAT = "fzero.schedule"
-VERSION = 1
+VERSION = 2  # 2 added last_micro_step and gradient_reduction; version 1 documents still load
 
 OP_TYPES: dict[str, type[O.Op]] = {
     name: value
@@ -34,7 +34,11 @@ def schedule_to_json(schedule: Schedule, indent: int | None = 1) -> str:
         "traced": schedule.traced,
         "units": [dataclasses.asdict(u) for u in schedule.units],
         "micro_step": [_entry_to_dict(e) for e in schedule.micro_step],
+        "last_micro_step": None
+        if schedule.last_micro_step is None
+        else [_entry_to_dict(e) for e in schedule.last_micro_step],
         "step": [_entry_to_dict(e) for e in schedule.step],
+        "gradient_reduction": schedule.gradient_reduction,
     }
     return json.dumps(document, indent=indent)
 
@@ -42,11 +46,12 @@ def schedule_to_json(schedule: Schedule, indent: int | None = 1) -> str:
 def schedule_from_json(text: str) -> Schedule:
     """Read a schedule written by ``schedule_to_json``."""
     document = json.loads(text)
-    if document.get("format") != FORMAT or document.get("version") != VERSION:
+    if document.get("format") != FORMAT or document.get("version") not in (1, VERSION):
         raise ScheduleError(
             f"not an {FORMAT} version {VERSION} document (format "
             f"{document.get('format')!r}, version {document.get('version')!r})"
         )
+    last = document.get("last_micro_step")
     return Schedule(
         stage=document["stage"],
         world_size=document["world_size"],
@@ -54,6 +59,8 @@ def schedule_from_json(text: str) -> Schedule:
         micro_step=tuple(_entry_from_dict(e) for e in document["micro_step"]),
         step=tuple(_entry_from_dict(e) for e in document["step"]),
         traced=document["traced"],
+        last_micro_step=None if last is None else tuple(_entry_from_dict(e) for e in last),
+        gradient_reduction=document.get("gradient_reduction", ""),
     )
 
 

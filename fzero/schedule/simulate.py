@@ -187,9 +187,10 @@ def simulate(
     if memory is None:
         memory = MemoryModel.from_schedule(schedule, bytes_per_param or BytesPerParam())
     replay = _Replay(schedule, cost, memory)
-    before, after = _compute_placement(schedule, cost)
     for micro in range(micro_batches):
-        for index, entry in enumerate(schedule.micro_step):
+        entries = schedule.micro_entries(last=micro == micro_batches - 1)
+        before, after = _compute_placement(schedule, entries, cost)
+        for index, entry in enumerate(entries):
             for name, seconds in before.get(index, ()):
                 replay.compute(name, seconds, micro)
             replay.run(entry.ops, micro)
@@ -201,11 +202,10 @@ def simulate(
 
 
 def _compute_placement(
-    schedule: Schedule, cost: CostModel
+    schedule: Schedule, entries: tuple[O.Entry, ...], cost: CostModel
 ) -> tuple[dict[int, list[tuple[str, float]]], dict[int, list[tuple[str, float]]]]:
     """Compute to run before / after the ops of each micro-step entry, by entry index."""
     by_index = {u.index: u for u in schedule.units}
-    entries = schedule.micro_step
     before: dict[int, list[tuple[str, float]]] = {}
     after: dict[int, list[tuple[str, float]]] = {}
     for i, entry in enumerate(entries):
@@ -286,12 +286,14 @@ class _Replay:
                 end = self.collective(op, O.GATHER, self.cost.all_gather(op.nbytes, n), micro)
                 self.in_flight[(O.GATHER, op.unit)] = end
                 self.gathered.add(op.unit)
-            elif isinstance(op, (O.ReduceScatter, O.AllReduce)):
-                seconds = (
-                    self.cost.reduce_scatter
-                    if isinstance(op, O.ReduceScatter)
-                    else self.cost.all_reduce
-                )(op.nbytes, n)
+            elif isinstance(op, (O.ReduceScatter, O.AllReduce, O.ReduceInOrder)):
+                if isinstance(op, O.AllReduce):
+                    seconds = self.cost.all_reduce(op.nbytes, n)
+                elif isinstance(op, O.ReduceInOrder) and op.whole_unit:
+                    # Every rank receives every other rank's whole gradient.
+                    seconds = self.cost.all_gather(op.nbytes * n, n)
+                else:  # an all-to-all of shard slices moves what a reduce-scatter moves
+                    seconds = self.cost.reduce_scatter(op.nbytes, n)
                 self.in_flight[(O.REDUCE, op.unit)] = self.collective(op, O.REDUCE, seconds, micro)
             elif isinstance(op, (O.WaitGather, O.WaitReduce)):
                 stream = O.GATHER if isinstance(op, O.WaitGather) else O.REDUCE
@@ -301,9 +303,14 @@ class _Replay:
             elif isinstance(op, O.ReduceScalars):  # a blocking 8-byte all-reduce
                 end = self.collective(op, O.REDUCE, self.cost.all_reduce(8, n), micro)
                 self.wait(op, end, micro)
+            elif isinstance(op, O.ReduceScalarsInOrder):  # blocking gathers: gradient, losses
+                seconds = self.cost.all_gather(op.grad_nbytes, n) + self.cost.all_gather(4 * n, n)
+                self.wait(op, self.collective(op, O.REDUCE, seconds, micro), micro)
             elif isinstance(op, O.OptimizerStep):
                 self.compute(_op_text(op), self.cost.optimizer(op.shard_numel), micro)
-            elif isinstance(op, (O.Release, O.ZeroGrad, O.ZeroGradShard, O.FreeGradShard)):
+            elif isinstance(
+                op, (O.Release, O.ZeroGrad, O.AllocGrad, O.ZeroGradShard, O.FreeGradShard)
+            ):
                 self.bookkeeping(op)
                 self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
             else:
@@ -313,7 +320,7 @@ class _Replay:
     def bookkeeping(self, op: O.Op) -> None:
         if isinstance(op, O.Release):
             self.gathered.discard(op.unit)
-        elif isinstance(op, O.ZeroGrad):
+        elif isinstance(op, (O.ZeroGrad, O.AllocGrad)):  # on a live buffer: nothing new
             self.grads[op.unit] = op.nbytes
         elif isinstance(op, O.ZeroGradShard) and self.grad_shard_nbytes is None:
             self.grad_shard_nbytes = op.nbytes  # on a live shard it does nothing

@@ -1,17 +1,20 @@
 """verify: check that a schedule keeps the invariants the executor relies on.
 
-The schedule is replayed op by op (two steps of two micro-batches, so that anything left behind
-by one micro-batch or one step is seen by the next) against a small model of what each op does
+The schedule is replayed op by op (two steps of two micro-batches and one of one micro-batch,
+so that anything left behind by one micro-batch or one step is seen by the next, and a step whose
+only micro-batch is the last is covered) against a small model of what each op does
 to this rank's buffers. The first broken invariant raises ``ScheduleInvariantError`` naming the
 op's position, the unit and the rule.
 
 Parameters: in stage 3 a unit is released, gathering (``AllGather`` issued) or ready (after
 ``WaitGather``), and must be ready from its pre-compute trigger to the matching post trigger.
 In stages 0-2 every unit is always ready, except during the step phase's refresh gathers.
-Gradients: each trainable unit is reduced exactly once per micro-batch (stages 2 and 3) or once
-per step, in the step phase (stages 0 and 1), after its backward, and before the optimizer
-reads the gradient shard. The gradient shard: stage 0 keeps it across steps; stages 1-3 hold it
-only from a step's first reduction to its optimizer step, so it must be allocated
+Gradients: each trainable unit is reduced exactly once per micro-batch (stages 2 and 3, and every
+stage in deterministic mode, with ``ReduceInOrder``), once per step in the step phase (stages 0
+and 1) or once per step in ``last_micro_step`` (``reduce_every_micro_batch: false``), after its
+backward, and before the optimizer reads the gradient shard. The gradient shard: stage 0 keeps
+it across steps (except in deterministic mode); otherwise it is held only from a step's first
+reduction to its optimizer step, so it must be allocated
 (``ZeroGradShard``, which does nothing to a live shard) before a reduction lands in it, freed
 (``FreeGradShard``) only after ``OptimizerStep`` read it, and freed before the step ends.
 
@@ -34,7 +37,14 @@ from fzero.schedule import ops as O
 from fzero.schedule.schedule import Schedule
 
 RELEASED, GATHERING, READY = "released", "gathering", "ready"
-COLLECTIVES = (O.AllGather, O.ReduceScatter, O.AllReduce, O.ReduceScalars)
+COLLECTIVES = (
+    O.AllGather,
+    O.ReduceScatter,
+    O.AllReduce,
+    O.ReduceInOrder,
+    O.ReduceScalars,
+    O.ReduceScalarsInOrder,
+)
 
 
 def is_collective(op: O.Op) -> bool:
@@ -46,7 +56,10 @@ def collective_signature(schedule: Schedule) -> str:
     """sha256 of the ordered collective ops (micro-step, then step): equal on every rank that
     will issue the same collectives, with the same sizes, in the same order."""
     digest = hashlib.sha256()
-    for phase, entries in (("micro_step", schedule.micro_step), ("step", schedule.step)):
+    phases = [("micro_step", schedule.micro_step), ("step", schedule.step)]
+    if schedule.last_micro_step is not None:
+        phases.insert(1, ("last_micro_step", schedule.last_micro_step))
+    for phase, entries in phases:
         digest.update(f"[{phase}]\n".encode())
         for entry in entries:
             for op in entry.ops:
@@ -62,11 +75,15 @@ def verify(schedule: Schedule, *, max_live_nbytes: int | None = None) -> None:
     (below stage 3 every parameter is always gathered, so no limit applies).
     """
     checker = _Checker(schedule, max_live_nbytes)
-    for step in (1, 2):
-        for micro in (1, 2):
-            for index, entry in enumerate(schedule.micro_step):
-                checker.entry(f"micro_step[{index}]", entry, f"step {step}, micro-batch {micro}")
-            checker.end_micro_step(f"end of micro_step (step {step}, micro-batch {micro})")
+    for step, micro_batches in ((1, 2), (2, 2), (3, 1)):
+        for micro in range(1, micro_batches + 1):
+            last = micro == micro_batches
+            name = "micro_step"
+            if last and schedule.last_micro_step is not None:
+                name = "last_micro_step"
+            for index, entry in enumerate(schedule.micro_entries(last)):
+                checker.entry(f"{name}[{index}]", entry, f"step {step}, micro-batch {micro}")
+            checker.end_micro_step(f"end of {name} (step {step}, micro-batch {micro})", last)
         for index, entry in enumerate(schedule.step):
             checker.entry(f"step[{index}]", entry, f"step {step}")
         checker.end_step(f"end of step (step {step})")
@@ -89,12 +106,18 @@ class _Checker:
         self.forward: set[int] = set()  # between pre_forward(u) and post_forward(u)
         self.backward: set[int] = set()  # between pre_backward(u) and post_backward(u)
         self.backward_seen: set[int] = set()  # pre_backward(u) seen in this micro-batch
+        self.mode = schedule.gradient_reduction
+        # Whether every micro-batch reduces its gradients (else the step or the last one does).
+        self.per_micro = self.mode in ("micro_batch", "ordered")
         self.grad_alive = set(self.trainable) if stage < 2 else set()
         self.grad_dirty: set[int] = set()  # written by backward, not yet reduced
         self.grad_stale: set[int] = set()  # reduced already: must be zeroed before reuse
         self.reducing: dict[int, O.Op] = {}
         self.reduced: dict[int, str] = {}  # where, this micro-batch (stages 2, 3) or step (0, 1)
-        self.shard_alive = stage == 0  # stages 1-3 allocate it in each step
+        # Stage 0 keeps its all-reduced gradient across steps; otherwise the shard is allocated
+        # in each step.
+        self.persistent_shard = stage == 0 and self.mode == "step"
+        self.shard_alive = self.persistent_shard
         self.shard_holds: set[int] = set()  # units whose reduction landed in the gradient shard
         self.shard_consumed = False  # the optimizer read it: it may be freed
         self.scalars_done = self.optimizer_done = False
@@ -110,7 +133,7 @@ class _Checker:
     # -- triggers ---------------------------------------------------------------------------
 
     def entry(self, position: str, entry: O.Entry, context: str) -> None:
-        self.phase = "step" if position.startswith("step") else "micro_step"
+        self.phase = "step" if position.startswith("step") else position.split("[")[0]
         trigger, unit = entry.trigger, entry.trigger.unit
         self.where = f"{position} @{trigger} ({context})"
         if trigger.kind in (O.POST_FORWARD, O.POST_BACKWARD):
@@ -154,7 +177,7 @@ class _Checker:
         self.backward_seen.add(unit)
         if unit not in self.trainable:
             return
-        if self.stage >= 2 and unit in self.reduced:
+        if self.mode != "step" and unit in self.reduced:
             self.fail(
                 "reduce-after-backward",
                 unit,
@@ -256,33 +279,62 @@ class _Checker:
         self.grad_alive.add(unit)
         self.grad_stale.discard(unit)
 
+    def op_AllocGrad(self, op: O.AllocGrad) -> None:
+        # Materialises the buffer as zeros unless it is alive (holding this step's earlier
+        # micro-batches: then nothing happens).
+        unit = op.unit
+        if unit not in self.trainable:
+            self.fail("zero-grad-before-backward", unit, "AllocGrad, but no trainable parameters")
+        if unit in self.reducing:
+            self.fail(
+                "zero-grad-before-backward",
+                unit,
+                "AllocGrad while the reduction reading the gradient is in flight",
+            )
+        self.grad_alive.add(unit)
+
     def op_ReduceScatter(self, op: O.ReduceScatter) -> None:
+        self.reduce(op)
+
+    def op_ReduceInOrder(self, op: O.ReduceInOrder) -> None:
+        if op.whole_unit != (self.stage == 0):
+            self.fail(
+                "reduce-kind",
+                op.unit,
+                f"ReduceInOrder with whole_unit={op.whole_unit} in stage {self.stage} "
+                "(only stage 0, which owns whole units, gathers them whole)",
+            )
         self.reduce(op)
 
     def op_AllReduce(self, op: O.AllReduce) -> None:
         self.reduce(op)
 
-    def reduce(self, op: O.ReduceScatter | O.AllReduce) -> None:
+    def reduce(self, op: O.ReduceScatter | O.AllReduce | O.ReduceInOrder) -> None:
         unit, name = op.unit, type(op).__name__
         expected = "AllReduce" if self.stage == 0 else "ReduceScatter"
+        if self.mode == "ordered":
+            expected = "ReduceInOrder"
         if name != expected:
-            self.fail(
-                "reduce-kind",
-                unit,
-                f"stage {self.stage} reduces gradients with {expected}, not {name}",
-            )
-        phase = "step" if self.stage < 2 else "micro_step"
-        if self.phase != phase:
+            how = "deterministic mode" if self.mode == "ordered" else f"stage {self.stage}"
+            self.fail("reduce-kind", unit, f"{how} reduces gradients with {expected}, not {name}")
+        phases = {
+            "step": ("step",),
+            "last_micro_batch": ("last_micro_step",),
+        }.get(self.mode, ("micro_step", "last_micro_step"))
+        if self.phase not in phases:
+            how = f"stage {self.stage}" if self.mode != "ordered" else "deterministic mode"
+            if self.mode == "last_micro_batch":
+                how = "reduce_every_micro_batch: false"
             self.fail(
                 "reduce-once",
                 unit,
-                f"reduced in the {self.phase}, but stage "
-                f"{self.stage} reduces gradients in the {phase} phase",
+                f"reduced in the {self.phase}, but {how} reduces gradients in the "
+                f"{' or '.join(phases)} phase",
             )
         if unit not in self.trainable:
             self.fail("reduce-once", unit, "reduced, but has no trainable parameters")
         if unit in self.reduced:
-            per = "micro-batch" if self.stage >= 2 else "step"
+            per = "micro-batch" if self.per_micro else "step"
             self.fail(
                 "reduce-once", unit, f"reduced twice in one {per} (first at {self.reduced[unit]})"
             )
@@ -356,7 +408,7 @@ class _Checker:
                 f"{reader} reads the gradient shard while "
                 "this unit's reduction is in flight (WaitReduce missing before it)",
             )
-        if self.stage < 2:
+        if self.mode == "step":
             for unit in sorted(self.trainable - set(self.reduced)):
                 self.fail(
                     "reduce-once",
@@ -369,6 +421,10 @@ class _Checker:
 
     def op_ReduceScalars(self, op: O.ReduceScalars) -> None:
         self.require_gradients_reduced("ReduceScalars")
+        self.scalars_done = True
+
+    def op_ReduceScalarsInOrder(self, op: O.ReduceScalarsInOrder) -> None:
+        self.require_gradients_reduced("ReduceScalarsInOrder")
         self.scalars_done = True
 
     def op_OptimizerStep(self, op: O.OptimizerStep) -> None:
@@ -385,7 +441,7 @@ class _Checker:
 
     # -- phase ends -------------------------------------------------------------------------
 
-    def end_micro_step(self, where: str) -> None:
+    def end_micro_step(self, where: str, last: bool = False) -> None:
         self.where = where
         self.require_quiet("end-of-micro-step", "micro-step")
         for unit, state in sorted(self.params.items()):
@@ -395,7 +451,7 @@ class _Checker:
                     unit,
                     "still gathered at the end of the micro-step (Release missing)",
                 )
-        if self.stage >= 2:
+        if self.per_micro or (last and self.mode == "last_micro_batch"):
             for unit in sorted((self.trainable & self.backward_seen) - set(self.reduced)):
                 self.fail("reduce-once", unit, "gradient never reduced in the micro-step")
             self.reduced.clear()
@@ -417,20 +473,20 @@ class _Checker:
                 unit,
                 "not re-gathered after OptimizerStep: the next forward would use the old values",
             )
-        for unit in sorted(self.grad_stale & self.trainable) if self.stage < 2 else ():
+        for unit in sorted(self.grad_stale & self.trainable) if self.mode == "step" else ():
             self.fail(
                 "end-of-step",
                 unit,
                 "gradient not zeroed after its reduction: the next step would add onto it",
             )
-        if self.stage >= 1 and self.shard_alive:
+        if not self.persistent_shard and self.shard_alive:
             self.fail(
                 "end-of-step",
                 -1,
                 f"stage {self.stage} keeps the gradient shard past the step (FreeGradShard "
                 "missing): the next step would add onto it",
             )
-        if self.stage == 0 and not self.shard_alive:
+        if self.persistent_shard and not self.shard_alive:
             self.fail(
                 "end-of-step",
                 -1,

@@ -57,7 +57,9 @@ class Workspace:
     stage: int
     master: torch.Tensor
     param_flats: list[torch.Tensor]  # per unit, compute dtype, padded length
-    grad_flats: list[torch.Tensor | None]  # per unit, compute dtype; None for frozen units
+    # Per unit, compute dtype, stages 0 and 1 only (the persistent full gradients); None for
+    # frozen units and in stages 2 and 3, where autograd's own gradients are packed at reduction.
+    grad_flats: list[torch.Tensor | None]
     param_shard: torch.Tensor | None  # stage 0 only
     frozen_tails: list[torch.Tensor]  # stage 3 only: per unit, the shard past the master part
     grad_shard: torch.Tensor  # this rank's optimizer space, gradient-accumulation dtype
@@ -140,6 +142,10 @@ def bind_unit_views(
     model's own storage is released as soon as nothing else refers to it."""
     for slot, param in zip(unit.params, params):
         param.data = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
-        if slot.requires_grad:
-            assert grad_flat is not None
-            param.grad = grad_flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+        # With a gradient buffer (stages 0, 1) autograd accumulates into views of it; without
+        # (stages 2, 3) each backward hands the parameter a fresh gradient.
+        param.grad = (
+            grad_flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+            if slot.requires_grad and grad_flat is not None
+            else None
+        )
