@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master weights")
+    parser.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--print-schedule", action="store_true")
     args = parser.parse_args()
@@ -57,6 +58,7 @@ def main() -> None:
         "gradient_clipping": 1.0,
         "gradient_accumulation_steps": args.micro_batches,
         "bf16": {"enabled": args.bf16},
+        "fp16": {"enabled": args.fp16},
         "fzero": {"no_weight_decay": ["*.bias", "*ln_*", "*wpe*"]},
     }
     state = fzero.shard(model, stage=args.stage, config=config)
@@ -64,7 +66,7 @@ def main() -> None:
         print(
             f"fzero: GPT {num_params(model) / 1e6:.2f}M parameters, ZeRO stage {args.stage}, "
             f"{world_size} rank(s) on {device.type}, "
-            f"{'bf16' if args.bf16 else 'fp32'}",
+            f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}",
             flush=True,
         )
         if args.print_schedule:
@@ -88,7 +90,9 @@ def main() -> None:
                 print(
                     f"step {step:5d} | loss {loss:.4f} | grad norm "
                     f"{float(metrics['grad_norm']):.3f} | {seen / elapsed:,.0f} tokens/s | "
-                    f"memory {_memory(device)} | stage {args.stage}",
+                    f"memory {_memory(device)} | stage {args.stage}"
+                    + (f" | loss scale {metrics['loss_scale']:g}" if args.fp16 else "")
+                    + f" | skipped {metrics['skipped_steps']}",
                     flush=True,
                 )
     shutdown()

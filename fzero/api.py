@@ -60,6 +60,7 @@ class Runtime:
         knobs = Knobs(
             prefetch=zero.overlap_comm,
             max_live_nbytes=zero.stage3_max_live_parameters * self.compute_itemsize,
+            max_reuse_numel=zero.stage3_max_reuse_distance,
             gradient_reduction=reduction,
             grad_gather_nbytes=gather_numel * self.grad_itemsize,
         )
@@ -120,6 +121,7 @@ def shard(
     if stage is not None and stage not in (0, 1, 2, 3):
         raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage}")
     cfg = Config.from_any(config).with_stage_override(stage)
+    cfg.check_stage_options()
     if simulate_world_size is not None:
         if process_group is not None:
             raise ShardError("give process_group or simulate_world_size, not both")

@@ -226,17 +226,21 @@ class Config:
                 f"{self.fzero.nonfinite_grads!r} with fp16.enabled: fp16 skips overflowing steps "
                 'and lowers the loss scale; leave it "skip"',
             )
-        zero, fzero = self.zero_optimization, self.fzero
-        if fzero.deterministic and fzero.reduce_every_micro_batch is False:
+        if self.fzero.deterministic and self.fzero.reduce_every_micro_batch is False:
             raise ConfigError(
                 "fzero.reduce_every_micro_batch",
                 "false with fzero.deterministic: deterministic mode reduces every micro-batch "
                 "in a fixed order; remove one of the two",
             )
-        if zero.stage < 2 and fzero.reduce_every_micro_batch is True:
+
+    def check_stage_options(self) -> None:
+        """Options whose meaning depends on the stage, checked by ``shard`` once the stage is
+        final (``shard(stage=...)`` overrides the config's)."""
+        stage = self.zero_optimization.stage
+        if stage < 2 and self.fzero.reduce_every_micro_batch is True:
             raise ConfigError(
                 "fzero.reduce_every_micro_batch",
-                f"true with stage {zero.stage}: stages 0 and 1 keep full gradients and reduce "
+                f"true with stage {stage}: stages 0 and 1 keep full gradients and reduce "
                 "once per step; remove it or use stage 2 or 3",
             )
 

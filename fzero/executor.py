@@ -267,13 +267,10 @@ class Executor:
         if self.schedule.stage == 1:  # full gradients persist in the unit buffers
             full = self._reduce_input(op.unit)
         elif self.comm.world_size == 1:
-            # One rank: the sum is the gradient itself; WaitReduce writes it into the shard in
-            # one pass (casting on the fly).
-            full = torch.empty(
-                u.padded_numel, dtype=self.reduce_dtype, device=self.workspace.master.device
-            )
-            self._packed_gradients(op.unit, full)
-            self._reductions[op.unit] = (DoneWork(), full, "add")
+            # One rank: the sum is the gradient itself. It goes straight into the shard, one
+            # pass per parameter with the cast folded in, and no buffer between.
+            self._write_gradients_into_shard(op.unit)
+            self._reductions[op.unit] = (DoneWork(), None, "done")
             return
         else:
             full = torch.empty(
@@ -312,10 +309,37 @@ class Executor:
         self._reductions[op.unit] = (work, out, "fold")
         self._sending[op.unit] = full
 
+    def _write_gradients_into_shard(self, unit: int) -> None:
+        """World size 1 (the shard is the whole unit): write or add each parameter's gradient
+        into its place in the gradient shard and let it go."""
+        u = self.layout.units[unit]
+        shard = self.workspace.grad_shard[
+            u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
+        ]
+        first = unit not in self._shard_written
+        targets, grads = [], []
+        for slot, param in zip(u.params, self.unit_params[unit]):
+            if not param.requires_grad:
+                continue  # frozen parameters lie past the optimizer space
+            view = shard[slot.offset : slot.offset + slot.numel]
+            if param.grad is not None:
+                targets.append(view)
+                grads.append(param.grad.reshape(-1))
+            elif first:
+                view.zero_()
+            param.grad = None
+        if first:
+            shard[u.numel if u.trainable_numel == u.padded_numel else u.optimizer_numel :].zero_()
+        if targets:
+            (torch._foreach_copy_ if first else torch._foreach_add_)(targets, grads)
+
     def _op_WaitReduce(self, op: O.WaitReduce) -> None:
         work, out, how = self._reductions.pop(op.unit)
         work.wait()
         self._sending.pop(op.unit, None)
+        if how == "done":  # already in the shard
+            self._shard_written.add(op.unit)
+            return
         u = self.layout.units[op.unit]
         target = self.workspace.grad_shard[
             u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
@@ -326,7 +350,10 @@ class Executor:
             pieces = out.view(self.comm.world_size, -1)[:, : u.optimizer_numel]
             first = op.unit not in self._shard_written
             for rank, piece in enumerate(pieces):
-                target.copy_(piece) if first and rank == 0 else target.add_(piece)
+                if first and rank == 0:  # the shard was not zeroed: the first piece is copied
+                    target.copy_(piece)
+                else:
+                    target.add_(piece)
         elif how == "add" and op.unit in self._shard_written:
             target.add_(source)
         elif source.data_ptr() != target.data_ptr():  # stage 0 may reduce the shard in place

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ class Case:
     # decay, bias correction) still shows far above the 1e-5 tolerance.
     eps: float = 1e-2
     no_decay: tuple[str, ...] = ()
+    deterministic: bool = False  # fzero.deterministic; compare with ordered_reference
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def config(self) -> dict[str, Any]:
@@ -39,7 +41,7 @@ class Case:
                 "params": {"lr": self.lr, "weight_decay": self.weight_decay, "eps": self.eps},
             },
             "gradient_clipping": self.clip,
-            "fzero": {"no_weight_decay": list(self.no_decay)},
+            "fzero": {"no_weight_decay": list(self.no_decay), "deterministic": self.deterministic},
         }
         cfg.update(self.extra)
         return cfg
@@ -97,3 +99,51 @@ def assert_close_to_reference(
         scale = expected.abs().max().clamp_min(1e-12)
         error = ((got.double() - expected.double()).abs().max() / scale).item()
         assert error <= rtol, f"{name}: relative error {error:.3e} > {rtol:.0e}"
+
+
+def ordered_reference(case: Case) -> dict[str, torch.Tensor]:
+    """Plain PyTorch, one backward per micro-batch, summed in the order fzero's deterministic
+    mode fixes: micro-batch 0 of rank 0, of rank 1, ..., then micro-batch 1 of every rank, ...,
+    into fp32 zeros. Then what fzero does to the sum, op for op: the squared norms of each
+    parameter's gradient added in ``model.parameters()`` order, the norm over the world size,
+    one factor (1/world times torch's clipping coefficient) and ``AdamW(foreach=False)``."""
+    model = ToyLM(case.spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = {
+        id(p): [n for n, q in model.named_parameters(remove_duplicate=False) if q is p]
+        for p in params
+    }
+    excluded = [
+        p
+        for p in params
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names[id(p)] for pattern in case.no_decay)
+    ]
+    groups = [
+        {"params": [p for p in params if all(p is not q for q in excluded)]},
+        {"params": excluded, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(
+        groups, lr=case.lr, weight_decay=case.weight_decay, eps=case.eps, foreach=False
+    )
+    world, micro = case.world_size, case.micro
+    for step in case.batches():
+        total = [torch.zeros_like(p) for p in params]
+        for m in range(micro):
+            for rank in range(world):
+                model.zero_grad(set_to_none=True)
+                loss = model(*step[rank][m])
+                (loss / micro if micro > 1 else loss).backward()
+                for t, p in zip(total, params):
+                    if p.grad is not None:
+                        t += p.grad
+        scale = torch.full((), 1.0 / world)
+        if case.clip > 0:
+            squares = torch.zeros(())
+            for t in total:
+                squares = squares + torch.linalg.vector_norm(t, dtype=torch.float32).square()
+            norm = squares.sqrt() / world
+            scale = scale * torch.clamp(case.clip / (norm + 1e-6), max=1.0)
+        for t, p in zip(total, params):
+            p.grad = t * scale
+        opt.step()
+    return model.state_dict()

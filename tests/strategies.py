@@ -40,4 +40,14 @@ def cases(draw, world_sizes=(1, 2, 3, 4), stages=(0, 1, 2, 3), steps: int = 3) -
         steps=steps,
         clip=draw(st.sampled_from([0.0, 0.05, 1.0])),
         no_decay=draw(st.sampled_from([(), ("*.bias",), ("*norm*", "*.bias")])),
+        extra={"zero_optimization": schedule_knobs(draw)},
     )
+
+
+def schedule_knobs(draw) -> dict:
+    """Compile-time knobs that must not change what is trained: prefetch on or off, and reuse
+    distances from "release after every use" to "keep every block into backward"."""
+    return {
+        "overlap_comm": draw(st.booleans()),
+        "stage3_max_reuse_distance": draw(st.sampled_from([0, 50, 10**9])),
+    }

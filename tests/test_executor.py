@@ -8,7 +8,7 @@ import torch
 from fzero.schedule.compile import on_demand
 from fzero.schedule.ops import AllGather, Entry, Release
 from tests.harness import Case, train_threads
-from tests.models import ToySpec
+from tests.models import ToyLM, ToySpec
 
 
 def _ops(entries: tuple[Entry, ...] | list[Entry]) -> list:
@@ -28,7 +28,7 @@ def test_executed_ops_equal_compiled_schedule(stage, overlap):
         stage,
         micro,
         steps=1,
-        extra={"zero_optimization": {"overlap_comm": overlap}},
+        extra={"zero_optimization": {"overlap_comm": overlap, "stage3_max_reuse_distance": 0}},
     )
     models_per_step = []
     for full, state, _ in train_threads(case, record=True):
@@ -62,7 +62,7 @@ def test_stage3_holds_only_what_the_schedule_accounts(overlap):
         3,
         1,
         steps=3,
-        extra={"zero_optimization": {"overlap_comm": overlap}},
+        extra={"zero_optimization": {"overlap_comm": overlap, "stage3_max_reuse_distance": 0}},
     )
     for _, state, _ in train_threads(case, record=True):
         executor = state.runtime.executor
@@ -103,3 +103,37 @@ def test_schedule_prints_every_op_with_sizes():
     for op in state.schedule.ops(1):
         assert str(op) in text
     assert "stage 3" in text and "blocks.1" in text and "live" in text
+
+
+@pytest.mark.parametrize("reuse_blocks", [0, 2, 100])
+def test_reuse_distance_keeps_the_last_blocks_gathered_into_backward(reuse_blocks):
+    """stage3_max_reuse_distance (elements gathered in between) decides which blocks skip the
+    release after forward and the re-gather before backward: the last block is reused at
+    distance 0, block k at twice the elements of the blocks after it. The model trains the
+    same either way."""
+    torch.set_num_threads(1)
+    spec = ToySpec(depth=4, width=7)
+    block_numel = sum(p.numel() for p in ToyLM(spec).blocks[0].parameters())
+    reuse = reuse_blocks * block_numel
+    case = Case(
+        spec, 2, 3, 1, steps=2, extra={"zero_optimization": {"stage3_max_reuse_distance": reuse}}
+    )
+    results = train_threads(case)
+    schedule = results[0][1].schedule
+    kept = {
+        e.trigger.unit
+        for e in schedule.micro_step
+        if e.trigger.kind == "post_forward" and not any(isinstance(op, Release) for op in e.ops)
+    }
+    blocks = [u.index for u in schedule.units if not u.is_root]
+    expected = {0: set(), 2: set(blocks[-2:]), 100: set(blocks)}[reuse_blocks]
+    assert kept - {u.index for u in schedule.units if u.is_root} == expected
+    for block in expected:  # kept blocks are not gathered again before their backward
+        gathers = [op for op in schedule.ops(1) if isinstance(op, AllGather) and op.unit == block]
+        assert len(gathers) == 1
+    released = Case(
+        spec, 2, 3, 1, steps=2, extra={"zero_optimization": {"stage3_max_reuse_distance": 0}}
+    )
+    for (full, _, _), (base, _, _) in zip(results, train_threads(released)):
+        for name in full:
+            assert torch.equal(full[name], base[name]), name

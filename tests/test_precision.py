@@ -343,6 +343,40 @@ def test_contradictory_precision_settings_name_the_key(key, config):
         assert "fp16.enabled" in str(info.value)
 
 
-def test_reduce_every_micro_batch_true_is_an_error_below_stage_2():
+def test_reduce_every_micro_batch_is_checked_against_the_final_stage():
+    """true is an error below stage 2 (stages 0 and 1 reduce once per step), checked after
+    shard(stage=...) overrides the config's stage, both ways."""
+    config = {"fzero": {"reduce_every_micro_batch": True}}
     with pytest.raises(ConfigError, match="fzero.reduce_every_micro_batch"):
-        fzero.shard(ToyLM(SPEC), stage=1, config={"fzero": {"reduce_every_micro_batch": True}})
+        fzero.shard(ToyLM(SPEC), stage=1, config=config)
+    fzero.shard(ToyLM(SPEC), stage=3, config=config)  # the config's stage 0 is overridden
+
+
+def test_checkpoint_resumes_the_loss_scale_and_skipped_steps(tmp_path):
+    """Saved after an overflow, loaded into a fresh model: the dynamic scale, its hysteresis and
+    window progress, and the skipped-step count continue as if never interrupted."""
+    torch.set_num_threads(1)
+    config = {"optimizer": OPTIMIZER, "fp16": fp16_block(hysteresis=1)}
+    batches = [b[0] for b in make_batches(SPEC, steps=6, world_size=1, micro=1)]
+
+    def run(state, model, steps, overflow_at):
+        now = {"step": -1}
+        model.head.weight.register_hook(
+            lambda g: g * float("inf") if now["step"] in overflow_at else g
+        )
+        out = []
+        for step in steps:
+            now["step"] = step
+            state, m = fzero.train_step(state, batches[step])
+            out.append((m["loss_scale"], m["skipped_steps"]))
+        return state, out
+
+    model = ToyLM(SPEC)
+    _, whole = run(fzero.shard(model, stage=2, config=config), model, range(6), {1})
+    model = ToyLM(SPEC)
+    state, first = run(fzero.shard(model, stage=2, config=config), model, range(3), {1})
+    fzero.save(state, tmp_path)
+    model = ToyLM(SPEC)
+    _, second = run(fzero.load(tmp_path, model, config), model, range(3, 6), set())
+    assert first + second == whole
+    assert [scale for scale, _ in whole] == [1024, 512, 512, 512, 512, 1024]

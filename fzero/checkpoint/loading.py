@@ -9,6 +9,7 @@ resumes bitwise where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -22,6 +23,7 @@ from fzero.checkpoint.refresh import refresh_parameters
 from fzero.checkpoint.sources import OPTIMIZER_KINDS, ShardReader
 from fzero.config import Config
 from fzero.errors import CheckpointError
+from fzero.loss_scale import LossScaler
 from fzero.state.zero_state import ZeroState
 
 RNG_NAMES = ("rng.cpu", "rng.cuda")
@@ -82,6 +84,8 @@ def load(
 
     refresh_parameters(state)
     runtime.step_count = checkpoint.step
+    runtime.skipped_steps = checkpoint.manifest.get("skipped_steps", 0)
+    runtime.loss_scaler = restored_loss_scaler(runtime.loss_scaler, checkpoint.manifest)
     if "rng.cpu" in rng:
         torch.set_rng_state(rng["rng.cpu"])
     if "rng.cuda" in rng and state.master.is_cuda:
@@ -142,3 +146,15 @@ def _error_from(rank: int, name: str, message: str) -> CheckpointError:
         kind = CheckpointError
         message = f"{name}: {message}"
     return kind(f"rank {rank} could not load: {message}")
+
+
+def restored_loss_scaler(current: LossScaler, manifest: dict[str, Any]) -> LossScaler:
+    """The loss scale and its progress (iteration, last overflow, hysteresis left) from the
+    checkpoint, under the current config's rule, when both are dynamic fp16 scalers; else the
+    current config's scaler (a static or disabled scale has no progress to restore)."""
+    saved = manifest.get("loss_scaler")
+    if not saved or not saved.get("dynamic") or not current.dynamic:
+        return current
+    progress = {key: saved[key] for key in ("scale", "iteration", "last_overflow")}
+    left = min(saved["hysteresis_left"], current.hysteresis)
+    return dataclasses.replace(current, hysteresis_left=left, **progress)

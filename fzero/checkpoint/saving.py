@@ -193,6 +193,8 @@ def _manifest(state: ZeroState, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "fzero_version": fzero.__version__,
         "torch_version": torch.__version__,
         "step": runtime.step_count,
+        "skipped_steps": runtime.skipped_steps,
+        "loss_scaler": runtime.loss_scaler.state_dict(),
         "world_size": runtime.comm.world_size,
         "stage": config.stage,
         "shard_world": layout.shard_world,

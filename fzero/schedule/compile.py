@@ -73,6 +73,10 @@ class Knobs:
 
     prefetch: bool = True
     max_live_nbytes: int = 1 << 62
+    # stage3_max_reuse_distance in elements: a unit used again within this many elements of
+    # other units' parameters stays gathered (0: release after every use, FSDP2's
+    # reshard_after_forward=True).
+    max_reuse_numel: int = 0
     gradient_reduction: str = ""
     grad_gather_nbytes: int = 0
 
@@ -115,6 +119,8 @@ def compile_schedule(
 
     def micro_pass(reduce: bool) -> tuple[Entry, ...]:
         entries = on_demand(units, stage, trace, grad_shard_nbytes, reduction, reduce)
+        if stage == 3 and knobs.max_reuse_numel > 0:
+            entries = keep_for_reuse(units, entries, knobs.max_reuse_numel, knobs.max_live_nbytes)
         if stage == 3 and knobs.prefetch:
             entries = prefetch(units, entries, knobs.max_live_nbytes)
         # Kept across micro-batches, every unit's gradient may be alive from the start.
@@ -237,6 +243,57 @@ class OnDemand:
             self.reduced.clear()
             self.shard_ready = False
         return tuple(ops)
+
+
+def keep_for_reuse(
+    units: tuple[UnitInfo, ...], entries: list[Entry], max_reuse_numel: int, max_live_nbytes: int
+) -> list[Entry]:
+    """Drop a release and the re-gather that follows it when the unit is used again within
+    ``max_reuse_numel`` gathered elements (DeepSpeed's reuse distance: the parameters fetched in
+    between, counted in the order-free schedule), as long as keeping it gathered in between
+    stays under ``max_live_nbytes``. Typically the last blocks of forward, which backward needs
+    first."""
+    by_index = {u.index: u for u in units}
+    original = list(entries)
+    entries = list(entries)
+    for i in range(len(entries)):
+        for release in [op for op in entries[i].ops if isinstance(op, Release)]:
+            unit = release.unit
+            j = next(
+                (
+                    k
+                    for k in range(i + 1, len(entries))
+                    if any(isinstance(op, AllGather) and op.unit == unit for op in entries[k].ops)
+                ),
+                None,
+            )
+            if j is None:
+                continue
+            distance = sum(
+                by_index[op.unit].numel
+                for e in original[i + 1 : j]
+                for op in e.ops
+                if isinstance(op, AllGather)
+            )
+            if distance > max_reuse_numel:
+                continue
+            extra = by_index[unit].param_nbytes
+            if any(
+                _live_after(units, entries[: k + 1]) + extra > max_live_nbytes for k in range(i, j)
+            ):
+                continue
+            entries[i] = replace(
+                entries[i], ops=tuple(op for op in entries[i].ops if op != release)
+            )
+            entries[j] = replace(
+                entries[j],
+                ops=tuple(
+                    op
+                    for op in entries[j].ops
+                    if not (isinstance(op, (AllGather, WaitGather)) and op.unit == unit)
+                ),
+            )
+    return entries
 
 
 def prefetch(

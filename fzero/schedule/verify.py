@@ -1,10 +1,10 @@
 """verify: check that a schedule keeps the invariants the executor relies on.
 
-The schedule is replayed op by op (two steps of two micro-batches and one of one micro-batch,
-so that anything left behind by one micro-batch or one step is seen by the next, and a step whose
-only micro-batch is the last is covered) against a small model of what each op does
-to this rank's buffers. The first broken invariant raises ``ScheduleInvariantError`` naming the
-op's position, the unit and the rule.
+The schedule is replayed op by op (steps of two, three and one micro-batches, so that anything
+left behind by one micro-batch or one step is seen by the next, two micro-batches in a row run
+``micro_step``, and a step whose only micro-batch is the last is covered) against a small model
+of what each op does to this rank's buffers. The first broken invariant raises
+``ScheduleInvariantError`` naming the op's position, the unit and the rule.
 
 Parameters: in stage 3 a unit is released, gathering (``AllGather`` issued) or ready (after
 ``WaitGather``), and must be ready from its pre-compute trigger to the matching post trigger.
@@ -75,7 +75,7 @@ def verify(schedule: Schedule, *, max_live_nbytes: int | None = None) -> None:
     (below stage 3 every parameter is always gathered, so no limit applies).
     """
     checker = _Checker(schedule, max_live_nbytes)
-    for step, micro_batches in ((1, 2), (2, 2), (3, 1)):
+    for step, micro_batches in ((1, 2), (2, 3), (3, 1)):
         for micro in range(1, micro_batches + 1):
             last = micro == micro_batches
             name = "micro_step"

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 
 from tests.gloo_pool import GlooPool
-from tests.harness import Case, assert_close_to_reference, reference, train_rank
+from tests.harness import (
+    Case,
+    assert_close_to_reference,
+    ordered_reference,
+    reference,
+    train_rank,
+)
+from tests.models import ToySpec
 from tests.strategies import cases
 
 
@@ -40,6 +48,27 @@ def test_gloo_ranks_match_single_device_reference(pool, case):
     for full, _ in results:
         assert_close_to_reference(full, ref, rtol=1e-5)
     assert len({tuple(losses) for _, losses in results}) == 1
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_gloo_deterministic_mode_is_bitwise_equal_to_the_ordered_reference(pool, stage):
+    """Deterministic mode over gloo (its all-to-all and all-gather) is bit for bit the ordered
+    single-device reference, as on thread ranks (one intra-op thread in both: the workers'
+    setting, and the order of torch's own CPU reductions depends on it)."""
+    torch.set_num_threads(1)
+    case = Case(
+        ToySpec(depth=3, width=7, frozen=True),
+        pool.world_size,
+        stage,
+        micro=2,
+        clip=0.05,
+        no_decay=("*.bias",),
+        deterministic=True,
+    )
+    ref = ordered_reference(case)
+    for full, _ in pool.run(_train, case):
+        for name, expected in ref.items():
+            assert torch.equal(full[name], expected), name
 
 
 def test_a_rank_that_fails_is_reported(pool):

@@ -1,0 +1,221 @@
+"""What fzero's precision and reduction options cost, and fp16 against bf16 on a GPT.
+
+    python benchmarks/precision.py                 # CPU, thread ranks: the two tables below
+    python benchmarks/precision.py --fp16-curve    # CUDA: fp16 dynamic loss scaling vs bf16
+
+CPU tables (thread ranks of one process, ``torch.set_num_threads(1)``; the example GPT of
+``examples/gpt.py``, 4 layers, n_embd 128, 8 x 64 tokens per micro-batch):
+
+1. ``fzero.deterministic`` against the default, per stage: median seconds per step, and the
+   bytes each rank's reductions move per step (from the schedule's ops).
+2. ``fzero.reduce_every_micro_batch`` true (default) against false, stages 2 and 3, 4
+   micro-batches: median seconds per step, reduction bytes per step, and the peak transient
+   gradient bytes: the schedule's annotation, and what the executor measured after each
+   trigger's ops (by default a unit's gradients live only from inside its backward to its
+   reduction, between two triggers, so they do not show there; kept for the step, they do).
+
+``--fp16-curve`` trains the same GPT from the same initialisation on the same batches twice,
+bf16 and fp16 (dynamic scaling, DeepSpeed's defaults: 2**16, window 1000, hysteresis 2), for
+200 steps, and prints both loss curves (means over 10-step windows), their largest relative
+difference and the number of skipped steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import fzero  # noqa: E402
+from fzero.collectives import run_ranks  # noqa: E402
+from fzero.schedule import ops as O  # noqa: E402
+
+REDUCTIONS = (O.ReduceScatter, O.AllReduce, O.ReduceInOrder)
+
+
+def _model(n_layer: int = 4, n_embd: int = 128, block_size: int = 64):
+    from gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=4, block_size=block_size))
+
+
+def _batches(steps: int, world: int, micro: int, batch: int = 8, seq: int = 64):
+    from gpt import MarkovCorpus
+
+    corpus, g = MarkovCorpus(64), torch.Generator().manual_seed(0)
+    return [
+        [[corpus.batch(batch, seq, g) for _ in range(micro)] for _ in range(world)]
+        for _ in range(steps)
+    ]
+
+
+def _reduction_nbytes(schedule, micro: int, world: int) -> int:
+    """Bytes one rank sends in its gradient reductions in a step (ring algorithms: (N-1)/N of
+    the buffer for a reduce-scatter or an all-to-all, twice that for an all-reduce, N-1 times
+    the buffer for stage 0's ordered all-gather)."""
+    total = 0.0
+    for op in schedule.ops(micro):
+        if isinstance(op, O.AllReduce):
+            total += 2 * (world - 1) / world * op.nbytes
+        elif isinstance(op, O.ReduceInOrder) and op.whole_unit:
+            total += (world - 1) * op.nbytes
+        elif isinstance(op, REDUCTIONS):
+            total += (world - 1) / world * op.nbytes
+        elif isinstance(op, O.ReduceScalarsInOrder):
+            total += (world - 1) / world * op.grad_nbytes
+    return int(total)
+
+
+def run(stage: int, world: int, micro: int, fzero_block: dict, steps: int, warmup: int):
+    """Median seconds per step on rank 0, the schedule, and the most transient gradient bytes
+    the executor measured at any trigger."""
+    config = {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "gradient_clipping": 1.0,
+        "fzero": fzero_block,
+    }
+    models = [_model() for _ in range(world)]
+    batches = _batches(steps + warmup, world, micro)
+
+    def rank_main(comm):
+        state = fzero.shard(models[comm.rank], stage=stage, config=config, process_group=comm)
+        times = []
+        for step in range(steps + warmup):
+            start = time.perf_counter()
+            state, metrics = fzero.train_step(state, batches[step][comm.rank])
+            float(metrics["loss"])
+            times.append(time.perf_counter() - start)
+        executor = state.runtime.executor
+        return statistics.median(times[warmup:]), executor.schedule
+
+    seconds, schedule = run_ranks(world, rank_main)[0]
+    peak = _measured_grad_peak(stage, world, micro, config)
+    return seconds, schedule, peak
+
+
+def _measured_grad_peak(stage, world, micro, config) -> int:
+    models = [_model() for _ in range(world)]
+    batches = _batches(2, world, micro)
+
+    def rank_main(comm):
+        state = fzero.shard(
+            models[comm.rank], stage=stage, config=config, process_group=comm, record_ops=True
+        )
+        for step in batches:
+            state, _ = fzero.train_step(state, step[comm.rank])
+        return max(grads for _, _, grads in state.runtime.executor.live_log)
+
+    return run_ranks(world, rank_main)[0]
+
+
+def cpu_tables(steps: int, warmup: int) -> None:
+    torch.set_num_threads(1)
+    mib = 1 << 20
+    print(f"torch {torch.__version__}, CPU, thread ranks, {steps} timed steps after {warmup}")
+    print("\n1. fzero.deterministic (2 micro-batches per step)\n")
+    print("| ranks | stage | default s/step | deterministic s/step | ratio | reduce MiB/step "
+          "default | deterministic |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for world in (2, 4):
+        for stage in range(4):
+            base, base_schedule, _ = run(stage, world, 2, {}, steps, warmup)
+            det, det_schedule, _ = run(stage, world, 2, {"deterministic": True}, steps, warmup)
+            print(
+                f"| {world} | {stage} | {base:.4f} | {det:.4f} | {det / base:.2f} | "
+                f"{_reduction_nbytes(base_schedule, 2, world) / mib:.2f} | "
+                f"{_reduction_nbytes(det_schedule, 2, world) / mib:.2f} |"
+            )
+    print("\n2. fzero.reduce_every_micro_batch (4 micro-batches per step)\n")
+    print("| ranks | stage | every: s/step | reduce MiB | peak grad MiB (schedule / at triggers) "
+          "| once: s/step | reduce MiB | peak grad MiB (schedule / at triggers) |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for world in (2, 4):
+        for stage in (2, 3):
+            row = [f"| {world} | {stage}"]
+            for flag in (True, False):
+                block = {"reduce_every_micro_batch": flag}
+                seconds, schedule, measured = run(stage, world, 4, block, steps, warmup)
+                row.append(
+                    f"{seconds:.4f} | {_reduction_nbytes(schedule, 4, world) / mib:.2f} | "
+                    f"{_grad_peak(schedule) / mib:.2f} / {measured / mib:.2f}"
+                )
+            print(" | ".join(row) + " |")
+
+
+def _grad_peak(schedule) -> int:
+    """The schedule's peak transient bytes less the gathered parameters alive there."""
+    by_index = {u.index: u for u in schedule.units}
+    peak, gathered = 0, set()
+    for entries in (schedule.micro_step, schedule.last_micro_step or ()):
+        for entry in entries:
+            for op in entry.ops:
+                if isinstance(op, O.AllGather):
+                    gathered.add(op.unit)
+                elif isinstance(op, O.Release):
+                    gathered.discard(op.unit)
+            params = sum(by_index[i].param_nbytes for i in gathered) if schedule.stage == 3 else 0
+            peak = max(peak, entry.live_nbytes - params)
+    return peak
+
+
+def fp16_curve(steps: int, device_name: str) -> None:
+    device = torch.device(device_name)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {name}: GPT 6 layers, n_embd 256, 16 x 128 tokens/step")
+    curves, skipped = {}, {}
+    for precision in ("bf16", "fp16"):
+        model = _model(n_layer=6, n_embd=256, block_size=128).to(device)
+        config = {
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95]}},
+            "gradient_clipping": 1.0,
+            precision: {"enabled": True},
+            "fzero": {"no_weight_decay": ["*.bias", "*ln_*", "*wpe*"]},
+        }
+        state = fzero.shard(model, stage=3, config=config)
+        batches = _batches(steps, 1, 1, batch=16, seq=128)
+        losses, scales = [], []
+        for step in range(steps):
+            ids, targets = (t.to(device) for t in batches[step][0][0])
+            state, metrics = fzero.train_step(state, (ids, targets))
+            losses.append(float(metrics["loss"]))
+            scales.append(metrics["loss_scale"])
+        curves[precision] = [statistics.fmean(losses[i : i + 10]) for i in range(0, steps, 10)]
+        skipped[precision] = metrics["skipped_steps"]
+        if precision == "fp16":
+            marks = sorted({1, 10, 50, steps} & set(range(1, steps + 1)))
+            shown = ", ".join(f"step {m}: {scales[m - 1]:g}" for m in marks)
+            print(f"fp16 loss scale after {shown}")
+    print("| steps | bf16 loss | fp16 loss | relative difference |")
+    print("| ---: | ---: | ---: | ---: |")
+    worst = 0.0
+    for i, (b, f) in enumerate(zip(curves["bf16"], curves["fp16"])):
+        worst = max(worst, abs(f - b) / b)
+        print(f"| {10 * i + 1}-{10 * i + 10} | {b:.4f} | {f:.4f} | {abs(f - b) / b:.2%} |")
+    print(f"largest relative difference {worst:.2%}; skipped steps: fp16 {skipped['fp16']}, "
+          f"bf16 {skipped['bf16']}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fp16-curve", action="store_true", help="CUDA: fp16 vs bf16 losses")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda", help="for --fp16-curve")
+    args = parser.parse_args()
+    if args.fp16_curve:
+        fp16_curve(args.steps or 200, args.device)
+    else:
+        cpu_tables(args.steps or 8, args.warmup)
+
+
+if __name__ == "__main__":
+    main()
