@@ -300,13 +300,20 @@ def prefetch(
     units: tuple[UnitInfo, ...], entries: list[Entry], max_live_nbytes: int
 ) -> list[Entry]:
     """Move each gather to the previous compute trigger, after that trigger's own wait, when
-    the unit is not alive there and the extra bytes fit under ``max_live_nbytes``."""
+    the unit is not alive there and the extra bytes fit under ``max_live_nbytes``.
+
+    Nothing moves into the root unit's pre_backward: the root's backward (output head and
+    loss) is where activation gradients peak, and a gather issued there would raise that peak
+    by a whole block for little overlap."""
+    roots = {u.index for u in units if u.is_root}
     entries = list(entries)
     for i in range(1, len(entries)):
         gathers = [op for op in entries[i].ops if isinstance(op, AllGather)]
         for gather in gathers:
             j = _previous_compute_entry(entries, i)
             if j is None or not _can_move(entries, gather.unit, j, i):
+                continue
+            if entries[j].trigger.kind == PRE_BACKWARD and entries[j].trigger.unit in roots:
                 continue
             live = _live_after(units, entries[: j + 1])
             if live + gather.nbytes > max_live_nbytes:
