@@ -14,15 +14,18 @@ CPU tables (thread ranks of one process, ``torch.set_num_threads(1)``; the examp
    trigger's ops (by default a unit's gradients live only from inside its backward to its
    reduction, between two triggers, so they do not show there; kept for the step, they do).
 
-``--fp16-curve`` trains the same GPT from the same initialisation on the same batches twice,
-bf16 and fp16 (dynamic scaling, DeepSpeed's defaults: 2**16, window 1000, hysteresis 2), for
-200 steps, and prints both loss curves (means over 10-step windows), their largest relative
-difference and the number of skipped steps.
+``--fp16-curve`` trains the same GPT (stage 3) from the same initialisation on the same batches
+in bf16 and fp16 (dynamic scaling, DeepSpeed's defaults: 2**16, window 1000, hysteresis 2) for
+200 steps and prints the loss curves (means over 10-step windows), their largest relative
+difference and the skipped steps. ``--with-plain`` adds fzero in fp32 and plain PyTorch mixed
+precision (fp32 master weights, torch's AdamW) in each dtype: the spread between two fp32
+implementations is the noise floor the fp16/bf16 difference is to be read against.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import statistics
 import sys
 import time
@@ -167,41 +170,86 @@ def _grad_peak(schedule) -> int:
     return peak
 
 
-def fp16_curve(steps: int, device_name: str) -> None:
+NO_DECAY = ["*.bias", "*ln_*", "*wpe*"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fzero_losses(precision: str, steps: int, device: torch.device, lr: float):
+    """Per-step losses, loss scales and skipped steps of fzero (stage 3) in ``precision``."""
+    model = _model(n_layer=6, n_embd=256, block_size=128).to(device)
+    config = {
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95]}},
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "fzero": {"no_weight_decay": NO_DECAY},
+    }
+    state = fzero.shard(model, stage=3, config=config)
+    batches = _batches(steps, 1, 1, batch=16, seq=128)
+    losses, scales = [], []
+    for step in range(steps):
+        ids, targets = (t.to(device) for t in batches[step][0][0])
+        state, metrics = fzero.train_step(state, (ids, targets))
+        losses.append(float(metrics["loss"]))
+        scales.append(metrics["loss_scale"])
+    return losses, scales, metrics["skipped_steps"]
+
+
+def plain_losses(precision: str, steps: int, device: torch.device, lr: float) -> list[float]:
+    """The same training in plain PyTorch mixed precision: fp32 master weights and
+    ``torch.optim.AdamW``, a ``precision`` copy of the model for forward and backward, the loss
+    multiplied by 2**16 in fp16 (no overflow happens in these runs)."""
+    master = _model(n_layer=6, n_embd=256, block_size=128).to(device)
+    compute = _model(n_layer=6, n_embd=256, block_size=128).to(device, DTYPES[precision])
+    params, copies = dict(master.named_parameters()), dict(compute.named_parameters())
+    plain = [p for n, p in params.items() if any(fnmatch.fnmatchcase(n, x) for x in NO_DECAY)]
+    decay = [p for p in params.values() if all(p is not q for q in plain)]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    scale = 2.0**16 if precision == "fp16" else 1.0
+    batches, losses = _batches(steps, 1, 1, batch=16, seq=128), []
+    for step in range(steps):
+        with torch.no_grad():
+            for name, p in params.items():
+                copies[name].copy_(p)
+        compute.zero_grad(set_to_none=True)
+        loss = compute(*(t.to(device) for t in batches[step][0][0]))
+        (loss * scale).backward()
+        for name, p in params.items():
+            p.grad = copies[name].grad.float() / scale
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def fp16_curve(steps: int, device_name: str, lr: float, with_plain: bool) -> None:
     device = torch.device(device_name)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"torch {torch.__version__}, {name}: GPT 6 layers, n_embd 256, 16 x 128 tokens/step")
+    print(f"torch {torch.__version__}, {name}: GPT 6 layers, n_embd 256, 16 x 128 tokens/step, "
+          f"lr {lr:g}")  # fmt: skip
     curves, skipped = {}, {}
-    for precision in ("bf16", "fp16"):
-        model = _model(n_layer=6, n_embd=256, block_size=128).to(device)
-        config = {
-            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95]}},
-            "gradient_clipping": 1.0,
-            precision: {"enabled": True},
-            "fzero": {"no_weight_decay": ["*.bias", "*ln_*", "*wpe*"]},
-        }
-        state = fzero.shard(model, stage=3, config=config)
-        batches = _batches(steps, 1, 1, batch=16, seq=128)
-        losses, scales = [], []
-        for step in range(steps):
-            ids, targets = (t.to(device) for t in batches[step][0][0])
-            state, metrics = fzero.train_step(state, (ids, targets))
-            losses.append(float(metrics["loss"]))
-            scales.append(metrics["loss_scale"])
-        curves[precision] = [statistics.fmean(losses[i : i + 10]) for i in range(0, steps, 10)]
-        skipped[precision] = metrics["skipped_steps"]
-        if precision == "fp16":
-            marks = sorted({1, 10, 50, steps} & set(range(1, steps + 1)))
-            shown = ", ".join(f"step {m}: {scales[m - 1]:g}" for m in marks)
-            print(f"fp16 loss scale after {shown}")
-    print("| steps | bf16 loss | fp16 loss | relative difference |")
-    print("| ---: | ---: | ---: | ---: |")
+    columns = ["bf16", "fp16"] + (["fp32", "plain bf16", "plain fp16", "plain fp32"] * with_plain)
+    for column in columns:
+        if column.startswith("plain "):
+            losses = plain_losses(column.split()[1], steps, device, lr)
+        else:
+            losses, scales, skipped[column] = fzero_losses(column, steps, device, lr)
+            if column == "fp16":
+                marks = sorted({1, 10, 50, steps} & set(range(1, steps + 1)))
+                shown = ", ".join(f"step {m}: {scales[m - 1]:g}" for m in marks)
+                print(f"fp16 loss scale after {shown}")
+        curves[column] = [statistics.fmean(losses[i : i + 10]) for i in range(0, steps, 10)]
+    print("| steps | " + " | ".join(f"{c} loss" for c in columns) + " | fp16 vs bf16 |")
+    print("| ---: |" + " ---: |" * (len(columns) + 1))
     worst = 0.0
-    for i, (b, f) in enumerate(zip(curves["bf16"], curves["fp16"])):
+    for i in range(len(curves["bf16"])):
+        b, f = curves["bf16"][i], curves["fp16"][i]
         worst = max(worst, abs(f - b) / b)
-        print(f"| {10 * i + 1}-{10 * i + 10} | {b:.4f} | {f:.4f} | {abs(f - b) / b:.2%} |")
-    print(f"largest relative difference {worst:.2%}; skipped steps: fp16 {skipped['fp16']}, "
-          f"bf16 {skipped['bf16']}")  # fmt: skip
+        values = " | ".join(f"{curves[c][i]:.4f}" for c in columns)
+        print(f"| {10 * i + 1}-{10 * i + 10} | {values} | {abs(f - b) / b:.2%} |")
+    print(f"largest fp16 vs bf16 relative difference {worst:.2%}; skipped steps: fp16 "
+          f"{skipped['fp16']}, bf16 {skipped['bf16']}")  # fmt: skip
 
 
 def main() -> None:
@@ -209,10 +257,14 @@ def main() -> None:
     parser.add_argument("--fp16-curve", action="store_true", help="CUDA: fp16 vs bf16 losses")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda", help="for --fp16-curve")
+    parser.add_argument("--device", default="cuda", help="--fp16-curve: where to train")
+    parser.add_argument("--lr", type=float, default=3e-3, help="--fp16-curve: learning rate")
+    parser.add_argument(
+        "--with-plain", action="store_true", help="--fp16-curve: fzero fp32 and plain PyTorch too"
+    )
     args = parser.parse_args()
     if args.fp16_curve:
-        fp16_curve(args.steps or 200, args.device)
+        fp16_curve(args.steps or 200, args.device, args.lr, args.with_plain)
     else:
         cpu_tables(args.steps or 8, args.warmup)
 

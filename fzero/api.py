@@ -30,6 +30,7 @@ from fzero.schedule.verify import is_collective
 from fzero.state.buffers import Workspace, bind_unit_views, free_storage
 from fzero.state.layout import FlatLayout, build_layout, dtype_from_name, find_unit_modules
 from fzero.state.zero_state import ZeroState
+from fzero.timeline import MeasuredTimeline
 
 
 @dataclass(eq=False, repr=False)
@@ -102,6 +103,7 @@ def shard(
     units: list[nn.Module | str] | None = None,
     record_ops: bool = False,
     simulate_world_size: int | None = None,
+    record_timeline: bool = False,
 ) -> ZeroState:
     """Partition ``model``'s parameters into flat buffers, keep this rank's shard, build AdamW
     state for it and compile the step schedule.
@@ -113,7 +115,8 @@ def shard(
     world size 1 when none is initialised). ``record_ops`` keeps a log of executed ops for tests.
     ``simulate_world_size=N`` runs as rank 0 of N ranks that do not exist: collectives only
     shape their outputs, so the memory (and compute time) of one rank of N can be measured on
-    one device; the values trained are meaningless.
+    one device; the values trained are meaningless. ``record_timeline`` records device times of
+    every trigger and gather into ``state.runtime.executor.timeline`` (see ``fzero.timeline``).
     The model's parameters become views into fzero's buffers; keep using the same model object.
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
@@ -195,6 +198,8 @@ def shard(
     executor.configure(reduce_dtype)
     executor.optimizer = optimizer
     executor.unit_params = params_per_unit
+    if record_timeline:
+        executor.timeline = MeasuredTimeline(device)
     executor.norm_order = _norm_order(model, layout)
     modules = {
         u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ from fzero.schedule import OnDemand, Schedule, Trigger
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace, alloc_storage, free_storage, is_allocated
 from fzero.state.layout import FlatLayout
+from fzero.timeline import MeasuredTimeline
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Executor:
 
     executed: list[O.Op] = field(default_factory=list)
     host_seconds: float = 0.0  # host time spent running ops, summed over steps
+    timeline: MeasuredTimeline | None = None  # when set: device times of triggers and gathers
+    _gather_stream: Any = None
     steps_run: int = 0
     # With record_ops: (trigger, gathered parameter bytes, gradient bytes) after its ops.
     live_log: list[tuple[Trigger, int, int]] = field(default_factory=list)
@@ -127,6 +131,8 @@ class Executor:
             )
         self._cursor += 1
         self._run(entries[self._cursor - 1].ops)
+        if self.timeline is not None:
+            self.timeline.mark(str(trigger))
         self._log_live(trigger)
 
     def end_micro_step(self) -> None:
@@ -147,11 +153,15 @@ class Executor:
         self.result = StepResult()
         self._micro_batches = micro_batches
         self._in_step_phase = True
+        if self.timeline is not None:
+            self.timeline.mark("step")
         try:
             for entry in self.schedule.step:
                 self._run(entry.ops)
         finally:
             self._in_step_phase = False
+        if self.timeline is not None:
+            self.timeline.mark("step_end")
         self._loss_sum = None
         self.steps_run += 1
         return self.result
@@ -199,10 +209,28 @@ class Executor:
         flat = self.workspace.param_flats[unit]
         alloc_storage(flat)
         if self.comm.world_size == 1:  # the shard is the whole unit: write it, cast included
+            if flat.is_cuda:
+                return self._copy_on_gather_stream(unit, flat), None
             self.workspace.write_shard(unit, flat)
             return DoneWork(), None
         source = self.workspace.gather_source(unit)
         return self.comm.all_gather(flat, source), source
+
+    def _copy_on_gather_stream(self, unit: int, flat: torch.Tensor) -> Work:
+        """One rank on CUDA: the gather is a cast-and-copy, run on a stream of its own so that
+        a prefetched unit's copy overlaps the compute before it. The side stream waits for the
+        compute stream (the master may just have been updated); WaitGather makes the compute
+        stream wait for the copy, and the buffer is only released after that wait."""
+        if self._gather_stream is None:
+            self._gather_stream = torch.cuda.Stream(device=flat.device)
+        stream = self._gather_stream
+        stream.wait_stream(torch.cuda.current_stream(flat.device))
+        start = self.timeline.begin(stream) if self.timeline is not None else None
+        with torch.cuda.stream(stream):
+            self.workspace.write_shard(unit, flat)
+        if self.timeline is not None:
+            self.timeline.end("gather", f"gather {unit}", start, stream)
+        return StreamWork(stream)
 
     def _op_WaitGather(self, op: O.WaitGather) -> None:
         pending = self._gathers.pop(op.unit, None)
@@ -571,3 +599,14 @@ def _follows(first: torch.Tensor, second: torch.Tensor) -> bool:
         first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
         and first.storage_offset() + first.numel() == second.storage_offset()
     )
+
+
+class StreamWork:
+    """Work queued on a CUDA stream: waiting makes the current stream wait for it."""
+
+    def __init__(self, stream: Any):
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)

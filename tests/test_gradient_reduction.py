@@ -143,29 +143,40 @@ def test_verify_catches_unordered_reductions_in_deterministic_mode():
 # -- running it ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+RUNS = [(2, LOCAL), (3, LOCAL)] + [(s, {"fzero": {"deterministic": True}}) for s in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra"), RUNS, ids=[f"{s}-{sorted(e['fzero'])[0]}" for s, e in RUNS]
+)
 @pytest.mark.parametrize("world_size", [1, 3])
-def test_reducing_once_trains_like_the_reference(stage, world_size):
-    """Gradients accumulated locally over 3 micro-batches and reduced once match the
-    single-device reference (fp32, 1e-5), and every step after the first runs
-    schedule.ops(3)."""
+def test_other_reductions_train_like_the_reference_and_run_their_schedule(stage, extra, world_size):
+    """Reduced once (gradients accumulated locally over 3 micro-batches) or in order, training
+    matches the single-device reference (fp32, 1e-5); the first step runs the on-demand ops for
+    its traced micro-batch and the schedule for the rest, later steps schedule.ops(3)."""
     torch.set_num_threads(1)
     spec = ToySpec(depth=3, width=7, frozen=True)
-    case = Case(spec, world_size, stage, micro=3, extra=LOCAL)
+    case = Case(spec, world_size, stage, micro=3, extra=extra)
     ref = reference(case)
     for full, state, _ in train_threads(case, record=True):
         assert_close_to_reference(full, ref, rtol=1e-5)
         executor = state.runtime.executor
         schedule = executor.schedule
-        assert schedule.gradient_reduction == "last_micro_batch"
+        ordered = "deterministic" in extra["fzero"]
+        assert schedule.gradient_reduction == ("ordered" if ordered else "last_micro_batch")
         trace = tuple(entry.trigger for entry in schedule.micro_step)
-        traced = on_demand(schedule.units, stage, trace, executor.grad_shard_nbytes)
-        first_step = (
-            len([op for e in traced for op in e.ops])
-            + len(schedule.ops(3))
-            - len([op for e in schedule.micro_step for op in e.ops])
+        traced = on_demand(
+            schedule.units,
+            stage,
+            trace,
+            executor.grad_shard_nbytes,
+            reduction="ordered" if ordered else "",
         )
-        assert executor.executed[first_step:] == schedule.ops(3) * 2
+        traced_ops = [op for e in traced for op in e.ops]
+        first_micro = [op for e in schedule.micro_step for op in e.ops]
+        first_step = traced_ops + schedule.ops(3)[len(first_micro) :]
+        assert executor.executed[: len(first_step)] == first_step
+        assert executor.executed[len(first_step) :] == schedule.ops(3) * 2
 
 
 def test_deterministic_runs_every_stage_the_same_in_bf16():
