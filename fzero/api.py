@@ -166,6 +166,9 @@ def shard(
         for buffer in model.buffers():
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(compute_dtype)
+    # Stage 3 units below the persistence threshold (elements) stay gathered for good.
+    threshold = cfg.zero_optimization.stage3_param_persistence_threshold
+    persistent = {u.index for u in layout.units if cfg.stage == 3 and u.numel < threshold}
     workspace, master = _build_buffers(
         layout,
         params_per_unit,
@@ -175,6 +178,7 @@ def shard(
         compute_dtype,
         accum_dtype,
         ordered=cfg.fzero.deterministic,
+        persistent=persistent,
     )
 
     infos = tuple(
@@ -186,6 +190,7 @@ def shard(
             u.padded_numel * compute_dtype.itemsize if u.has_trainable else 0,
             u.padded_numel * reduce_dtype.itemsize if u.has_trainable else 0,
             u.has_trainable,
+            persistent=u.index in persistent,
         )
         for u in layout.units
     )
@@ -410,13 +415,22 @@ def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None):
 
 
 def _build_buffers(
-    layout, params_per_unit, stage, comm, device, compute_dtype, accum_dtype, ordered=False
+    layout,
+    params_per_unit,
+    stage,
+    comm,
+    device,
+    compute_dtype,
+    accum_dtype,
+    ordered=False,
+    persistent=frozenset(),
 ):
     """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
     point the parameters there; each unit's original storage is released before the next one
     is copied, so sharding needs about one unit of memory beyond the model itself.
     ``ordered`` (deterministic mode): stage 0's gradient shard is an accumulator of its own,
-    alive only during a step, as in stages 1-3."""
+    alive only during a step, as in stages 1-3. ``persistent``: stage-3 units whose gathered
+    buffer is kept."""
     master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
     no_frozen = layout.optimizer_numel == layout.shard_numel
     param_shard = None
@@ -455,7 +469,7 @@ def _build_buffers(
         del flat
         bind_unit_views(unit, params, param_flats[-1], grad_flats[-1])
         # The views exist now: stage 3 frees the gathered parameters between uses.
-        if stage == 3:
+        if stage == 3 and unit.index not in persistent:
             free_storage(param_flats[-1])
     if stage >= 1 or ordered:  # alive only from a step's first reduction to its optimizer step
         free_storage(grad_shard)

@@ -547,9 +547,11 @@ class Executor:
         self._tracing = None
         self._loss_sum = None
         ws = self.workspace
-        if self.schedule.stage == 3:
-            for flat in ws.param_flats:
-                free_storage(flat)
+        if self.schedule.stage == 3:  # persistent units stay gathered, as between steps
+            kept = {u.index for u in self.schedule.units if u.persistent}
+            for index, flat in enumerate(ws.param_flats):
+                if index not in kept:
+                    free_storage(flat)
         self._sending.clear()
         for unit, grad in enumerate(ws.grad_flats):
             if self.schedule.stage >= 2:

@@ -137,3 +137,37 @@ def test_reuse_distance_keeps_the_last_blocks_gathered_into_backward(reuse_block
     for (full, _, _), (base, _, _) in zip(results, train_threads(released)):
         for name in full:
             assert torch.equal(full[name], base[name]), name
+
+
+def test_persistence_threshold_keeps_small_units_gathered():
+    """Stage 3 units below stage3_param_persistence_threshold (elements) are gathered once and
+    kept: no gather or release in the micro-step, a refresh after the optimizer step, nothing
+    freed between steps; the model trains bit for bit as with every unit released."""
+    torch.set_num_threads(1)
+    spec = ToySpec(depth=3, width=7)
+    block_numel = sum(p.numel() for p in ToyLM(spec).blocks[0].parameters())
+    threshold = block_numel + 1  # the blocks persist, the root (embedding, head) does not
+    case = Case(
+        spec,
+        2,
+        3,
+        2,
+        steps=3,
+        extra={"zero_optimization": {"stage3_param_persistence_threshold": threshold}},
+    )
+    results = train_threads(case)
+    schedule = results[0][1].schedule
+    kept = {u.index for u in schedule.units if u.persistent}
+    assert kept == {u.index for u in schedule.units if not u.is_root}
+    micro_ops = [op for e in schedule.micro_step for op in e.ops]
+    assert not [op for op in micro_ops if isinstance(op, (AllGather, Release)) and op.unit in kept]
+    refreshed = {op.unit for e in schedule.step for op in e.ops if isinstance(op, AllGather)}
+    assert refreshed == kept
+    executor = results[0][1].runtime.executor
+    assert executor.measured_param_nbytes() == sum(
+        u.param_nbytes for u in schedule.units if u.persistent
+    )
+    released = Case(spec, 2, 3, 2, steps=3)
+    for (full, _, _), (base, _, _) in zip(results, train_threads(released)):
+        for name in full:
+            assert torch.equal(full[name], base[name]), name

@@ -184,7 +184,9 @@ class OnDemand:
         self.reduction = reduction or ("step" if stage < 2 else "micro_batch")
         self.reduce = reduce
         self.shard_ready = False  # ZeroGradShard emitted in this micro-batch
-        self.gathered: set[int] = set() if stage == 3 else set(self.by_index)
+        kept = {u.index for u in units if u.persistent} if stage == 3 else set(self.by_index)
+        self.kept = kept  # never released: below stage 3, or persistent in stage 3
+        self.gathered: set[int] = set(kept)
         self.grad_live: set[int] = set()
         self.reduced: set[int] = set()
 
@@ -210,7 +212,7 @@ class OnDemand:
             ops.append(zero(unit.index, unit.name, unit.grad_nbytes))
             self.grad_live.add(unit.index)
         # The root unit is used at both ends of forward and backward: keep it for the step.
-        if kind == POST_FORWARD and stage == 3 and not unit.is_root:
+        if kind == POST_FORWARD and stage == 3 and not unit.is_root and unit.index not in self.kept:
             ops.append(Release(unit.index, unit.name, unit.param_nbytes))
             self.gathered.discard(unit.index)
         if kind == POST_BACKWARD:
@@ -230,16 +232,16 @@ class OnDemand:
                 ops += [reduction, WaitReduce(unit.index, unit.name, frees)]
                 self.grad_live.discard(unit.index)
                 self.reduced.add(unit.index)
-            if stage == 3 and unit.index in self.gathered:
+            if stage == 3 and unit.index in self.gathered - self.kept:
                 ops.append(Release(unit.index, unit.name, unit.param_nbytes))
                 self.gathered.discard(unit.index)
         if kind == BACKWARD_END:
             if stage == 3:
                 ops += [
                     Release(i, self.by_index[i].name, self.by_index[i].param_nbytes)
-                    for i in sorted(self.gathered)
+                    for i in sorted(self.gathered - self.kept)
                 ]
-                self.gathered.clear()
+                self.gathered = set(self.kept)
             self.reduced.clear()
             self.shard_ready = False
         return tuple(ops)
@@ -353,8 +355,9 @@ def _can_move(entries: list[Entry], unit: int, j: int, i: int) -> bool:
 
 
 def _live_after(units: tuple[UnitInfo, ...], entries: list[Entry]) -> int:
+    """Gathered parameter bytes after ``entries`` (stage 3: persistent units always count)."""
     by_index = {u.index: u for u in units}
-    live: set[int] = set()
+    live: set[int] = {u.index for u in units if u.persistent}
     for entry in entries:
         for op in entry.ops:
             if isinstance(op, AllGather):
@@ -374,7 +377,7 @@ def with_live_nbytes(
     after it (stages 2 and 3 only allocate gradient buffers in the micro-step).
     ``grads_at_start``: units whose gradients a previous micro-batch left alive."""
     by_index = {u.index: u for u in units}
-    params: set[int] = set()
+    params: set[int] = {u.index for u in units if u.persistent} if stage == 3 else set()
     grads: set[int] = set(grads_at_start) if stage >= 2 else set()
     out = []
     for entry in entries:
@@ -414,9 +417,11 @@ def step_ops(
     ops += [ReduceScalars(), OptimizerStep(optimizer_numel)]
     if stage >= 1 or not once:  # stage 0's all-reduced full gradient persists
         ops.append(FreeGradShard(grad_shard_nbytes))
-    if stage in (1, 2):  # refresh the full parameters from the updated shards
-        ops += [AllGather(u.index, u.name, u.param_nbytes) for u in trainable]
-        ops += [WaitGather(u.index, u.name) for u in trainable]
+    # Refresh the full parameters from the updated shards: every unit in stages 1 and 2, the
+    # persistent ones in stage 3.
+    refreshed = [u for u in trainable if stage in (1, 2) or (stage == 3 and u.persistent)]
+    ops += [AllGather(u.index, u.name, u.param_nbytes) for u in refreshed]
+    ops += [WaitGather(u.index, u.name) for u in refreshed]
     if once:  # full gradients persist; clear them for the next step
         ops += [ZeroGrad(u.index, u.name, u.grad_nbytes) for u in trainable]
     return tuple(ops)

@@ -33,6 +33,9 @@ class UnitInfo:
     grad_nbytes: int  # the unit's gradient buffer, in the compute dtype
     reduce_nbytes: int  # the buffer a reduction moves, in the reduce dtype
     has_trainable: bool
+    # Stage 3: smaller than stage3_param_persistence_threshold, so it stays gathered for good
+    # (refreshed after each optimizer step) instead of being gathered and released around uses.
+    persistent: bool = False
 
     @property
     def is_root(self) -> bool:

@@ -102,7 +102,9 @@ class _Checker:
         self.units = {u.index: u for u in schedule.units}
         self.trainable = {u.index for u in schedule.units if u.has_trainable}
         self.max_live_nbytes = max_live_nbytes
-        self.params = {i: READY if stage < 3 else RELEASED for i in self.units}
+        # Never released: every unit below stage 3, the persistent ones in stage 3.
+        self.kept = {i for i, u in self.units.items() if stage < 3 or u.persistent}
+        self.params = {i: READY if i in self.kept else RELEASED for i in self.units}
         self.forward: set[int] = set()  # between pre_forward(u) and post_forward(u)
         self.backward: set[int] = set()  # between pre_backward(u) and post_backward(u)
         self.backward_seen: set[int] = set()  # pre_backward(u) seen in this micro-batch
@@ -211,7 +213,7 @@ class _Checker:
         unit, state = op.unit, self.params.get(op.unit, RELEASED)
         if self.stage == 0:
             self.fail("gather-once", unit, "stage 0 does not shard parameters: nothing to gather")
-        refresh = self.stage < 3 and self.phase == "step" and state == READY
+        refresh = unit in self.kept and self.phase == "step" and state == READY
         if refresh and not self.optimizer_done:
             self.fail(
                 "refresh-after-optimizer",
@@ -240,12 +242,9 @@ class _Checker:
 
     def op_Release(self, op: O.Release) -> None:
         unit, state = op.unit, self.params.get(op.unit, RELEASED)
-        if self.stage < 3:
-            self.fail(
-                "release-stage-3-only",
-                unit,
-                f"released, but stage {self.stage} keeps every parameter gathered",
-            )
+        if unit in self.kept:
+            kept = "it is persistent" if self.stage == 3 else f"stage {self.stage} keeps it"
+            self.fail("release-stage-3-only", unit, f"released, but {kept}: always gathered")
         if state != READY:
             what = "its AllGather is in flight" if state == GATHERING else "it is not gathered"
             self.fail("release-after-gather", unit, f"released while {what}")
@@ -445,7 +444,7 @@ class _Checker:
         self.where = where
         self.require_quiet("end-of-micro-step", "micro-step")
         for unit, state in sorted(self.params.items()):
-            if self.stage == 3 and state != RELEASED:
+            if self.stage == 3 and state != RELEASED and unit not in self.kept:
                 self.fail(
                     "end-of-micro-step",
                     unit,
@@ -465,9 +464,9 @@ class _Checker:
         if not self.optimizer_done:
             self.fail("optimizer-after-reduce", -1, "the step has no OptimizerStep")
         for unit, state in sorted(self.params.items()):
-            if self.stage == 3 and state != RELEASED:
+            if self.stage == 3 and state != RELEASED and unit not in self.kept:
                 self.fail("end-of-step", unit, "still gathered at the end of the step")
-        for unit in sorted(self.trainable - self.refreshed) if self.stage in (1, 2) else ():
+        for unit in sorted((self.trainable & self.kept) - self.refreshed) if self.stage else ():
             self.fail(
                 "refresh-after-optimizer",
                 unit,

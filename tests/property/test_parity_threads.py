@@ -13,11 +13,38 @@ from tests.strategies import cases
 @given(case=cases())
 def test_every_stage_matches_single_device_reference(case):
     """After 3 AdamW steps with clipping, every rank's full_state_dict equals torch.optim.AdamW
-    trained on the concatenation of all ranks' micro-batches (fp32, 1e-5 relative)."""
+    trained on the concatenation of all ranks' micro-batches, its loss the mean of the
+    micro-batches' mean losses (fp32, 1e-5 relative; measured worst over 250 drawn cases:
+    1.4e-6)."""
     torch.set_num_threads(1)
     ref = reference(case)
     for full, _, _ in train_threads(case):
         assert_close_to_reference(full, ref, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_no_further_from_one_big_batch_than_torch_gradient_accumulation(case):
+    """Against one backward over the concatenated batch, fzero is as close as PyTorch's own
+    gradient accumulation over the same micro-batches is: the two differ from it only by fp32
+    rounding of mathematically equal sums, which three Adam steps amplify to up to 6e-5 on
+    these models, so the bound is that distance plus 1e-5."""
+    torch.set_num_threads(1)
+    one_batch = reference(case, grouped=False)
+    accumulated = reference(case)
+
+    def distance(state: dict) -> float:
+        return max(
+            (
+                (state[k].double() - one_batch[k].double()).abs().max()
+                / one_batch[k].abs().max().clamp_min(1e-12)
+            ).item()
+            for k in one_batch
+        )
+
+    bound = distance(accumulated) + 1e-5
+    for full, _, _ in train_threads(case):
+        assert distance(full) <= bound
 
 
 @settings(max_examples=20, deadline=None)
