@@ -84,6 +84,7 @@ def make_step(impl: str, model, device: torch.device):
     """Returns step(batch) -> loss tensor and a dict of extra numbers to report."""
     kind, _, stage = impl.partition(":")
     stage, _, fake_world = stage.partition("@")  # fzero:3@64: rank 0 of a simulated world
+    stage, _, options = stage.partition("+")  # fzero:3+compile: torch.compile each block
     bf16 = device.type == "cuda"
     if kind == "fzero":
         import fzero
@@ -96,6 +97,7 @@ def make_step(impl: str, model, device: torch.device):
             # does (DeepSpeed's default reuse distance, 1e9, keeps every block of these models
             # gathered into backward: faster, and more memory).
             "zero_optimization": {"stage3_max_reuse_distance": 0},
+            "fzero": {"compile_units": options == "compile"},
         }
         world = int(fake_world) if fake_world else None
         box = {

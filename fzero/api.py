@@ -209,6 +209,12 @@ def shard(
     modules = {
         u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
     }
+    if cfg.fzero.compile_units:
+        # Only the blocks' own computation: the module hooks that raise the triggers run
+        # around the compiled forward, never inside it.
+        for module in modules.values():
+            if module is not model:
+                module.forward = torch.compile(module.forward)
     hooks = HookDriver(model, modules, params_per_unit, executor, comm)
     runtime = Runtime(model, cfg, layout, comm, executor, hooks, loss_fn, infos)
     runtime.loss_scaler = LossScaler.from_fp16(cfg.fp16)

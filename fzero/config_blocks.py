@@ -241,6 +241,9 @@ class FzeroConfig:
     ``deterministic``: reduce in a fixed order that depends neither on the world size nor on
     the layout, so that N ranks match one device that sums the same micro-batch gradients in
     order bit for bit (``fzero/schedule/compile.py`` says how, and what it costs).
+
+    ``compile_units``: run each block unit's ``forward`` through ``torch.compile`` (the hooks
+    that gather, release and reduce stay outside the compiled code). Off by default.
     """
 
     no_weight_decay: tuple[str, ...] = ()
@@ -248,3 +251,4 @@ class FzeroConfig:
     nonfinite_grads: Literal["skip", "error", "apply"] = "skip"
     reduce_every_micro_batch: bool | None = None
     deterministic: bool = False
+    compile_units: bool = False
