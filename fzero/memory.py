@@ -24,37 +24,21 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from fzero.schedule.memory_model import BytesPerParam, dtype_nbytes, model_states
+from fzero.schedule.memory_model import BytesPerParam, ModelStates, dtype_nbytes, model_states
 
 GB = 1e9  # the paper's gigabyte
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per rank of parameters, gradients and optimizer state at the optimizer step.
-
-    ``transient_gradients``: the part of ``gradients`` freed between steps (fzero's gradient
-    shard in stages 1-3; 0 for the paper's layout).
-    """
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimate(ModelStates):
+    """Bytes per rank of parameters, gradients and optimizer state at the optimizer step
+    (``ModelStates``: ``total``, ``between_steps``), with what they were computed for."""
 
     stage: int
     world_size: int
     numel: int
     trainable_numel: int
-    parameters: int
-    gradients: int
-    optimizer_state: int
-    transient_gradients: int = 0
     layout: str = "paper"
-
-    @property
-    def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state
-
-    @property
-    def between_steps(self) -> int:
-        """What a rank keeps from one step to the next."""
-        return self.total - self.transient_gradients
 
     def __str__(self) -> str:
         between = (
@@ -120,13 +104,13 @@ def estimate_memory(
         numel, world_size, stage, bytes_per_param, trainable_numel=trainable, layout=layout
     )
     return MemoryEstimate(
-        stage,
-        world_size,
-        numel,
-        trainable,
-        states.parameters,
-        states.gradients,
-        states.optimizer_state,
-        states.transient_gradients,
-        layout,
+        parameters=states.parameters,
+        gradients=states.gradients,
+        optimizer_state=states.optimizer_state,
+        transient_gradients=states.transient_gradients,
+        stage=stage,
+        world_size=world_size,
+        numel=numel,
+        trainable_numel=trainable,
+        layout=layout,
     )
