@@ -108,8 +108,10 @@ class Release(Op):
 
 @dataclass(frozen=True)
 class ZeroGrad(Op):
-    """Materialise unit ``unit``'s gradient buffer as zeros; its parameters' ``.grad`` are views
-    into it, so autograd accumulates straight into the flat buffer."""
+    """Start unit ``unit``'s gradients from zero. Stages 0 and 1: zero its persistent flat
+    gradient buffer, which its parameters' ``.grad`` are views into, so autograd accumulates
+    straight into it. Stages 2 and 3: clear the parameters' ``.grad``, so autograd hands each a
+    fresh gradient (``nbytes`` of them at most) that the unit's reduction packs and frees."""
 
     unit: int
     name: str
