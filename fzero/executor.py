@@ -7,7 +7,9 @@ than it was traced gets a ``ScheduleError`` instead of a wrong gather. While the
 micro-batch is traced it runs the on-demand ops of ``schedule.OnDemand`` instead.
 
 Nothing the executor does to buffers happens outside an op, so the ops it records
-(``record_ops=True``) are exactly ``schedule.ops(micro_batches)``.
+(``record_ops=True``) are exactly ``schedule.ops(micro_batches)``. Gathers and releases are
+here; gradient reductions in ``fzero/reductions.py``; the step phase's scalars and AdamW in
+``fzero/optimizer_phase.py``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any
 
 import torch
 
+from fzero import optimizer_phase, reductions
 from fzero.collectives import Communicator, DoneWork, Work
 from fzero.errors import ScheduleError
-from fzero.kernels.adamw import WeightDecaySegments, adamw_step
+from fzero.kernels.adamw import WeightDecaySegments
 from fzero.schedule import OnDemand, Schedule, Trigger
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace, alloc_storage, free_storage, is_allocated
@@ -265,248 +268,21 @@ class Executor:
     def _trainable(self, unit: int) -> list[torch.nn.Parameter]:
         return [p for p in self.unit_params[unit] if p.requires_grad]
 
-    def _reduce_input(self, unit: int) -> torch.Tensor:
-        grad = self.workspace.grad_flats[unit]
-        dtype = self.reduce_dtype
-        return grad if grad.dtype == dtype else grad.to(dtype)
-
-    def _packed_gradients(self, unit: int, out: torch.Tensor) -> None:
-        """Write unit ``unit``'s parameter gradients into ``out`` (its flat layout, any dtype:
-        the copy casts) and let them go; gradients that were never produced, frozen parameters
-        and padding read as zeros."""
-        layout_unit = self.layout.units[unit]
-        targets, grads = [], []
-        covered = 0
-        for slot, param in zip(layout_unit.params, self.unit_params[unit]):
-            view = out[slot.offset : slot.offset + slot.numel]
-            if param.requires_grad and param.grad is not None:
-                targets.append(view)
-                grads.append(param.grad.reshape(-1))
-                covered += slot.numel
-            else:
-                view.zero_()
-            param.grad = None
-        out[layout_unit.numel :].zero_()
-        if targets:
-            torch._foreach_copy_(targets, grads)
-
-    def _op_ReduceScatter(self, op: O.ReduceScatter) -> None:
-        u = self.layout.units[op.unit]
-        if self.schedule.stage == 1:  # full gradients persist in the unit buffers
-            full = self._reduce_input(op.unit)
-        elif self.comm.world_size == 1:
-            # One rank: the sum is the gradient itself. It goes straight into the shard, one
-            # pass per parameter with the cast folded in, and no buffer between.
-            self._write_gradients_into_shard(op.unit)
-            self._reductions[op.unit] = (DoneWork(), None, "done")
-            return
-        else:
-            full = torch.empty(
-                u.padded_numel, dtype=self.reduce_dtype, device=self.workspace.master.device
-            )
-            self._packed_gradients(op.unit, full)
-        out = torch.empty(u.shard_numel, dtype=full.dtype, device=full.device)
-        # ``full`` must live until the reduction is waited on.
-        self._reductions[op.unit] = (self.comm.reduce_scatter(out, full), out, "add")
-        self._sending[op.unit] = full
-
-    def _op_AllReduce(self, op: O.AllReduce) -> None:
-        full = self._reduce_input(op.unit)
-        self._reductions[op.unit] = (self.comm.all_reduce(full), full, "copy")
-
-    def _op_ReduceInOrder(self, op: O.ReduceInOrder) -> None:
-        u = self.layout.units[op.unit]
-        if self.schedule.stage < 2:  # full gradients persist in the unit buffers
-            full = self._reduce_input(op.unit)
-        else:
-            full = torch.empty(
-                u.padded_numel, dtype=self.reduce_dtype, device=self.workspace.master.device
-            )
-            self._packed_gradients(op.unit, full)
-        # Cast to the reduce dtype even on one rank: the sum must not depend on the world size.
-        world = self.comm.world_size
-        if world == 1:
-            self._reductions[op.unit] = (DoneWork(), full, "fold")
-            return
-        if op.whole_unit:  # stage 0 owns whole units: it receives every rank's whole gradient
-            out = torch.empty(world * full.numel(), dtype=full.dtype, device=full.device)
-            work = self.comm.all_gather(out, full)
-        else:
-            out = torch.empty_like(full)
-            work = self.comm.all_to_all(out, full)
-        self._reductions[op.unit] = (work, out, "fold")
-        self._sending[op.unit] = full
-
-    def _write_gradients_into_shard(self, unit: int) -> None:
-        """World size 1 (the shard is the whole unit): write or add each parameter's gradient
-        into its place in the gradient shard and let it go."""
-        u = self.layout.units[unit]
-        shard = self.workspace.grad_shard[
-            u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
-        ]
-        first = unit not in self._shard_written
-        targets, grads = [], []
-        for slot, param in zip(u.params, self.unit_params[unit]):
-            if not param.requires_grad:
-                continue  # frozen parameters lie past the optimizer space
-            view = shard[slot.offset : slot.offset + slot.numel]
-            if param.grad is not None:
-                targets.append(view)
-                grads.append(param.grad.reshape(-1))
-            elif first:
-                view.zero_()
-            param.grad = None
-        if first:
-            shard[u.numel if u.trainable_numel == u.padded_numel else u.optimizer_numel :].zero_()
-        if targets:
-            (torch._foreach_copy_ if first else torch._foreach_add_)(targets, grads)
-
-    def _op_WaitReduce(self, op: O.WaitReduce) -> None:
-        work, out, how = self._reductions.pop(op.unit)
-        work.wait()
-        self._sending.pop(op.unit, None)
-        if how == "done":  # already in the shard
-            self._shard_written.add(op.unit)
-            return
-        u = self.layout.units[op.unit]
-        target = self.workspace.grad_shard[
-            u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
-        ]
-        source = out[: u.optimizer_numel]
-        if how == "fold":
-            # Every rank's piece of this unit, added in rank order.
-            pieces = out.view(self.comm.world_size, -1)[:, : u.optimizer_numel]
-            first = op.unit not in self._shard_written
-            for rank, piece in enumerate(pieces):
-                if first and rank == 0:  # the shard was not zeroed: the first piece is copied
-                    target.copy_(piece)
-                else:
-                    target.add_(piece)
-        elif how == "add" and op.unit in self._shard_written:
-            target.add_(source)
-        elif source.data_ptr() != target.data_ptr():  # stage 0 may reduce the shard in place
-            # The first reduction of a step writes instead of adding: the shard was never
-            # zeroed (ZeroGradShard zeroes only what no reduction wrote, before it is read).
-            target.copy_(source)
-        self._shard_written.add(op.unit)
-
-    def _op_ZeroGradShard(self, op: O.ZeroGradShard) -> None:
-        # Materialise the shard; the reductions of this step write their units' slices. Once
-        # alive (a later micro-batch, or the step phase), it only zeroes the slices of units
-        # no reduction wrote this step, so the optimizer never reads stale memory.
-        shard = self.workspace.grad_shard
-        if not is_allocated(shard):
-            alloc_storage(shard)
-            self._shard_written = set()
-            if self._in_step_phase:
-                shard.zero_()
-            return
-        if self._in_step_phase:
-            for u in self.layout.units:
-                if u.optimizer_numel and u.index not in self._shard_written:
-                    shard[u.optimizer_offset : u.optimizer_offset + u.optimizer_numel].zero_()
-                    self._shard_written.add(u.index)
-
-    def _op_FreeGradShard(self, op: O.FreeGradShard) -> None:
-        free_storage(self.workspace.grad_shard)
-        self._shard_written = set()
-
-    def _op_ReduceScalars(self, op: O.ReduceScalars) -> None:
-        grad = self.workspace.grad_shard
-        device = grad.device
-        # vector_norm reduces without materialising a squared copy of the shard.
-        squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-        if self.layout.shard_world == 1 and self.comm.rank != 0:
-            squares = torch.zeros_like(squares)  # stage 0: every rank holds the same gradient
-        loss = self._loss_sum / self._micro_batches if self._loss_sum is not None else None
-        scalars = torch.stack(
-            [loss if loss is not None else torch.zeros((), device=device), squares.to(device)]
-        )
-        self.comm.all_reduce(scalars).wait()
-        world = self.comm.world_size
-        self.result.loss = scalars[0] / world
-        self._finish_scalars(scalars[1])
-
-    def _op_ReduceScalarsInOrder(self, op: O.ReduceScalarsInOrder) -> None:
-        # No float sum is left to a collective: gathered values are added in a fixed order.
-        world = self.comm.world_size
-        device = self.workspace.master.device
-        loss = self._loss_sum / self._micro_batches if self._loss_sum is not None else None
-        loss = loss if loss is not None else torch.zeros((), device=device)
-        losses = torch.empty(world, dtype=torch.float32, device=device)
-        self.comm.all_gather(losses, loss.float().reshape(1)).wait()
-        total_loss = losses[0]
-        for value in losses[1:]:
-            total_loss = total_loss + value
-        self.result.loss = total_loss / world
-        squares = torch.zeros((), dtype=torch.float32, device=device)
-        for value in self._squares_in_model_order():
-            squares = squares + value
-        self._finish_scalars(squares)
-
-    def _squares_in_model_order(self) -> list[torch.Tensor]:
-        """Each trainable parameter's squared norm of the reduced gradient (summed over ranks),
-        in model parameter order. Units are gathered one at a time: this rank's part of the
-        gradient shard, zeros past it."""
-        ws, layout = self.workspace, self.layout
-        squares: dict[tuple[int, int], torch.Tensor] = {}
-        for u in layout.units:
-            if not u.has_trainable:
-                continue
-            full = ws.grad_shard[u.optimizer_offset : u.optimizer_offset + u.optimizer_numel]
-            if layout.shard_world > 1:
-                send = torch.zeros(u.shard_numel, dtype=full.dtype, device=full.device)
-                send[: u.optimizer_numel] = full
-                full = torch.empty(u.padded_numel, dtype=full.dtype, device=full.device)
-                self.comm.all_gather(full, send).wait()
-            for slot in u.params:
-                if slot.requires_grad:
-                    grad = full[slot.offset : slot.offset + slot.numel].view(slot.shape)
-                    value = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-                    squares[(u.index, slot.offset)] = value
-        return [squares[(unit, offset)] for unit, offset, _ in self.norm_order]
-
-    def _finish_scalars(self, squares: torch.Tensor) -> None:
-        """The gradient norm and overflow flag from the global sum of squares of the reduced
-        gradient, which is the sum over ranks (the mean is 1/world of it) times the loss scale.
-        A non-finite sum means some rank's gradient held Inf or NaN."""
-        hyper = self.hyper
-        norm = squares.sqrt() / self.comm.world_size
-        if hyper is not None and hyper.loss_scale != 1.0:
-            norm = norm / hyper.loss_scale  # a power of two when dynamic: exact
-        self.result.grad_norm = norm
-        if hyper is not None and hyper.check_finite:
-            self.result.found_inf = (~torch.isfinite(squares)).float()
-
-    def _op_OptimizerStep(self, op: O.OptimizerStep) -> None:
-        state, hyper = self.optimizer, self.hyper
-        assert state is not None and hyper is not None
-        # Averaging over ranks and undoing the loss scale, in the one factor AdamW reads.
-        average = 1.0 / (self.comm.world_size * hyper.loss_scale)
-        scale = torch.full((), average, device=state.master.device)
-        if hyper.max_grad_norm > 0:
-            # torch.nn.utils.clip_grad_norm_'s coefficient, kept on the device (no host sync).
-            coef = hyper.max_grad_norm / (self.result.grad_norm + 1e-6)
-            scale = scale * torch.clamp(coef, max=1.0)
-        found_inf = self.result.found_inf
-        # A skipped step leaves the step count too (on the device: no host sync).
-        state.step.add_(1 if found_inf is None else 1 - found_inf)
-        for (lo, hi, param_out), decay in zip(self.optimizer_runs, self.decay_runs):
-            adamw_step(
-                state.master[lo:hi],
-                self.workspace.grad_shard[lo:hi],
-                state.exp_avg[lo:hi],
-                state.exp_avg_sq[lo:hi],
-                lr=hyper.lr,
-                beta1=hyper.beta1,
-                beta2=hyper.beta2,
-                eps=hyper.eps,
-                step=state.step,
-                decay=decay,
-                grad_scale=scale,
-                found_inf=found_inf,
-                param_out=param_out,
-            )
+    # The reduction and step-phase ops live in their own modules (one concept per file).
+    _reduce_input = reductions.reduce_input
+    _packed_gradients = reductions.packed_gradients
+    _op_ReduceScatter = reductions.op_ReduceScatter
+    _op_AllReduce = reductions.op_AllReduce
+    _op_ReduceInOrder = reductions.op_ReduceInOrder
+    _write_gradients_into_shard = reductions.write_gradients_into_shard
+    _op_WaitReduce = reductions.op_WaitReduce
+    _op_ZeroGradShard = reductions.op_ZeroGradShard
+    _op_FreeGradShard = reductions.op_FreeGradShard
+    _op_ReduceScalars = optimizer_phase.op_ReduceScalars
+    _op_ReduceScalarsInOrder = optimizer_phase.op_ReduceScalarsInOrder
+    _squares_in_model_order = optimizer_phase.squares_in_model_order
+    _finish_scalars = optimizer_phase.finish_scalars
+    _op_OptimizerStep = optimizer_phase.op_OptimizerStep
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -521,7 +297,7 @@ class Executor:
 
     def configure(self, reduce_dtype: torch.dtype) -> None:
         self._reduce_dtype = reduce_dtype
-        self.optimizer_runs = optimizer_runs(self.layout, self.workspace)
+        self.optimizer_runs = optimizer_phase.optimizer_runs(self.layout, self.workspace)
         self.decay_runs = [
             WeightDecaySegments.from_ranges(
                 [
@@ -564,43 +340,6 @@ class Executor:
         else:
             free_storage(ws.grad_shard)
             self._shard_written = set()
-
-
-def optimizer_runs(layout: FlatLayout, workspace: Workspace):
-    """Split the optimizer space into runs, one kernel launch each, whose compute-dtype
-    destinations are contiguous too: one run in stages 0 and 3 unless a unit holds frozen
-    parameters, one per unit in stages 1 and 2 (each unit's shard is a slice of its own buffer).
-    The destination is None where nothing besides the master is kept."""
-    runs: list[tuple[int, int, torch.Tensor | None]] = []
-    for u in layout.units:
-        if u.optimizer_numel == 0:
-            continue
-        lo, hi = u.optimizer_offset, u.optimizer_offset + u.optimizer_numel
-        dest = workspace.param_out(u.index)
-        if runs and runs[-1][1] == lo:
-            prev_lo, _, prev = runs[-1]
-            if prev is None and dest is None:
-                runs[-1] = (prev_lo, hi, None)
-                continue
-            if prev is not None and dest is not None and _follows(prev, dest):
-                runs[-1] = (
-                    prev_lo,
-                    hi,
-                    workspace.param_shard[
-                        prev.storage_offset() : dest.storage_offset() + dest.numel()
-                    ],
-                )
-                continue
-        runs.append((lo, hi, dest))
-    return runs
-
-
-def _follows(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Whether ``second`` starts where ``first`` ends in the same storage (stage 0's shard)."""
-    return (
-        first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
-        and first.storage_offset() + first.numel() == second.storage_offset()
-    )
 
 
 class StreamWork:
