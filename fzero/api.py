@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,19 +12,18 @@ from torch import nn
 
 from fzero.collectives import Communicator, FakeWorld, make_communicator
 from fzero.config import Config
+from fzero.cross_rank import check_same_on_all_ranks, layout_summary, schedule_summary
 from fzero.errors import (
     BatchError,
     LossError,
     NonFiniteGradientError,
     ScheduleError,
-    ScheduleMismatchError,
     ShardError,
 )
 from fzero.executor import Executor, Hyper, OptimizerBuffers
 from fzero.hooks import HookDriver
 from fzero.loss_scale import LossScaler, update
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
-from fzero.schedule.verify import is_collective
 from fzero.state.buffers import Workspace, bind_unit_views, free_storage
 from fzero.state.layout import FlatLayout, build_layout, dtype_from_name, find_unit_modules
 from fzero.state.zero_state import ZeroState
@@ -76,7 +73,7 @@ class Runtime:
             knobs=knobs,
         )
         if traced:
-            _check_same_on_all_ranks(self.comm, "traced schedule", _schedule_summary(schedule))
+            check_same_on_all_ranks(self.comm, "traced schedule", schedule_summary(schedule))
         return schedule
 
     @property
@@ -156,7 +153,7 @@ def shard(
         weight_decay=cfg.optimizer.weight_decay,
         no_weight_decay=cfg.fzero.no_weight_decay,
     )
-    _check_same_on_all_ranks(comm, "model layout and config", _layout_summary(layout, cfg))
+    check_same_on_all_ranks(comm, "model layout and config", layout_summary(layout, cfg))
 
     compute_dtype = dtype_from_name(cfg.compute_dtype_name)
     accum_dtype = dtype_from_name(cfg.grad_accum_dtype_name)
@@ -496,67 +493,3 @@ def _norm_order(model: nn.Module, layout: FlatLayout) -> tuple[tuple[int, int, t
         if slot.requires_grad
     ]
     return tuple((unit, offset, shape) for _, unit, offset, shape in sorted(slots))
-
-
-def _layout_summary(layout: FlatLayout, cfg: Config) -> dict[str, Any]:
-    """What every rank must agree on at shard time, keyed by names so that a difference reads
-    as ``units.blocks.0.blocks.0.linear.weight.shape[1] (5 vs 7)``."""
-    return {
-        "world_size": layout.world_size,
-        "units": {
-            unit.name or "<root>": {
-                slot.names[0]: {
-                    "shape": list(slot.shape),
-                    "trainable": slot.requires_grad,
-                    "tied_names": list(slot.names[1:]),
-                }
-                for slot in unit.params
-            }
-            for unit in layout.units
-        },
-        "config": cfg.to_dict(),
-    }
-
-
-def _schedule_summary(schedule: Schedule) -> dict[str, Any]:
-    """The collectives each trigger issues, in order: what every rank must agree on (per-rank
-    sizes such as the optimizer shard may differ)."""
-    return {
-        "collectives": [
-            f"{entry.trigger}: " + ", ".join(str(op) for op in entry.ops if is_collective(op))
-            for entry in schedule.micro_step + (schedule.last_micro_step or ()) + schedule.step
-        ]
-    }
-
-
-def _check_same_on_all_ranks(comm: Communicator, what: str, summary: dict[str, Any]) -> None:
-    """One small collective: every rank compares a hash of ``summary``; on a mismatch every
-    rank raises, naming the first thing that differs, instead of hanging later."""
-    if comm.world_size == 1:
-        return
-    text = json.dumps(summary, sort_keys=True, default=str)
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    digests = comm.all_gather_object(digest)
-    if len(set(digests)) == 1:
-        return
-    summaries = comm.all_gather_object(summary)
-    other = next(r for r, d in enumerate(digests) if d != digests[0])
-    raise ScheduleMismatchError(
-        f"ranks disagree on the {what}: rank 0 and rank {other} differ at "
-        f"{_first_difference(summaries[0], summaries[other])}. Every rank must build the same "
-        "model with the same config."
-    )
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
-    if isinstance(a, list) and isinstance(b, list):
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return _first_difference(x, y, f"{path}[{i}]")
-        if len(a) != len(b):
-            return f"{path} (length {len(a)} vs {len(b)})"
-    return f"{path or '<top>'} ({a!r} vs {b!r})"
