@@ -24,7 +24,7 @@ from fzero.executor import Executor, Hyper, OptimizerBuffers
 from fzero.hooks import HookDriver
 from fzero.loss_scale import LossScaler, update
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
-from fzero.state.buffers import Workspace, bind_unit_views, free_storage
+from fzero.state.buffers import build_workspace
 from fzero.state.layout import FlatLayout, build_layout, dtype_from_name, find_unit_modules
 from fzero.state.zero_state import ZeroState
 from fzero.timeline import MeasuredTimeline
@@ -166,7 +166,7 @@ def shard(
     # Stage 3 units below the persistence threshold (elements) stay gathered for good.
     threshold = cfg.zero_optimization.stage3_param_persistence_threshold
     persistent = {u.index for u in layout.units if cfg.stage == 3 and u.numel < threshold}
-    workspace, master = _build_buffers(
+    workspace, master = build_workspace(
         layout,
         params_per_unit,
         cfg.stage,
@@ -415,71 +415,6 @@ def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None):
             if a != b and b.startswith(a + "."):
                 raise ShardError(f"units: {b!r} is inside {a!r}; units must not nest")
     return resolved
-
-
-def _build_buffers(
-    layout,
-    params_per_unit,
-    stage,
-    comm,
-    device,
-    compute_dtype,
-    accum_dtype,
-    ordered=False,
-    persistent=frozenset(),
-):
-    """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
-    point the parameters there; each unit's original storage is released before the next one
-    is copied, so sharding needs about one unit of memory beyond the model itself.
-    ``ordered`` (deterministic mode): stage 0's gradient shard is an accumulator of its own,
-    alive only during a step, as in stages 1-3. ``persistent``: stage-3 units whose gathered
-    buffer is kept."""
-    master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
-    no_frozen = layout.optimizer_numel == layout.shard_numel
-    param_shard = None
-    if stage == 0:  # fp32 with nothing frozen: the master is the parameter buffer
-        if compute_dtype == torch.float32 and no_frozen:
-            param_shard = master
-        else:
-            param_shard = torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
-    aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen and not ordered
-    grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
-    param_flats, grad_flats, frozen_tails = [], [], []
-    for unit, params in zip(layout.units, params_per_unit):
-        flat = torch.zeros(unit.padded_numel, dtype=torch.float32, device=device)
-        for slot, param in zip(unit.params, params):
-            flat[slot.offset : slot.offset + slot.numel] = param.detach().reshape(-1).float()
-        comm.broadcast(flat, src=0)
-        lo, _ = layout.owned_range(unit)
-        opt = slice(unit.optimizer_offset, unit.optimizer_offset + unit.optimizer_numel)
-        master[opt] = flat[lo : lo + unit.optimizer_numel]
-        if stage == 0:  # shards are whole units: the unit buffer is a view into the shard
-            span = slice(unit.shard_offset, unit.shard_offset + unit.shard_numel)
-            if param_shard is not master:
-                param_shard[span] = flat
-            param_flats.append(param_shard[span])
-        else:
-            param_flats.append(flat.to(compute_dtype))
-        if stage == 3:
-            tail = flat[lo + unit.optimizer_numel : lo + unit.shard_numel]
-            frozen_tails.append(tail.to(compute_dtype, copy=True))
-        if not unit.has_trainable or stage >= 2:  # stages 2, 3: autograd's own gradients
-            grad_flats.append(None)
-        elif aliased_grads:
-            grad_flats.append(grad_shard[opt])
-        else:
-            grad_flats.append(torch.zeros(unit.padded_numel, dtype=compute_dtype, device=device))
-        del flat
-        bind_unit_views(unit, params, param_flats[-1], grad_flats[-1])
-        # The views exist now: stage 3 frees the gathered parameters between uses.
-        if stage == 3 and unit.index not in persistent:
-            free_storage(param_flats[-1])
-    if stage >= 1 or ordered:  # alive only from a step's first reduction to its optimizer step
-        free_storage(grad_shard)
-    workspace = Workspace(
-        layout, stage, master, param_flats, grad_flats, param_shard, frozen_tails, grad_shard
-    )
-    return workspace, master
 
 
 def _norm_order(model: nn.Module, layout: FlatLayout) -> tuple[tuple[int, int, tuple], ...]:
