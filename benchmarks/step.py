@@ -96,7 +96,11 @@ def make_step(impl: str, model, device: torch.device):
             # Release each block after its forward, as FSDP2's default reshard_after_forward
             # does (DeepSpeed's default reuse distance, 1e9, keeps every block of these models
             # gathered into backward: faster, and more memory).
-            "zero_optimization": {"stage3_max_reuse_distance": 0},
+            # and prefetch one block ahead, as FSDP2's default backward/forward prefetch does.
+            "zero_optimization": {
+                "stage3_max_reuse_distance": 0,
+                "stage3_prefetch_bucket_size": 0,
+            },
             "fzero": {"compile_units": options == "compile"},
         }
         world = int(fake_world) if fake_world else None

@@ -39,7 +39,7 @@ def measure(model_name: str, micro: int, device: torch.device, steps: int = 3):
     config = {
         "bf16": {"enabled": device.type == "cuda"},
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage3_max_reuse_distance": 0},
+        "zero_optimization": {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
     }
     state = fzero.shard(model, stage=3, config=config, record_timeline=True)
     batches = _batches(batch, spec, device, count=micro)

@@ -59,6 +59,7 @@ class Runtime:
             prefetch=zero.overlap_comm,
             max_live_nbytes=zero.stage3_max_live_parameters * self.compute_itemsize,
             max_reuse_numel=zero.stage3_max_reuse_distance,
+            prefetch_bucket_numel=zero.stage3_prefetch_bucket_size,
             gradient_reduction=reduction,
             grad_gather_nbytes=gather_numel * self.grad_itemsize,
         )

@@ -51,4 +51,5 @@ def schedule_knobs(draw) -> dict:
         "overlap_comm": draw(st.booleans()),
         "stage3_max_reuse_distance": draw(st.sampled_from([0, 50, 10**9])),
         "stage3_param_persistence_threshold": draw(st.sampled_from([0, 60, 10**5])),
+        "stage3_prefetch_bucket_size": draw(st.sampled_from([0, 200, 10**8])),
     }

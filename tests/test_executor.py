@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fzero.schedule import verify
 from fzero.schedule.compile import on_demand
-from fzero.schedule.ops import AllGather, Entry, Release
+from fzero.schedule.ops import AllGather, Entry, Release, WaitGather
 from tests.harness import Case, train_threads
 from tests.models import ToyLM, ToySpec
 
@@ -28,7 +29,13 @@ def test_executed_ops_equal_compiled_schedule(stage, overlap):
         stage,
         micro,
         steps=1,
-        extra={"zero_optimization": {"overlap_comm": overlap, "stage3_max_reuse_distance": 0}},
+        extra={
+            "zero_optimization": {
+                "overlap_comm": overlap,
+                "stage3_max_reuse_distance": 0,
+                "stage3_prefetch_bucket_size": 0,
+            }
+        },
     )
     models_per_step = []
     for full, state, _ in train_threads(case, record=True):
@@ -62,7 +69,13 @@ def test_stage3_holds_only_what_the_schedule_accounts(overlap):
         3,
         1,
         steps=3,
-        extra={"zero_optimization": {"overlap_comm": overlap, "stage3_max_reuse_distance": 0}},
+        extra={
+            "zero_optimization": {
+                "overlap_comm": overlap,
+                "stage3_max_reuse_distance": 0,
+                "stage3_prefetch_bucket_size": 0,
+            }
+        },
     )
     for _, state, _ in train_threads(case, record=True):
         executor = state.runtime.executor
@@ -169,5 +182,46 @@ def test_persistence_threshold_keeps_small_units_gathered():
     )
     released = Case(spec, 2, 3, 2, steps=3)
     for (full, _, _), (base, _, _) in zip(results, train_threads(released)):
+        for name in full:
+            assert torch.equal(full[name], base[name]), name
+
+
+@pytest.mark.parametrize("bucket_blocks", [0, 2, 100])
+def test_prefetch_bucket_bounds_the_gathers_in_flight(bucket_blocks):
+    """stage3_prefetch_bucket_size (elements) lets gathers run further ahead: the elements in
+    flight (issued, not yet waited on) after any trigger stay within the bucket plus the one
+    unit every prefetch may take; a large bucket issues several gathers at once; the schedule
+    verifies and trains bit for bit like one unit ahead."""
+    torch.set_num_threads(1)
+    spec = ToySpec(depth=4, width=7)
+    block_numel = sum(p.numel() for p in ToyLM(spec).blocks[0].parameters())
+    bucket = bucket_blocks * block_numel
+    knobs = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": bucket}
+    results = train_threads(Case(spec, 2, 3, 1, steps=2, extra={"zero_optimization": knobs}))
+    schedule = results[0][1].schedule
+    verify(schedule)
+    by_index = {u.index: u for u in schedule.units}
+    largest = max(u.numel for u in schedule.units)
+    issued: set[int] = set()
+    most = 0
+    for entry in schedule.micro_step:
+        for op in entry.ops:
+            if isinstance(op, AllGather):
+                issued.add(op.unit)
+            elif isinstance(op, WaitGather):
+                issued.discard(op.unit)
+        in_flight = sum(by_index[u].numel for u in issued)
+        assert in_flight <= bucket + largest
+        most = max(most, len(issued))
+    assert most >= (3 if bucket_blocks == 100 else 1)
+    one_ahead = Case(
+        spec,
+        2,
+        3,
+        1,
+        steps=2,
+        extra={"zero_optimization": {**knobs, "stage3_prefetch_bucket_size": 0}},
+    )
+    for (full, _, _), (base, _, _) in zip(results, train_threads(one_ahead)):
         for name in full:
             assert torch.equal(full[name], base[name]), name

@@ -77,6 +77,9 @@ class Knobs:
     # other units' parameters stays gathered (0: release after every use, FSDP2's
     # reshard_after_forward=True).
     max_reuse_numel: int = 0
+    # stage3_prefetch_bucket_size in elements: gathers run ahead while this many elements are
+    # in flight (at least one unit ahead when prefetching at all).
+    prefetch_bucket_numel: int = 0
     gradient_reduction: str = ""
     grad_gather_nbytes: int = 0
 
@@ -122,7 +125,7 @@ def compile_schedule(
         if stage == 3 and knobs.max_reuse_numel > 0:
             entries = keep_for_reuse(units, entries, knobs.max_reuse_numel, knobs.max_live_nbytes)
         if stage == 3 and knobs.prefetch:
-            entries = prefetch(units, entries, knobs.max_live_nbytes)
+            entries = prefetch(units, entries, knobs.max_live_nbytes, knobs.prefetch_bucket_numel)
         # Kept across micro-batches, every unit's gradient may be alive from the start.
         carried = {u.index for u in units if u.has_trainable}
         carried = carried if reduction == "last_micro_batch" else set()
@@ -299,30 +302,58 @@ def keep_for_reuse(
 
 
 def prefetch(
-    units: tuple[UnitInfo, ...], entries: list[Entry], max_live_nbytes: int
+    units: tuple[UnitInfo, ...],
+    entries: list[Entry],
+    max_live_nbytes: int,
+    bucket_numel: int = 0,
 ) -> list[Entry]:
-    """Move each gather to the previous compute trigger, after that trigger's own wait, when
-    the unit is not alive there and the extra bytes fit under ``max_live_nbytes``.
+    """Move each gather to an earlier compute trigger of the same pass, after that trigger's
+    own wait, so it overlaps the compute in between: always one trigger earlier when the unit
+    is not alive there, and further while the elements of the gathers in flight stay within
+    ``bucket_numel`` (``stage3_prefetch_bucket_size``). Live bytes never exceed
+    ``max_live_nbytes``.
 
     Nothing moves into the root unit's pre_backward: the root's backward (output head and
     loss) is where activation gradients peak, and a gather issued there would raise that peak
     by a whole block for little overlap."""
+    by_index = {u.index: u for u in units}
     roots = {u.index for u in units if u.is_root}
     entries = list(entries)
     for i in range(1, len(entries)):
-        gathers = [op for op in entries[i].ops if isinstance(op, AllGather)]
-        for gather in gathers:
-            j = _previous_compute_entry(entries, i)
-            if j is None or not _can_move(entries, gather.unit, j, i):
-                continue
-            if entries[j].trigger.kind == PRE_BACKWARD and entries[j].trigger.unit in roots:
-                continue
-            live = _live_after(units, entries[: j + 1])
-            if live + gather.nbytes > max_live_nbytes:
-                continue
-            entries[i] = replace(entries[i], ops=tuple(op for op in entries[i].ops if op != gather))
-            entries[j] = replace(entries[j], ops=entries[j].ops + (gather,))
+        for gather in [op for op in entries[i].ops if isinstance(op, AllGather)]:
+            at = i
+            while True:
+                j = _previous_compute_entry(entries, at)
+                if j is None or not _can_move(entries, gather.unit, j, at):
+                    break
+                if entries[j].trigger.kind == PRE_BACKWARD and entries[j].trigger.unit in roots:
+                    break
+                if any(
+                    _live_after(units, entries[: k + 1]) + gather.nbytes > max_live_nbytes
+                    for k in range(j, at)
+                ):
+                    break
+                in_flight = _in_flight_numel(by_index, entries[: j + 1])
+                if at != i and in_flight + by_index[gather.unit].numel > bucket_numel:
+                    break
+                entries[at] = replace(
+                    entries[at], ops=tuple(op for op in entries[at].ops if op != gather)
+                )
+                entries[j] = replace(entries[j], ops=entries[j].ops + (gather,))
+                at = j
     return entries
+
+
+def _in_flight_numel(by_index: dict[int, UnitInfo], entries: list[Entry]) -> int:
+    """Elements of the gathers issued in ``entries`` and not yet waited on there."""
+    issued: set[int] = set()
+    for entry in entries:
+        for op in entry.ops:
+            if isinstance(op, AllGather):
+                issued.add(op.unit)
+            elif isinstance(op, WaitGather):
+                issued.discard(op.unit)
+    return sum(by_index[u].numel for u in issued)
 
 
 def _previous_compute_entry(entries: list[Entry], i: int) -> int | None:
