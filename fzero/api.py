@@ -60,6 +60,9 @@ class Runtime:
             max_live_nbytes=zero.stage3_max_live_parameters * self.compute_itemsize,
             max_reuse_numel=zero.stage3_max_reuse_distance,
             prefetch_bucket_numel=zero.stage3_prefetch_bucket_size,
+            overlap_reductions=zero.overlap_comm,
+            reduce_bucket_numel=zero.reduce_bucket_size,
+            gather_bucket_numel=zero.allgather_bucket_size,
             gradient_reduction=reduction,
             grad_gather_nbytes=gather_numel * self.grad_itemsize,
         )

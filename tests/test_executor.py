@@ -7,7 +7,14 @@ import torch
 
 from fzero.schedule import verify
 from fzero.schedule.compile import on_demand
-from fzero.schedule.ops import AllGather, Entry, Release, WaitGather
+from fzero.schedule.ops import (
+    AllGather,
+    Entry,
+    ReduceScatter,
+    Release,
+    WaitGather,
+    WaitReduce,
+)
 from tests.harness import Case, train_threads
 from tests.models import ToyLM, ToySpec
 
@@ -225,3 +232,61 @@ def test_prefetch_bucket_bounds_the_gathers_in_flight(bucket_blocks):
     for (full, _, _), (base, _, _) in zip(results, train_threads(one_ahead)):
         for name in full:
             assert torch.equal(full[name], base[name]), name
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_reduce_bucket_lets_reductions_overlap_the_next_backward(stage):
+    """reduce_bucket_size (elements, with overlap_comm): a reduction's wait moves to a later
+    trigger while the reductions in flight fit in the bucket, all of them by the end of
+    backward; 0 waits at once. Training is bit for bit the same either way."""
+    torch.set_num_threads(1)
+    spec = ToySpec(depth=4, width=7)
+
+    def run(bucket):
+        knobs = {"reduce_bucket_size": bucket, "stage3_max_reuse_distance": 0}
+        return train_threads(Case(spec, 2, stage, 2, steps=2, extra={"zero_optimization": knobs}))
+
+    eager, deferred = run(0), run(10**9)
+    for results, at_once in ((eager, True), (deferred, False)):
+        schedule = results[0][1].schedule
+        verify(schedule)
+        for entry in schedule.micro_step:
+            reduced = [op.unit for op in entry.ops if isinstance(op, ReduceScatter)]
+            waited = [op.unit for op in entry.ops if isinstance(op, WaitReduce)]
+            if at_once:
+                assert reduced == waited, entry.trigger
+            elif entry.trigger.kind == "backward_end":
+                assert len(waited) == len([u for u in schedule.units if u.has_trainable])
+            else:
+                assert not waited, entry.trigger
+    for (a, _, _), (b, _, _) in zip(eager, deferred):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_allgather_bucket_limits_the_refresh_gathers_in_flight():
+    """allgather_bucket_size (elements): stages 1 and 2 refresh their parameters after the
+    optimizer step one bucket at a time; 0 waits on each unit before the next; same training."""
+    torch.set_num_threads(1)
+    spec = ToySpec(depth=3, width=7)
+    runs = {}
+    for bucket in (0, 10**9):
+        case = Case(
+            spec, 2, 2, 1, steps=2, extra={"zero_optimization": {"allgather_bucket_size": bucket}}
+        )
+        runs[bucket] = train_threads(case)
+        ops = [
+            op
+            for e in runs[bucket][0][1].schedule.step
+            for op in e.ops
+            if isinstance(op, (AllGather, WaitGather))
+        ]
+        kinds = [type(op).__name__ for op in ops]
+        if bucket == 0:
+            assert kinds == ["AllGather", "WaitGather"] * (len(ops) // 2)
+        else:
+            half = len(ops) // 2
+            assert kinds == ["AllGather"] * half + ["WaitGather"] * half
+    for (a, _, _), (b, _, _) in zip(runs[0], runs[10**9]):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name

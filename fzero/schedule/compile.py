@@ -80,6 +80,13 @@ class Knobs:
     # stage3_prefetch_bucket_size in elements: gathers run ahead while this many elements are
     # in flight (at least one unit ahead when prefetching at all).
     prefetch_bucket_numel: int = 0
+    # reduce_bucket_size in elements: reductions stay in flight, overlapping the backward of the
+    # units after them, while this many elements are being reduced (overlap_comm).
+    overlap_reductions: bool = False
+    reduce_bucket_numel: int = 0
+    # allgather_bucket_size in elements: stages 1 and 2 refresh their parameters after the
+    # optimizer step with this many elements of gathers in flight at a time.
+    gather_bucket_numel: int = 1 << 62
     gradient_reduction: str = ""
     grad_gather_nbytes: int = 0
 
@@ -126,6 +133,8 @@ def compile_schedule(
             entries = keep_for_reuse(units, entries, knobs.max_reuse_numel, knobs.max_live_nbytes)
         if stage == 3 and knobs.prefetch:
             entries = prefetch(units, entries, knobs.max_live_nbytes, knobs.prefetch_bucket_numel)
+        if stage >= 2 and knobs.overlap_reductions:
+            entries = defer_reduce_waits(units, entries, knobs.reduce_bucket_numel)
         # Kept across micro-batches, every unit's gradient may be alive from the start.
         carried = {u.index for u in units if u.has_trainable}
         carried = carried if reduction == "last_micro_batch" else set()
@@ -133,7 +142,14 @@ def compile_schedule(
 
     last = reduction == "last_micro_batch"
     micro = micro_pass(reduce=not last)
-    ops = step_ops(units, stage, optimizer_numel, grad_shard_nbytes, reduction)
+    ops = step_ops(
+        units,
+        stage,
+        optimizer_numel,
+        grad_shard_nbytes,
+        reduction,
+        gather_bucket_numel=knobs.gather_bucket_numel,
+    )
     if reduction == "ordered":
         ops = tuple(
             ReduceScalarsInOrder(knobs.grad_gather_nbytes if stage > 0 else 0)
@@ -344,6 +360,46 @@ def prefetch(
     return entries
 
 
+def defer_reduce_waits(
+    units: tuple[UnitInfo, ...], entries: list[Entry], bucket_numel: int
+) -> list[Entry]:
+    """Let each reduce-scatter run on while the next units compute their backward: its wait
+    moves to a later trigger, as soon as the elements of the reductions in flight would pass
+    ``bucket_numel`` (the oldest is waited on first), and at the latest to the end of the
+    backward pass. A unit's gradient buffer lives until its wait."""
+    by_index = {u.index: u for u in units}
+    pending: list[WaitReduce] = []
+    out = []
+    for entry in entries:
+        ops: list[Op] = []
+        for op in entry.ops:
+            if isinstance(op, WaitReduce) and any(
+                isinstance(o, ReduceScatter) and o.unit == op.unit for o in entry.ops
+            ):
+                pending.append(op)
+                while sum(by_index[w.unit].numel for w in pending) > bucket_numel:
+                    ops.append(pending.pop(0))
+                continue
+            ops.append(op)
+        if entry.trigger.kind == BACKWARD_END:
+            ops = [*pending, *ops]
+            pending = []
+        out.append(replace(entry, ops=tuple(ops)))
+    return out
+
+
+def _buckets(units: list[UnitInfo], bucket_numel: int) -> list[list[UnitInfo]]:
+    """Consecutive units grouped while their elements fit in ``bucket_numel`` (each bucket
+    holds at least one unit)."""
+    buckets: list[list[UnitInfo]] = []
+    for unit in units:
+        if buckets and sum(u.numel for u in buckets[-1]) + unit.numel <= bucket_numel:
+            buckets[-1].append(unit)
+        else:
+            buckets.append([unit])
+    return buckets
+
+
 def _in_flight_numel(by_index: dict[int, UnitInfo], entries: list[Entry]) -> int:
     """Elements of the gathers issued in ``entries`` and not yet waited on there."""
     issued: set[int] = set()
@@ -433,6 +489,7 @@ def step_ops(
     optimizer_numel: int,
     grad_shard_nbytes: int,
     reduction: str = "",
+    gather_bucket_numel: int = 1 << 62,
 ) -> tuple[Op, ...]:
     trainable = [u for u in units if u.has_trainable]
     once = (reduction or "step") == "step" and stage < 2  # stages 0, 1 reduce here
@@ -449,10 +506,11 @@ def step_ops(
     if stage >= 1 or not once:  # stage 0's all-reduced full gradient persists
         ops.append(FreeGradShard(grad_shard_nbytes))
     # Refresh the full parameters from the updated shards: every unit in stages 1 and 2, the
-    # persistent ones in stage 3.
+    # persistent ones in stage 3; allgather_bucket_size elements in flight at a time.
     refreshed = [u for u in trainable if stage in (1, 2) or (stage == 3 and u.persistent)]
-    ops += [AllGather(u.index, u.name, u.param_nbytes) for u in refreshed]
-    ops += [WaitGather(u.index, u.name) for u in refreshed]
+    for bucket in _buckets(refreshed, gather_bucket_numel):
+        ops += [AllGather(u.index, u.name, u.param_nbytes) for u in bucket]
+        ops += [WaitGather(u.index, u.name) for u in bucket]
     if once:  # full gradients persist; clear them for the next step
         ops += [ZeroGrad(u.index, u.name, u.grad_nbytes) for u in trainable]
     return tuple(ops)
