@@ -241,7 +241,9 @@ class _Replay:
         self.spans: list[Span] = []
         self.compute_seconds = self.exposed_seconds = 0.0
         stage = schedule.stage
-        self.gathered = set(self.units) if stage < 3 else set()
+        # Below stage 3 every unit stays gathered; in stage 3 the persistent ones do.
+        kept = {u.index for u in schedule.units if u.persistent}
+        self.gathered = set(self.units) if stage < 3 else kept
         self.grads = {
             u.index: u.grad_nbytes for u in schedule.units if u.has_trainable and stage < 2
         }

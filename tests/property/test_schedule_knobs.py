@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fzero.schedule import verify
+from fzero.schedule import simulate, verify
 from tests.harness import train_threads
 from tests.strategies import cases, schedule_knobs
 
@@ -50,3 +50,17 @@ def test_measured_gathered_bytes_stay_under_the_live_parameter_cap(case, blocks,
         itemsize = 4  # fp32 compute
         verify(state.schedule, max_live_nbytes=cap * itemsize)
         assert max(params for _, params, _ in executor.live_log) <= cap * itemsize
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(stages=(3,), steps=2))
+def test_simulated_parameter_peak_equals_the_measured_one(case):
+    """For the schedule a run compiled, the simulator's peak of gathered parameter bytes equals
+    the peak the executor found allocated after its triggers (the same ops, replayed)."""
+    torch.set_num_threads(1)
+    for _, state, _ in train_threads(case, record=True):
+        executor = state.runtime.executor
+        compiled = executor.live_log[len(state.schedule.micro_step) :]  # after the traced step
+        measured = max(params for _, params, _ in compiled)
+        simulated = max(sample.parameters for sample in simulate(state.schedule).memory)
+        assert simulated == measured
