@@ -400,16 +400,22 @@ def _buckets(units: list[UnitInfo], bucket_numel: int) -> list[list[UnitInfo]]:
     return buckets
 
 
-def _in_flight_numel(by_index: dict[int, UnitInfo], entries: list[Entry]) -> int:
-    """Elements of the gathers issued in ``entries`` and not yet waited on there."""
-    issued: set[int] = set()
+def _open_units(entries: list[Entry], opens: type, closes: type) -> set[int]:
+    """Units with an ``opens`` op in ``entries`` that no later ``closes`` op of theirs ends:
+    gathered and not released, or gathered and not yet waited on."""
+    units: set[int] = set()
     for entry in entries:
         for op in entry.ops:
-            if isinstance(op, AllGather):
-                issued.add(op.unit)
-            elif isinstance(op, WaitGather):
-                issued.discard(op.unit)
-    return sum(by_index[u].numel for u in issued)
+            if isinstance(op, opens):
+                units.add(op.unit)
+            elif isinstance(op, closes):
+                units.discard(op.unit)
+    return units
+
+
+def _in_flight_numel(by_index: dict[int, UnitInfo], entries: list[Entry]) -> int:
+    """Elements of the gathers issued in ``entries`` and not yet waited on there."""
+    return sum(by_index[u].numel for u in _open_units(entries, AllGather, WaitGather))
 
 
 def _previous_compute_entry(entries: list[Entry], i: int) -> int | None:
@@ -426,14 +432,7 @@ def _can_move(entries: list[Entry], unit: int, j: int, i: int) -> bool:
     """Whether ``unit``'s gather may move from entry ``i`` to the end of entry ``j``: the unit
     must not be alive after ``j`` (that would gather it twice) and nothing between may touch it
     (a release there would free the prefetched buffer)."""
-    alive = False
-    for entry in entries[: j + 1]:
-        for op in entry.ops:
-            if isinstance(op, AllGather) and op.unit == unit:
-                alive = True
-            elif isinstance(op, Release) and op.unit == unit:
-                alive = False
-    if alive:
+    if unit in _open_units(entries[: j + 1], AllGather, Release):
         return False
     for entry in entries[j + 1 : i]:
         if entry.trigger.unit == unit or any(getattr(op, "unit", None) == unit for op in entry.ops):
@@ -444,13 +443,7 @@ def _can_move(entries: list[Entry], unit: int, j: int, i: int) -> bool:
 def _live_after(units: tuple[UnitInfo, ...], entries: list[Entry]) -> int:
     """Gathered parameter bytes after ``entries`` (stage 3: persistent units always count)."""
     by_index = {u.index: u for u in units}
-    live: set[int] = {u.index for u in units if u.persistent}
-    for entry in entries:
-        for op in entry.ops:
-            if isinstance(op, AllGather):
-                live.add(op.unit)
-            elif isinstance(op, Release):
-                live.discard(op.unit)
+    live = {u.index for u in units if u.persistent} | _open_units(entries, AllGather, Release)
     return sum(by_index[i].param_nbytes for i in live)
 
 
