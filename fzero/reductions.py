@@ -32,13 +32,11 @@ def packed_gradients(ex: Executor, unit: int, out: torch.Tensor) -> None:
     and padding read as zeros."""
     layout_unit = ex.layout.units[unit]
     targets, grads = [], []
-    covered = 0
     for slot, param in zip(layout_unit.params, ex.unit_params[unit]):
         view = out[slot.offset : slot.offset + slot.numel]
         if param.requires_grad and param.grad is not None:
             targets.append(view)
             grads.append(param.grad.reshape(-1))
-            covered += slot.numel
         else:
             view.zero_()
         param.grad = None
