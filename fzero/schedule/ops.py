@@ -48,9 +48,6 @@ class Op:
     def stream(self) -> str:
         return COMPUTE
 
-    def _label(self) -> str:
-        return type(self).__name__
-
 
 def _unit_label(unit: int, name: str) -> str:
     return f"unit {unit} ({name or '<root>'})"
