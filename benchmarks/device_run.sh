@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One batched GPU session on the lent device: environment, GPU tests, the example, benchmarks.
 #   bash benchmarks/device_run.sh [tests] [example] [step255] [step1.4b] [fakeworld] [adamw]
+#                                 [timeline] [mempeak255] [mempeak1.4b] [fp16curve]
+# DeepSpeed joins the step benchmark when its wheel is in .whl/ (with hjson and pydantic's).
 # Logs go to $OUT (or ./out). The GPU image lacks optree: wheels in .whl/ are installed first.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -9,6 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's JIT build of FusedAdam: Hopper only
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())" | tee -a "$OUT/env.txt"
@@ -16,10 +19,14 @@ for task in "$@"; do
   case $task in
     tests) python3 -m pytest tests/gpu tests/multigpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     example) python3 examples/train_gpt.py --stage 3 --bf16 --steps 200 --log-every 50 --n-layer 6 --n-embd 256 2>&1 | tee "$OUT/example.log" ;;
-    step255) python3 benchmarks/step.py --models 255m --impls fsdp2 torch fzero:3 fzero:2 fzero:1 --steps 20 --warmup 5 --json "$OUT/step_255m.json" 2>&1 | tee "$OUT/step_255m.log" ;;
-    step1.4b) python3 benchmarks/step.py --models 1.4b --impls fsdp2 torch fzero:3 --steps 10 --warmup 3 --json "$OUT/step_1.4b.json" 2>&1 | tee "$OUT/step_1.4b.log" ;;
+    step255) python3 benchmarks/step.py --models 255m --impls fsdp2 torch fzero:3 fzero:2 fzero:1 deepspeed:3 --steps 20 --warmup 5 --json "$OUT/step_255m.json" 2>&1 | tee "$OUT/step_255m.log" ;;
+    step1.4b) python3 benchmarks/step.py --models 1.4b --impls fsdp2 torch fzero:3 deepspeed:3 --steps 10 --warmup 3 --json "$OUT/step_1.4b.json" 2>&1 | tee "$OUT/step_1.4b.log" ;;
     fakeworld) python3 benchmarks/step.py --models 1.4b --impls fzero:3@8 fzero:3@64 --steps 5 --warmup 2 --json "$OUT/fake_world.json" 2>&1 | tee "$OUT/fake_world.log" ;;
     timeline) python3 benchmarks/timeline.py --model 255m --out "$OUT" 2>&1 | tee "$OUT/timeline.log" ;;
     adamw) python3 benchmarks/adamw.py 2>&1 | tee "$OUT/adamw.log" ;;
+    mempeak255) python3 benchmarks/memory_peak.py --model 255m --impls fsdp2 fzero:3 --json "$OUT/mempeak_255m.json" 2>&1 | tee "$OUT/mempeak_255m.log" ;;
+    mempeak1.4b) python3 benchmarks/memory_peak.py --model 1.4b --impls fsdp2 fzero:3 --json "$OUT/mempeak_1.4b.json" 2>&1 | tee "$OUT/mempeak_1.4b.log" ;;
+    stepds255) python3 benchmarks/step.py --models 255m --impls fsdp2 fzero:3 deepspeed:3 --steps 20 --warmup 5 --json "$OUT/step_255m_ds.json" 2>&1 | tee "$OUT/step_255m_ds.log" ;;
+    fp16curve) for lr in 1e-3 3e-3; do python3 benchmarks/precision.py --fp16-curve --with-plain --lr $lr --lr-warmup 20 2>&1 | tee "$OUT/fp16_curve_lr${lr}_warmup20.log"; done ;;
   esac
 done

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import fzero  # noqa: E402
 from fzero.collectives import run_ranks  # noqa: E402
 from fzero.schedule import ops as O  # noqa: E402
+from fzero.schedulers import WarmupLR  # noqa: E402
 
 REDUCTIONS = (O.ReduceScatter, O.AllReduce, O.ReduceInOrder)
 
@@ -175,7 +176,12 @@ NO_DECAY = ["*.bias", "*ln_*", "*wpe*"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def fzero_losses(precision: str, steps: int, device: torch.device, lr: float):
+def _warmup(steps: int):
+    """DeepSpeed's WarmupLR rising linearly over ``steps`` optimizer steps (None: constant lr)."""
+    return WarmupLR(warmup_num_steps=steps, warmup_type="linear") if steps else None
+
+
+def fzero_losses(precision: str, steps: int, device: torch.device, lr: float, warmup: int = 0):
     """Per-step losses, loss scales and skipped steps of fzero (stage 3) in ``precision``."""
     model = _model(n_layer=6, n_embd=256, block_size=128).to(device)
     config = {
@@ -185,6 +191,11 @@ def fzero_losses(precision: str, steps: int, device: torch.device, lr: float):
         "fp16": {"enabled": precision == "fp16"},
         "fzero": {"no_weight_decay": NO_DECAY},
     }
+    if warmup:
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_num_steps": warmup, "warmup_type": "linear"},
+        }
     state = fzero.shard(model, stage=3, config=config)
     batches = _batches(steps, 1, 1, batch=16, seq=128)
     losses, scales, skipped = [], [], []
@@ -198,12 +209,16 @@ def fzero_losses(precision: str, steps: int, device: torch.device, lr: float):
     return losses, scales, skipped
 
 
-def plain_losses(precision: str, steps: int, device: torch.device, lr: float) -> list[float]:
+def plain_losses(
+    precision: str, steps: int, device: torch.device, lr: float, warmup: int = 0
+) -> list[float]:
     """The same training in plain PyTorch mixed precision: fp32 master weights and
     ``torch.optim.AdamW``, a ``precision`` copy of the model for forward and backward, the loss
     multiplied by a scale in fp16 that starts at 2**16 and halves at each overflow, whose step
     is skipped (torch.amp.GradScaler's back-off; DeepSpeed's hysteresis would keep the scale at
-    the first overflow, which changes nothing else while no gradient underflows)."""
+    the first overflow, which changes nothing else while no gradient underflows). With
+    ``warmup``, the lr of each applied step follows the same WarmupLR as fzero's (skipped steps
+    do not advance it, as in DeepSpeed)."""
     master = _model(n_layer=6, n_embd=256, block_size=128).to(device)
     compute = _model(n_layer=6, n_embd=256, block_size=128).to(device, DTYPES[precision])
     params, copies = dict(master.named_parameters()), dict(compute.named_parameters())
@@ -212,7 +227,12 @@ def plain_losses(precision: str, steps: int, device: torch.device, lr: float) ->
     groups = [{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     scale = 2.0**16 if precision == "fp16" else 1.0
-    batches, losses = _batches(steps, 1, 1, batch=16, seq=128), []
+    batches, losses, applied, schedule = (
+        _batches(steps, 1, 1, batch=16, seq=128),
+        [],
+        0,
+        _warmup(warmup),
+    )
     for step in range(steps):
         with torch.no_grad():
             for name, p in params.items():
@@ -227,22 +247,25 @@ def plain_losses(precision: str, steps: int, device: torch.device, lr: float) ->
             scale /= 2  # skip the step
             continue
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr_at(applied, lr) if schedule else lr
         opt.step()
+        applied += 1
     return losses
 
 
-def fp16_curve(steps: int, device_name: str, lr: float, with_plain: bool) -> None:
+def fp16_curve(steps: int, device_name: str, lr: float, with_plain: bool, warmup: int) -> None:
     device = torch.device(device_name)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {name}: GPT 6 layers, n_embd 256, 16 x 128 tokens/step, "
-          f"lr {lr:g}")  # fmt: skip
+          f"lr {lr:g}" + (f", linear warmup over {warmup} steps" if warmup else ""))  # fmt: skip
     curves, skipped = {}, {}
     columns = ["bf16", "fp16"] + (["fp32", "plain bf16", "plain fp16", "plain fp32"] * with_plain)
     for column in columns:
         if column.startswith("plain "):
-            losses = plain_losses(column.split()[1], steps, device, lr)
+            losses = plain_losses(column.split()[1], steps, device, lr, warmup)
         else:
-            losses, scales, skipped[column] = fzero_losses(column, steps, device, lr)
+            losses, scales, skipped[column] = fzero_losses(column, steps, device, lr, warmup)
             if column == "fp16":
                 marks = sorted({1, 10, 50, steps} & set(range(1, steps + 1)))
                 shown = ", ".join(f"step {m}: {scales[m - 1]:g}" for m in marks)
@@ -268,11 +291,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="--fp16-curve: where to train")
     parser.add_argument("--lr", type=float, default=3e-3, help="--fp16-curve: learning rate")
     parser.add_argument(
+        "--lr-warmup",
+        type=int,
+        default=0,
+        help="--fp16-curve: DeepSpeed WarmupLR (linear) over this many steps; 0: constant lr",
+    )
+    parser.add_argument(
         "--with-plain", action="store_true", help="--fp16-curve: fzero fp32 and plain PyTorch too"
     )
     args = parser.parse_args()
     if args.fp16_curve:
-        fp16_curve(args.steps or 200, args.device, args.lr, args.with_plain)
+        fp16_curve(args.steps or 200, args.device, args.lr, args.with_plain, args.lr_warmup)
     else:
         cpu_tables(args.steps or 8, args.warmup)
 

@@ -77,6 +77,9 @@ def _init_single_process_group(device: torch.device) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        # DeepSpeed reads the launcher's variables even when the group already exists.
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)
         dist.init_process_group(backend, rank=0, world_size=1)
 
 

@@ -309,23 +309,27 @@ def test_decay_tables_drop_empty_ranges_and_merge_equal_neighbours():
         WeightDecaySegments(((0, 3, 0.1), (4, 9, 0.0)), 9)  # the constructor checks too
 
 
-@given(shard_ranges(max_numel=200), st.integers(1, 16))
+@given(shard_ranges(max_numel=200), st.integers(0, 199))
 @examples
-def test_device_table_names_the_first_and_last_segment_of_each_block(shard, block_numel):
-    """What the Triton kernel relies on to find each element's decay without a search."""
+def test_device_table_bisection_finds_each_elements_segment(shard, index):
+    """The kernel's search, written out: ``search_steps`` bisection steps over the starts (with
+    the shard's end as sentinel) land on the segment holding ``index``."""
     numel, ranges = shard
     segments = WeightDecaySegments.from_ranges(ranges, numel)
-    table = segments.device_table(torch.device("cpu"), block_numel)
-
-    def segment_of(index):
-        return next(i for i, (a, b, _) in enumerate(segments.ranges) if a <= index < b)
-
-    blocks = range(0, numel, block_numel)
-    assert table.block_first_segment.tolist() == [segment_of(s) for s in blocks]
-    last = [segment_of(min(s + block_numel, numel) - 1) for s in blocks]
-    assert table.block_last_segment.tolist() == last
-    assert table.segment_starts.tolist() == [a for a, _, _ in segments.ranges]
-    assert segments.device_table(torch.device("cpu"), block_numel) is table  # cached
+    table = segments.device_table(torch.device("cpu"))
+    starts = table.segment_starts.tolist()
+    assert starts == [a for a, _, _ in segments.ranges] + [numel]
+    assert table.segment_decays.tolist() == [d for _, _, d in segments.ranges]
+    assert segments.device_table(torch.device("cpu")) is table  # cached
+    if numel == 0:
+        return
+    index %= numel
+    low, high = 0, len(segments.ranges)
+    for _ in range(table.search_steps):
+        middle = (low + high) // 2
+        low, high = (middle, high) if starts[middle] <= index else (low, middle)
+    start, end, _ = segments.ranges[low]
+    assert start <= index < end
 
 
 def test_mismatched_shards_are_rejected_before_any_work():

@@ -16,3 +16,32 @@ def test_step_benchmark_cpu_smoke_runs_every_stage():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for impl in ("torch", "fzero:0", "fzero:1", "fzero:2", "fzero:3"):
         assert f"| tiny | {impl} |" in done.stdout
+
+
+def test_memory_peak_replay_finds_the_live_blocks_at_the_peak():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from memory_peak import live_at_peak
+
+    def event(action, addr, size, where="fzero/executor.py"):
+        return {
+            "action": action,
+            "addr": addr,
+            "size": size,
+            "frames": [{"filename": where, "line": 1, "name": "f"}],
+        }
+
+    trace = [
+        event("alloc", 1, 100),
+        event("alloc", 2, 300, "examples/gpt.py"),  # 400: before the timed events
+        event("free_requested", 2, 300),
+        event("free_completed", 2, 300),  # counted at free_requested, as memory_allocated does
+        event("alloc", 3, 250, "examples/gpt.py"),  # 350: the timed peak
+        event("free_requested", 1, 100),
+        event("alloc", 4, 50),  # 300
+    ]
+    peak, index, groups = live_at_peak(trace, start=3)
+    assert (peak, index) == (350, 4)
+    assert {site.split(":")[0]: sum(sizes) for site, sizes in groups.items()} == {
+        "executor.py": 100,
+        "gpt.py": 250,
+    }

@@ -37,16 +37,19 @@ _PARAM_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SegmentTable(NamedTuple):
-    """The device-side form of ``WeightDecaySegments`` for blocks of ``block_numel`` elements.
+    """The device-side form of ``WeightDecaySegments``: a kernel program finds the segment its
+    first element lies in by bisecting ``segment_starts`` in ``search_steps`` steps, then walks
+    forward over the segments that start inside its block.
 
-    ``block_first_segment[b]`` and ``block_last_segment[b]`` are the first and last segment that
-    block ``b`` touches, so a kernel program finds its decays without searching.
+    ``segment_starts`` ends with ``numel``, a sentinel no element reaches, so the walk needs no
+    bound. The table grows with the number of segments (a few per parameter at most), not with
+    the shard: a per-block table would cost 4 bytes per 1024 elements, megabytes for a billion
+    parameters, held for the whole run.
     """
 
-    segment_starts: torch.Tensor  # int64 [segments]
+    segment_starts: torch.Tensor  # int64 [segments + 1]
     segment_decays: torch.Tensor  # float64 [segments]
-    block_first_segment: torch.Tensor  # int32 [blocks]
-    block_last_segment: torch.Tensor  # int32 [blocks]
+    search_steps: int  # ceil(log2(segments)): bisection steps from [0, segments) to one
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class WeightDecaySegments:
 
     ranges: tuple[tuple[int, int, float], ...]
     numel: int
-    _device_tables: dict[tuple[torch.device, int], SegmentTable] = field(
+    _device_tables: dict[torch.device, SegmentTable] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
 
@@ -112,22 +115,16 @@ class WeightDecaySegments:
             clipped.append((max(range_start, start) - start, min(range_end, end) - start, decay))
         return clipped
 
-    def device_table(self, device: torch.device, block_numel: int) -> SegmentTable:
-        """The kernel's table for ``device`` and blocks of ``block_numel``; built once, cached."""
-        key = (torch.device(device), block_numel)
+    def device_table(self, device: torch.device) -> SegmentTable:
+        """The kernel's table on ``device``; built once, cached."""
+        key = torch.device(device)
         table = self._device_tables.get(key)
         if table is None:
-            starts = torch.tensor([r[0] for r in self.ranges], dtype=torch.int64)
-            decays = torch.tensor([r[2] for r in self.ranges], dtype=torch.float64)
-            block_starts = torch.arange(0, self.numel, block_numel, dtype=torch.int64)
-            block_ends = torch.clamp(block_starts + block_numel, max=self.numel) - 1
-            first = torch.searchsorted(starts, block_starts, right=True) - 1
-            last = torch.searchsorted(starts, block_ends, right=True) - 1
+            starts = [r[0] for r in self.ranges] + [self.numel]
             table = SegmentTable(
-                starts.to(device),
-                decays.to(device),
-                first.to(torch.int32).to(device),
-                last.to(torch.int32).to(device),
+                torch.tensor(starts, dtype=torch.int64, device=device),
+                torch.tensor([r[2] for r in self.ranges], dtype=torch.float64, device=device),
+                max(len(self.ranges) - 1, 0).bit_length(),
             )
             self._device_tables[key] = table
         return table

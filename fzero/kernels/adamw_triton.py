@@ -5,10 +5,11 @@ master, grad, exp_avg and exp_avg_sq and writes master, exp_avg, exp_avg_sq and 
 fp32 grad and state and no param_out that is 28 bytes per element, the least any AdamW can move;
 bf16 grad plus bf16 param_out is 28 too (2 bytes fewer read, 2 more written).
 
-Weight decay per range needs no split launch: a per-block table (``SegmentTable``) names the first
-and last segment each block touches, and a block that straddles a boundary picks each element's
-decay with a ``where`` per extra segment. The step count, ``grad_scale`` and ``found_inf`` are read
-on the device, so a step never waits on the host and can be captured in a CUDA graph.
+Weight decay per range needs no split launch: each program bisects the segment starts
+(``SegmentTable``, a few entries per parameter) for the segment of its first element, and a
+block that straddles a boundary picks each element's decay with a ``where`` per extra segment.
+The step count, ``grad_scale`` and ``found_inf`` are read on the device, so a step never waits
+on the host and can be captured in a CUDA graph.
 
 Imported lazily by ``adamw.py``, so CPU-only installs need no triton.
 """
@@ -43,8 +44,10 @@ def _update_block(
     found_inf_ptr,
     segment_starts_ptr,
     segment_decays_ptr,
-    block_first_segment_ptr,
-    block_last_segment_ptr,
+    num_segments,
+    search_steps,
+    block_start,
+    block_end,
     lr,
     beta2,
     one_minus_beta1,
@@ -74,15 +77,25 @@ def _update_block(
     if HAS_GRAD_SCALE:
         g = g * tl.load(grad_scale_ptr).to(tl.float32)
 
-    # Decoupled weight decay, one factor per segment; most blocks lie inside one segment.
-    first_segment = tl.load(block_first_segment_ptr + block)
-    last_segment = tl.load(block_last_segment_ptr + block)
-    first_decay = tl.load(segment_decays_ptr + first_segment)
-    decayed = p * (1.0 - lr64 * first_decay).to(tl.float32)
-    for segment in range(first_segment + 1, last_segment + 1):
-        segment_start = tl.load(segment_starts_ptr + segment)
+    # Decoupled weight decay, one factor per segment; most blocks lie inside one segment. The
+    # segment of the block's first element: bisect [low, high), keeping
+    # starts[low] <= block_start < starts[high] (starts[num_segments] is the shard's end).
+    low = tl.full([], 0, tl.int32)
+    high = tl.full([], 0, tl.int32) + num_segments
+    for _ in range(search_steps):
+        middle = (low + high) // 2
+        below = tl.load(segment_starts_ptr + middle) <= block_start
+        low = tl.where(below, middle, low)
+        high = tl.where(below, high, middle)
+    decayed = p * (1.0 - lr64 * tl.load(segment_decays_ptr + low)).to(tl.float32)
+    # Later segments that start inside the block; the sentinel start ends the walk.
+    segment = low + 1
+    segment_start = tl.load(segment_starts_ptr + segment)
+    while segment_start < block_end:
         segment_factor = (1.0 - lr64 * tl.load(segment_decays_ptr + segment)).to(tl.float32)
         decayed = tl.where(offsets >= segment_start, p * segment_factor, decayed)
+        segment += 1
+        segment_start = tl.load(segment_starts_ptr + segment)
     p = decayed
 
     # torch.lerp picks its formula by the weight to stay exact at both ends.
@@ -118,8 +131,8 @@ def _adamw_kernel(
     found_inf_ptr,
     segment_starts_ptr,
     segment_decays_ptr,
-    block_first_segment_ptr,
-    block_last_segment_ptr,
+    num_segments,
+    search_steps,
     numel,
     lr,
     beta2,
@@ -133,6 +146,7 @@ def _adamw_kernel(
 ):
     block = tl.program_id(0)
     block_start = block.to(tl.int64) * BLOCK_NUMEL
+    block_end = tl.minimum(block_start + BLOCK_NUMEL, numel)
     # Rows of 4 elements, each row held by one thread: fp32 streams then move in 16-byte and bf16
     # streams in 8-byte accesses under one register layout. A flat range would give bf16 streams 8
     # elements per thread and fp32 streams 4, and Triton would shuffle between the two layouts
@@ -146,16 +160,16 @@ def _adamw_kernel(
         _update_block(
             block, offsets, offsets < numel, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
             param_out_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, segment_starts_ptr,
-            segment_decays_ptr, block_first_segment_ptr, block_last_segment_ptr, lr, beta2,
+            segment_decays_ptr, num_segments, search_steps, block_start, block_end, lr, beta2,
             one_minus_beta1, one_minus_beta2, eps, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_PARAM_OUT,
         )  # fmt: skip
     else:
         _update_block(
             block, offsets, tl.full([BLOCK_NUMEL // 4, 4], 1, tl.int1), master_ptr, grad_ptr,
             exp_avg_ptr, exp_avg_sq_ptr, param_out_ptr, step_ptr, grad_scale_ptr, found_inf_ptr,
-            segment_starts_ptr, segment_decays_ptr, block_first_segment_ptr,
-            block_last_segment_ptr, lr, beta2, one_minus_beta1, one_minus_beta2, eps,
-            HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_PARAM_OUT,
+            segment_starts_ptr, segment_decays_ptr, num_segments, search_steps, block_start,
+            block_end, lr, beta2, one_minus_beta1, one_minus_beta2, eps, HAS_GRAD_SCALE,
+            HAS_FOUND_INF, HAS_PARAM_OUT,
         )  # fmt: skip
 
 
@@ -185,7 +199,7 @@ def adamw_step_triton(
     numel = master.numel()
     if numel == 0:
         return
-    table = decay.device_table(master.device, block_numel)
+    table = decay.device_table(master.device)
     grid = (triton.cdiv(numel, block_numel),)
     _adamw_kernel[grid](
         master,
@@ -198,8 +212,8 @@ def adamw_step_triton(
         step if found_inf is None else found_inf,
         table.segment_starts,
         table.segment_decays,
-        table.block_first_segment,
-        table.block_last_segment,
+        len(decay.ranges),
+        table.search_steps,
         numel,
         float(lr),
         float(beta2),

@@ -1,6 +1,7 @@
 """FlatLayout: where every parameter lives in the flat buffers, and which slice this rank owns.
 
-Parameters are grouped into units (one per repeated block, plus a root unit for the rest). A
+Parameters are grouped into units (one per repeated block and per embedding outside the blocks,
+plus a root unit for the rest). A
 unit's parameters lie back to back in one flat buffer: trainable parameters first, then frozen
 ones, then zero padding up to a multiple of ``shard_world * alignment`` elements. Rank ``r`` owns
 ``[r * S, (r + 1) * S)`` of every unit, ``S = padded_numel / shard_world``. Stage 0 does not
@@ -135,14 +136,25 @@ class FlatLayout:
 
 
 def find_unit_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules the model repeats: elements of a ModuleList/Sequential holding two or more
-    modules of one class (transformer blocks). Searched top-down; a unit's insides are not
-    searched further."""
+    """The default units: the modules the model repeats, that is elements of a
+    ModuleList/Sequential holding two or more modules of one class (transformer blocks), and
+    every ``nn.Embedding`` outside them. Searched top-down; a unit's insides are not searched
+    further.
+
+    An embedding is a unit of its own because its table is large (vocabulary x width) and only
+    its forward reads it: its backward needs the indices alone. In the root unit it would stay
+    gathered from the start of forward to the end of backward, through the activation peak; as
+    a unit, stage 3 releases it right after its forward. An embedding whose weight is tied to a
+    parameter of another unit (an output head) gives that parameter to the root unit, as any
+    tie across units does, and is then no unit at all."""
     found: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
             path = f"{prefix}{child_name}"
+            if isinstance(child, nn.Embedding):
+                found.append((path, child))
+                continue
             if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) >= 2:
                 kinds = {type(m) for m in child}
                 if len(kinds) == 1 and any(True for _ in child[0].parameters()):
@@ -168,8 +180,9 @@ def build_layout(
     """Assign every parameter of ``model`` to a unit. Returns the layout and, per unit, the
     Parameter objects in slot order.
 
-    A parameter used by two different units (tied across blocks) goes to the root unit, which
-    stays gathered for the whole step, so either user finds it.
+    A parameter used by two different units (tied across blocks), or by a unit and the root's
+    own modules (an embedding tied to the output head), goes to the root unit, which stays
+    gathered for the whole step, so every user finds it.
     """
     names_of: dict[int, list[str]] = {}
     param_of: dict[int, nn.Parameter] = {}
@@ -183,6 +196,12 @@ def build_layout(
     for index, (_, module) in enumerate(unit_modules, start=1):
         for param in module.parameters():
             owners.setdefault(id(param), set()).add(index)
+    # A parameter the root's own modules use too (an output head tied to an embedding unit)
+    # belongs to the root: a unit's parameters are released when that unit is done.
+    prefixes = tuple(f"{name}." for name, _ in unit_modules)
+    for pid, names in names_of.items():
+        if any(not name.startswith(prefixes) for name in names):
+            owners.setdefault(pid, set()).add(0)
     members: list[list[int]] = [[] for _ in range(len(unit_modules) + 1)]
     for pid in names_of:  # named_parameters order: registration order, stable across ranks
         units = owners.get(pid, set())

@@ -1,0 +1,66 @@
+"""Which modules become units, where tied parameters go, and what that means for stage 3."""
+
+from __future__ import annotations
+
+import fzero
+from fzero.schedule.ops import Trigger
+from tests.harness import Case, assert_close_to_reference, reference, train_rank
+from tests.models import ToyLM, ToySpec
+
+UNTIED = ToySpec(vocab=7, width=6, depth=2, tied=False, shared_block_weight=False, frozen=False)
+TIED = ToySpec(vocab=7, width=6, depth=2, tied=True, shared_block_weight=False, frozen=False)
+
+
+def _unit_names(state) -> list[str]:
+    return [u.name for u in state.layout.units]
+
+
+def _owner(state, name: str) -> str:
+    return next(u.name for u in state.layout.units for s in u.params if name in s.names)
+
+
+def test_default_units_are_the_repeated_blocks_and_each_embedding():
+    state = fzero.shard(ToyLM(UNTIED), stage=3)
+    assert _unit_names(state) == ["", "embed", "blocks.0", "blocks.1"]
+    assert _owner(state, "embed.weight") == "embed"
+    assert _owner(state, "head.weight") == ""
+
+
+def test_an_embedding_tied_to_the_head_stays_in_the_root():
+    """The head (a root module) reads the tied weight after the embedding's forward: were it the
+    embedding unit's, stage 3 would have released it by then."""
+    state = fzero.shard(ToyLM(TIED), stage=3)
+    assert _unit_names(state) == ["", "blocks.0", "blocks.1"]  # the embedding has nothing left
+    assert _owner(state, "embed.weight") == ""
+    # Named by the user, the same rule holds.
+    state = fzero.shard(ToyLM(TIED), stage=3, units=["embed", "blocks.0"])
+    assert _owner(state, "embed.weight") == ""
+    assert _owner(state, "blocks.1.linear.weight") == ""
+
+
+def test_user_units_with_a_tie_to_the_root_train_like_the_reference():
+    case = Case(spec=TIED, world_size=1, stage=3, micro=1)
+    model = ToyLM(TIED)
+    state = fzero.shard(model, stage=3, config=case.config(), units=["embed", "blocks.0"])
+    for step in range(case.steps):
+        state, _ = fzero.train_step(state, case.batches()[step][0][0])
+    assert_close_to_reference(fzero.full_state_dict(state), reference(case))
+
+
+def test_stage3_releases_the_embedding_before_the_loss():
+    """At the root's post-forward (the loss, where activations peak) only the root unit is
+    gathered: the embedding went right after its own forward."""
+    case = Case(
+        spec=UNTIED,
+        world_size=1,
+        stage=3,
+        micro=1,
+        extra={"zero_optimization": {"stage3_max_reuse_distance": 0}},
+    )
+    _, state, _ = train_rank(case, None, record=True)
+    executor = state.runtime.executor
+    root = next(u for u in executor.schedule.units if u.is_root)
+    embed = next(u for u in executor.schedule.units if u.name == "embed")
+    assert embed.param_nbytes > 0  # so the root's bytes below leave the embedding out
+    at_loss = [p for trigger, p, _ in executor.live_log if trigger == Trigger("post_forward", 0)]
+    assert at_loss and all(p == root.param_nbytes for p in at_loss), at_loss
