@@ -35,7 +35,7 @@ MODELS = {
     "255m": dict(n_layer=12, n_embd=1024, n_head=16, vocab_size=50304, block_size=1024, batch=16),
     "1.4b": dict(n_layer=24, n_embd=2048, n_head=16, vocab_size=50304, block_size=2048, batch=8),
 }
-DEFAULT_IMPLS = ["fsdp2", "torch", "fzero:3", "fzero:2", "fzero:1", "deepspeed:3"]
+DEFAULT_IMPLS = ["fsdp2", "fsdp2:emb", "torch", "fzero:3", "fzero:2", "fzero:1", "deepspeed:3"]
 
 
 def build_model(name: str, device: torch.device):
@@ -137,7 +137,7 @@ def make_step(impl: str, model, device: torch.device):
 
         return step, extra
     if kind in ("fsdp2", "torch"):
-        if kind == "fsdp2":
+        if kind == "fsdp2":  # fsdp2:emb: the embeddings wrapped too, as fzero's default units
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             _init_single_process_group(device)
@@ -146,6 +146,9 @@ def make_step(impl: str, model, device: torch.device):
             )
             for block in model.h:
                 fully_shard(block, mp_policy=policy)
+            if stage == "emb":
+                fully_shard(model.wte, mp_policy=policy)
+                fully_shard(model.wpe, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
         fused = device.type == "cuda"
         opt = torch.optim.AdamW(

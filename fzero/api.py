@@ -110,8 +110,9 @@ def shard(
     state for it and compile the step schedule.
 
     ``stage`` overrides the config's ``zero_optimization.stage`` when given. ``units`` names
-    the modules to gather and reduce as one (default: every block the model repeats, plus the
-    root for the rest). ``process_group``: a ``torch.distributed`` group, an fzero communicator
+    the modules to gather and reduce as one (default: every block the model repeats and every
+    embedding outside them, plus the root for the rest; see ``find_unit_modules``).
+    ``process_group``: a ``torch.distributed`` group, an fzero communicator
     (``fzero.collectives.ThreadGroup(n).communicator(rank)``), or None for the default group (or
     world size 1 when none is initialised). ``record_ops`` keeps a log of executed ops for tests.
     ``simulate_world_size=N`` runs as rank 0 of N ranks that do not exist: collectives only
