@@ -25,7 +25,13 @@ from fzero.hooks import HookDriver
 from fzero.loss_scale import LossScaler, update
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
 from fzero.state.buffers import build_workspace
-from fzero.state.layout import FlatLayout, build_layout, dtype_from_name, find_unit_modules
+from fzero.state.layout import (
+    FlatLayout,
+    backward_reads_params,
+    build_layout,
+    dtype_from_name,
+    find_unit_modules,
+)
 from fzero.state.zero_state import ZeroState
 from fzero.timeline import MeasuredTimeline
 
@@ -193,6 +199,7 @@ def shard(
             u.padded_numel * reduce_dtype.itemsize if u.has_trainable else 0,
             u.has_trainable,
             persistent=u.index in persistent,
+            backward_reads_params=backward_reads_params(dict(unit_modules).get(u.name, model)),
         )
         for u in layout.units
     )

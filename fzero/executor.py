@@ -74,7 +74,11 @@ class Executor:
     on_trace: Callable[[tuple[Trigger, ...]], Schedule] | None = None
 
     executed: list[O.Op] = field(default_factory=list)
-    host_seconds: float = 0.0  # host time spent running ops, summed over steps
+    # Host time inside ops, summed over steps: wall time, and the calling threads' CPU time.
+    # Both include kernel launches and any wait for a full launch queue (a GPU-bound step
+    # fills it); CPU time leaves out time the thread was descheduled.
+    host_seconds: float = 0.0
+    host_cpu_seconds: float = 0.0
     timeline: MeasuredTimeline | None = None  # when set: device times of triggers and gathers
     _gather_stream: Any = None
     steps_run: int = 0
@@ -196,12 +200,13 @@ class Executor:
     # -- ops ------------------------------------------------------------------------------------
 
     def _run(self, ops: tuple[O.Op, ...]) -> None:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         for op in ops:
             if self.record_ops:
                 self.executed.append(op)
             getattr(self, f"_op_{type(op).__name__}")(op)
         self.host_seconds += time.perf_counter() - start
+        self.host_cpu_seconds += time.thread_time() - start_cpu
 
     def _op_AllGather(self, op: O.AllGather) -> None:
         self._gathers[op.unit] = self.gather(op.unit)

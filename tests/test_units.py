@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fzero
 from fzero.schedule.ops import Trigger
-from tests.harness import Case, assert_close_to_reference, reference, train_rank
+from tests.harness import Case, assert_close_to_reference, reference, train_rank, train_threads
 from tests.models import ToyLM, ToySpec
 
 UNTIED = ToySpec(vocab=7, width=6, depth=2, tied=False, shared_block_weight=False, frozen=False)
@@ -64,3 +64,24 @@ def test_stage3_releases_the_embedding_before_the_loss():
     assert embed.param_nbytes > 0  # so the root's bytes below leave the embedding out
     at_loss = [p for trigger, p, _ in executor.live_log if trigger == Trigger("post_forward", 0)]
     assert at_loss and all(p == root.param_nbytes for p in at_loss), at_loss
+
+
+def test_stage3_does_not_gather_an_embedding_for_its_backward():
+    """An embedding's backward reads only the indices: no AllGather of it after the forward,
+    and training still matches the reference on several ranks."""
+    from fzero.schedule import verify
+    from fzero.schedule.ops import AllGather
+
+    case = Case(spec=UNTIED, world_size=2, stage=3, micro=2)
+    results = train_threads(case)
+    state = results[0][1]
+    schedule = state.schedule
+    verify(schedule)
+    embed = next(u.index for u in schedule.units if u.name == "embed")
+    assert not next(u for u in schedule.units if u.index == embed).backward_reads_params
+    backward = [e for e in schedule.micro_step if e.trigger.kind.endswith("backward")]
+    assert not [
+        op for e in backward for op in e.ops if isinstance(op, AllGather) and op.unit == embed
+    ]
+    for full, _, _ in results:
+        assert_close_to_reference(full, reference(case))

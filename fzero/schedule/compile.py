@@ -213,7 +213,8 @@ class OnDemand:
         ops: list[Op] = []
         stage, kind = self.stage, trigger.kind
         unit = self.by_index.get(trigger.unit)
-        if kind in (PRE_FORWARD, PRE_BACKWARD) and unit.index not in self.gathered:
+        needs_params = kind == PRE_FORWARD or (kind == PRE_BACKWARD and unit.backward_reads_params)
+        if needs_params and unit.index not in self.gathered:
             ops += [
                 AllGather(unit.index, unit.name, unit.param_nbytes),
                 WaitGather(unit.index, unit.name),

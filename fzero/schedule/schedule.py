@@ -36,6 +36,9 @@ class UnitInfo:
     # Stage 3: smaller than stage3_param_persistence_threshold, so it stays gathered for good
     # (refreshed after each optimizer step) instead of being gathered and released around uses.
     persistent: bool = False
+    # False when the unit's backward needs no parameter values (an embedding: its backward
+    # reads only the indices), so stage 3 does not gather it for backward.
+    backward_reads_params: bool = True
 
     @property
     def is_root(self) -> bool:

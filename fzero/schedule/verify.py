@@ -141,7 +141,8 @@ class _Checker:
         if trigger.kind in (O.POST_FORWARD, O.POST_BACKWARD):
             computing = self.forward if trigger.kind == O.POST_FORWARD else self.backward
             if unit in computing:
-                self.require_ready(unit, f"its compute before {trigger}")
+                if trigger.kind == O.POST_FORWARD or self.units[unit].backward_reads_params:
+                    self.require_ready(unit, f"its compute before {trigger}")
                 computing.discard(unit)
         if trigger.kind == O.BACKWARD_END:
             self.backward.clear()
@@ -156,7 +157,8 @@ class _Checker:
             self.require_ready(unit, f"its forward at {trigger}")
             self.forward.add(unit)
         if trigger.kind == O.PRE_BACKWARD:
-            self.require_ready(unit, f"its backward at {trigger}")
+            if self.units[unit].backward_reads_params:
+                self.require_ready(unit, f"its backward at {trigger}")
             self.begin_backward(unit)
 
     def require_ready(self, unit: int, use: str) -> None:

@@ -166,6 +166,13 @@ def find_unit_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def backward_reads_params(module: nn.Module) -> bool:
+    """Whether a unit made of ``module`` needs its parameters' values in backward. An
+    ``nn.Embedding`` (or a subclass keeping its forward) does not: the gradient of a lookup
+    depends on the indices and the table's size alone."""
+    return type(module).forward is not nn.Embedding.forward
+
+
 def build_layout(
     model: nn.Module,
     unit_modules: list[tuple[str, nn.Module]],
