@@ -26,7 +26,7 @@ class ZeroState:
     # Per unit, this rank's compute-dtype slice (views into the workspace); empty when those
     # are the fp32 master itself (fp32 stages 0 and 3 with no frozen parameters).
     param_shards: tuple[torch.Tensor, ...]
-    runtime: Any  # fzero.api.Runtime: static, never a leaf
+    runtime: Any  # fzero.runtime.Runtime: static, never a leaf
 
     @property
     def schedule(self):
