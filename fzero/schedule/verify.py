@@ -35,6 +35,7 @@ import hashlib
 from fzero.errors import ScheduleInvariantError
 from fzero.schedule import ops as O
 from fzero.schedule.schedule import Schedule
+from fzero.schedule.verify_gradients import GradientRules
 
 RELEASED, GATHERING, READY = "released", "gathering", "ready"
 COLLECTIVES = (
@@ -93,9 +94,9 @@ def _op_text(op: O.Op) -> str:
     return " ".join(str(op).split())
 
 
-class _Checker:
+class _Checker(GradientRules):
     """The replay state: what the ops so far have done to this rank's buffers. Each ``op_X``
-    method checks and applies one op of class ``X``."""
+    method checks and applies one op of class ``X`` (the gradient ops' in ``GradientRules``)."""
 
     def __init__(self, schedule: Schedule, max_live_nbytes: int | None):
         stage = self.stage = schedule.stage
@@ -176,39 +177,6 @@ class _Checker:
                 f"used by {use} but not gathered (AllGather and WaitGather missing, or released)",
             )
 
-    def begin_backward(self, unit: int) -> None:
-        self.backward.add(unit)
-        self.backward_seen.add(unit)
-        if unit not in self.trainable:
-            return
-        if self.mode != "step" and unit in self.reduced:
-            self.fail(
-                "reduce-after-backward",
-                unit,
-                "backward runs after the gradient was "
-                f"reduced at {self.reduced[unit]}: that gradient would be lost",
-            )
-        if unit not in self.grad_alive:
-            self.fail(
-                "zero-grad-before-backward",
-                unit,
-                "backward runs with no gradient buffer: ZeroGrad is missing before it",
-            )
-        if unit in self.grad_stale:
-            self.fail(
-                "zero-grad-before-backward",
-                unit,
-                "backward adds onto a gradient that "
-                "was already reduced: ZeroGrad is missing after the reduction",
-            )
-        if unit in self.reducing:
-            self.fail(
-                "reduce-after-backward",
-                unit,
-                "backward writes the gradient while its reduction is in flight",
-            )
-        self.grad_dirty.add(unit)
-
     # -- parameter ops ----------------------------------------------------------------------
 
     def op_AllGather(self, op: O.AllGather) -> None:
@@ -258,187 +226,6 @@ class _Checker:
                     f"released during its {pass_name} (before its post_{pass_name})",
                 )
         self.params[unit] = RELEASED
-
-    # -- gradient ops -----------------------------------------------------------------------
-
-    def op_ZeroGrad(self, op: O.ZeroGrad) -> None:
-        unit = op.unit
-        if unit not in self.trainable:
-            self.fail("zero-grad-before-backward", unit, "ZeroGrad, but no trainable parameters")
-        if unit in self.reducing:
-            self.fail(
-                "zero-grad-before-backward",
-                unit,
-                "ZeroGrad while the reduction reading the gradient is in flight",
-            )
-        if unit in self.grad_dirty:
-            self.fail(
-                "zero-grad-before-backward",
-                unit,
-                "ZeroGrad discards a gradient that was never reduced",
-            )
-        self.grad_alive.add(unit)
-        self.grad_stale.discard(unit)
-
-    def op_AllocGrad(self, op: O.AllocGrad) -> None:
-        # Materialises the buffer as zeros unless it is alive (holding this step's earlier
-        # micro-batches: then nothing happens).
-        unit = op.unit
-        if unit not in self.trainable:
-            self.fail("zero-grad-before-backward", unit, "AllocGrad, but no trainable parameters")
-        if unit in self.reducing:
-            self.fail(
-                "zero-grad-before-backward",
-                unit,
-                "AllocGrad while the reduction reading the gradient is in flight",
-            )
-        self.grad_alive.add(unit)
-
-    def op_ReduceScatter(self, op: O.ReduceScatter) -> None:
-        self.reduce(op)
-
-    def op_ReduceInOrder(self, op: O.ReduceInOrder) -> None:
-        if op.whole_unit != (self.stage == 0):
-            self.fail(
-                "reduce-kind",
-                op.unit,
-                f"ReduceInOrder with whole_unit={op.whole_unit} in stage {self.stage} "
-                "(only stage 0, which owns whole units, gathers them whole)",
-            )
-        self.reduce(op)
-
-    def op_AllReduce(self, op: O.AllReduce) -> None:
-        self.reduce(op)
-
-    def reduce(self, op: O.ReduceScatter | O.AllReduce | O.ReduceInOrder) -> None:
-        unit, name = op.unit, type(op).__name__
-        expected = "AllReduce" if self.stage == 0 else "ReduceScatter"
-        if self.mode == "ordered":
-            expected = "ReduceInOrder"
-        if name != expected:
-            how = "deterministic mode" if self.mode == "ordered" else f"stage {self.stage}"
-            self.fail("reduce-kind", unit, f"{how} reduces gradients with {expected}, not {name}")
-        phases = {
-            "step": ("step",),
-            "last_micro_batch": ("last_micro_step",),
-        }.get(self.mode, ("micro_step", "last_micro_step"))
-        if self.phase not in phases:
-            how = f"stage {self.stage}" if self.mode != "ordered" else "deterministic mode"
-            if self.mode == "last_micro_batch":
-                how = "reduce_every_micro_batch: false"
-            self.fail(
-                "reduce-once",
-                unit,
-                f"reduced in the {self.phase}, but {how} reduces gradients in the "
-                f"{' or '.join(phases)} phase",
-            )
-        if unit not in self.trainable:
-            self.fail("reduce-once", unit, "reduced, but has no trainable parameters")
-        if unit in self.reduced:
-            per = "micro-batch" if self.per_micro else "step"
-            self.fail(
-                "reduce-once", unit, f"reduced twice in one {per} (first at {self.reduced[unit]})"
-            )
-        if unit in self.backward:
-            self.fail(
-                "reduce-after-backward",
-                unit,
-                "reduced before its backward finished (post_backward)",
-            )
-        if unit not in self.grad_alive:
-            self.fail(
-                "zero-grad-before-backward",
-                unit,
-                "reduces a gradient buffer that was never allocated (ZeroGrad missing)",
-            )
-        self.reducing[unit] = op
-        self.reduced[unit] = self.where
-        self.grad_dirty.discard(unit)
-        self.grad_stale.add(unit)
-
-    def op_WaitReduce(self, op: O.WaitReduce) -> None:
-        unit = op.unit
-        reduction = self.reducing.pop(unit, None)
-        if reduction is None:
-            self.fail("wait-after-reduce", unit, "WaitReduce with no reduction in flight")
-        if not self.shard_alive:
-            self.fail(
-                "grad-shard",
-                unit,
-                "the reduction lands in a gradient shard that is not "
-                "allocated (ZeroGradShard missing)",
-            )
-        self.shard_holds.add(unit)
-        if op.frees_nbytes:
-            self.grad_alive.discard(unit)
-            self.grad_stale.discard(unit)
-
-    def op_ZeroGradShard(self, op: O.ZeroGradShard) -> None:
-        # Materialises the shard as zeros; on a shard that is alive (it holds this step's
-        # earlier reductions) it does nothing.
-        if self.shard_alive:
-            return
-        self.shard_alive, self.shard_consumed = True, False
-        self.shard_holds.clear()
-
-    def op_FreeGradShard(self, op: O.FreeGradShard) -> None:
-        if not self.shard_alive:
-            self.fail("grad-shard", -1, "FreeGradShard of a gradient shard that is not allocated")
-        self.require_shard_consumed("FreeGradShard frees")
-        self.shard_alive = False
-        self.shard_holds.clear()
-
-    def require_shard_consumed(self, action: str) -> None:
-        if self.shard_holds and not self.shard_consumed:
-            held = sorted(self.shard_holds)
-            self.fail(
-                "grad-shard",
-                -1,
-                f"{action} the reduced gradients of units {held} before OptimizerStep read them",
-            )
-
-    # -- step ops ---------------------------------------------------------------------------
-
-    def require_gradients_reduced(self, reader: str) -> None:
-        if self.phase != "step":
-            self.fail("optimizer-after-reduce", -1, f"{reader} runs outside the step phase")
-        for unit in sorted(self.reducing):
-            self.fail(
-                "optimizer-after-reduce",
-                unit,
-                f"{reader} reads the gradient shard while "
-                "this unit's reduction is in flight (WaitReduce missing before it)",
-            )
-        if self.mode == "step":
-            for unit in sorted(self.trainable - set(self.reduced)):
-                self.fail(
-                    "reduce-once",
-                    unit,
-                    f"{reader} reads the gradient shard, but this "
-                    "unit's gradient was never reduced in this step",
-                )
-        if not self.shard_alive:
-            self.fail("grad-shard", -1, f"{reader} reads a gradient shard that is not allocated")
-
-    def op_ReduceScalars(self, op: O.ReduceScalars) -> None:
-        self.require_gradients_reduced("ReduceScalars")
-        self.scalars_done = True
-
-    def op_ReduceScalarsInOrder(self, op: O.ReduceScalarsInOrder) -> None:
-        self.require_gradients_reduced("ReduceScalarsInOrder")
-        self.scalars_done = True
-
-    def op_OptimizerStep(self, op: O.OptimizerStep) -> None:
-        self.require_gradients_reduced("OptimizerStep")
-        if not self.scalars_done:
-            self.fail(
-                "optimizer-after-reduce",
-                -1,
-                "OptimizerStep runs before ReduceScalars, so gradient clipping has no global norm",
-            )
-        if self.optimizer_done:
-            self.fail("optimizer-after-reduce", -1, "OptimizerStep runs twice in one step")
-        self.optimizer_done = self.shard_consumed = True
 
     # -- phase ends -------------------------------------------------------------------------
 
