@@ -121,6 +121,7 @@ def make_step(impl: str, model, device: torch.device):
             box["base"] = (executor.host_seconds, executor.host_cpu_seconds, executor.steps_run)
 
         step.start_timing = start_timing
+        step.state = lambda: box["state"]
 
         def extra():
             from fzero.memory import estimate_memory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,22 @@ def test_step_benchmark_cpu_smoke_runs_every_stage():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for impl in ("torch", "fzero:0", "fzero:1", "fzero:2", "fzero:3"):
         assert f"| tiny | {impl} |" in done.stdout
+
+
+def test_scaling_benchmark_cpu_smoke_runs_both_implementations_on_two_ranks(tmp_path):
+    """torchrun, gloo, 1 and 2 CPU ranks: every row is there, and fzero's 2-rank row carries
+    the simulator's prediction from the 1-rank calibration."""
+    script = SCRIPT.parent / "scaling.py"
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(script), "--cpu-smoke", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [*command, "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {(r["impl"], r["world_size"]): r for r in json.loads(out.read_text())}
+    assert set(rows) == {("fsdp2", 1), ("fzero:3", 1), ("fsdp2", 2), ("fzero:3", 2)}
+    assert rows[("fzero:3", 2)]["predicted_ms"] > 0
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
 
 
 def test_memory_peak_replay_finds_the_live_blocks_at_the_peak():
