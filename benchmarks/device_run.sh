@@ -19,9 +19,9 @@ for task in "$@"; do
   case $task in
     tests) python3 -m pytest tests/gpu tests/multigpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     example) python3 examples/train_gpt.py --stage 3 --bf16 --steps 200 --log-every 50 --n-layer 6 --n-embd 256 2>&1 | tee "$OUT/example.log" ;;
-    step255) python3 benchmarks/step.py --models 255m --impls fsdp2 fsdp2:emb torch fzero:3 fzero:2 fzero:1 fzero:3+compile --steps 20 --warmup 5 --json "$OUT/step_255m.json" 2>&1 | tee "$OUT/step_255m.log" ;;
+    step255) python3 benchmarks/step.py --models 255m --impls fsdp2 fsdp2:emb torch fzero:3 fzero:3+emb fzero:2 fzero:1 fzero:3+compile --steps 20 --warmup 5 --json "$OUT/step_255m.json" 2>&1 | tee "$OUT/step_255m.log" ;;
     stepds1.4b) python3 benchmarks/step.py --models 1.4b --impls fsdp2 deepspeed:3 --steps 10 --warmup 3 --json "$OUT/step_1.4b_ds.json" 2>&1 | tee "$OUT/step_1.4b_ds.log" ;;
-    step1.4b) python3 benchmarks/step.py --models 1.4b --impls fsdp2 fsdp2:emb torch fzero:3 --steps 10 --warmup 3 --json "$OUT/step_1.4b.json" 2>&1 | tee "$OUT/step_1.4b.log" ;;
+    step1.4b) python3 benchmarks/step.py --models 1.4b --impls fsdp2 fsdp2:emb torch fzero:3 fzero:3+emb --steps 10 --warmup 3 --json "$OUT/step_1.4b.json" 2>&1 | tee "$OUT/step_1.4b.log" ;;
     fakeworld) python3 benchmarks/step.py --models 1.4b --impls fzero:3@8 fzero:3@64 --steps 5 --warmup 2 --json "$OUT/fake_world.json" 2>&1 | tee "$OUT/fake_world.log" ;;
     timeline) python3 benchmarks/timeline.py --model 255m --out "$OUT" 2>&1 | tee "$OUT/timeline.log" ;;
     adamw) python3 benchmarks/adamw.py 2>&1 | tee "$OUT/adamw.log" ;;

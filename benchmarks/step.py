@@ -36,7 +36,16 @@ MODELS = {
     "255m": dict(n_layer=12, n_embd=1024, n_head=16, vocab_size=50304, block_size=1024, batch=16),
     "1.4b": dict(n_layer=24, n_embd=2048, n_head=16, vocab_size=50304, block_size=2048, batch=8),
 }
-DEFAULT_IMPLS = ["fsdp2", "fsdp2:emb", "torch", "fzero:3", "fzero:2", "fzero:1", "deepspeed:3"]
+DEFAULT_IMPLS = [
+    "fsdp2",
+    "fsdp2:emb",
+    "torch",
+    "fzero:3",
+    "fzero:3+emb",
+    "fzero:2",
+    "fzero:1",
+    "deepspeed:3",
+]
 
 
 def build_model(name: str, device: torch.device):
@@ -88,7 +97,10 @@ def make_step(impl: str, model, device: torch.device):
     """Returns step(batch) -> loss tensor and a dict of extra numbers to report."""
     kind, _, stage = impl.partition(":")
     stage, _, fake_world = stage.partition("@")  # fzero:3@64: rank 0 of a simulated world
-    stage, _, options = stage.partition("+")  # fzero:3+compile: torch.compile each block
+    # fzero:3+compile: torch.compile each block; fzero:3+emb: fzero.embedding_units
+    stage, *options = stage.split("+")
+    if set(options) - {"compile", "emb"}:
+        raise ValueError(f"{impl!r}: options are +compile and +emb")
     bf16 = device.type == "cuda"
     if kind == "fzero":
         import fzero
@@ -105,7 +117,10 @@ def make_step(impl: str, model, device: torch.device):
                 "stage3_max_reuse_distance": 0,
                 "stage3_prefetch_bucket_size": 0,
             },
-            "fzero": {"compile_units": options == "compile"},
+            "fzero": {
+                "compile_units": "compile" in options,
+                "embedding_units": "emb" in options,
+            },
         }
         world = int(fake_world) if fake_world else None
         box = {
@@ -146,7 +161,7 @@ def make_step(impl: str, model, device: torch.device):
 
         return step, extra
     if kind in ("fsdp2", "torch"):
-        if kind == "fsdp2":  # fsdp2:emb: the embeddings wrapped too, as fzero's default units
+        if kind == "fsdp2":  # fsdp2:emb: the embeddings wrapped too (fzero:N+emb)
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             _init_single_process_group(device)

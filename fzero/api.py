@@ -46,8 +46,9 @@ def shard(
     state for it and compile the step schedule.
 
     ``stage`` overrides the config's ``zero_optimization.stage`` when given. ``units`` names
-    the modules to gather and reduce as one (default: every block the model repeats and every
-    embedding outside them, plus the root for the rest; see ``find_unit_modules``).
+    the modules to gather and reduce as one (default: every block the model repeats, plus the
+    root for the rest; ``fzero.embedding_units`` adds each embedding; see
+    ``find_unit_modules``).
     ``process_group``: a ``torch.distributed`` group, an fzero communicator
     (``fzero.collectives.ThreadGroup(n).communicator(rank)``), or None for the default group (or
     world size 1 when none is initialised). ``record_ops`` keeps a log of executed ops for tests.
@@ -83,7 +84,7 @@ def shard(
         hidden_size=_hidden_size(model),
         param_numel=sum(p.numel() for p in params),
     )
-    unit_modules = _resolve_units(model, units)
+    unit_modules = _resolve_units(model, units, cfg.fzero.embedding_units)
     layout, params_per_unit = build_layout(
         model,
         unit_modules,
@@ -210,9 +211,14 @@ def _hidden_size(model: nn.Module) -> int | None:
     return embedding.embedding_dim if embedding is not None else None
 
 
-def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None):
+def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None, embeddings: bool):
     if units is None:
-        return find_unit_modules(model)
+        return find_unit_modules(model, embeddings)
+    if embeddings:
+        raise ShardError(
+            "units= and fzero.embedding_units both choose the units: pass the embeddings in "
+            "units= or drop one of the two"
+        )
     by_id = {id(m): n for n, m in model.named_modules()}
     resolved = []
     for item in units:

@@ -244,6 +244,11 @@ class FzeroConfig:
 
     ``compile_units``: run each block unit's ``forward`` through ``torch.compile`` (the hooks
     that gather, release and reduce stay outside the compiled code). Off by default.
+
+    ``embedding_units``: besides the repeated blocks, make every ``nn.Embedding`` outside them
+    a unit of its own (default units: the blocks plus one for the rest). Stage 3 then gathers an
+    embedding for its forward only and releases it right after, instead of holding it with the
+    root from the start of forward to the end of backward. Off by default.
     """
 
     no_weight_decay: tuple[str, ...] = ()
@@ -252,3 +257,4 @@ class FzeroConfig:
     reduce_every_micro_batch: bool | None = None
     deterministic: bool = False
     compile_units: bool = False
+    embedding_units: bool = False

@@ -161,7 +161,7 @@ RULES: dict[str, Rule] = {
         "fzero bounds persistent parameters with stage3_param_persistence_threshold only"
     ),
     "zero_optimization.stage3_module_granularity_threshold": warned(
-        "fzero gathers whole units (repeated modules, embeddings), never single small modules"
+        "fzero gathers whole units (repeated modules, the root), never single small modules"
     ),
     "zero_optimization.stage3_use_all_reduce_for_fetch_params": warned(
         "fzero fetches parameters with all-gather"

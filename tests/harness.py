@@ -32,6 +32,7 @@ class Case:
     eps: float = 1e-2
     no_decay: tuple[str, ...] = ()
     deterministic: bool = False  # fzero.deterministic; compare with ordered_reference
+    embedding_units: bool = False  # fzero.embedding_units
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def config(self) -> dict[str, Any]:
@@ -41,7 +42,11 @@ class Case:
                 "params": {"lr": self.lr, "weight_decay": self.weight_decay, "eps": self.eps},
             },
             "gradient_clipping": self.clip,
-            "fzero": {"no_weight_decay": list(self.no_decay), "deterministic": self.deterministic},
+            "fzero": {
+                "no_weight_decay": list(self.no_decay),
+                "deterministic": self.deterministic,
+                "embedding_units": self.embedding_units,
+            },
         }
         # Stage 3 gathers and releases every unit unless a test asks for persistence (the toy
         # units are far below DeepSpeed's default threshold of 1e5 elements).

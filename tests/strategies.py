@@ -40,6 +40,7 @@ def cases(draw, world_sizes=(1, 2, 3, 4), stages=(0, 1, 2, 3), steps: int = 3) -
         steps=steps,
         clip=draw(st.sampled_from([0.0, 0.05, 1.0])),
         no_decay=draw(st.sampled_from([(), ("*.bias",), ("*norm*", "*.bias")])),
+        embedding_units=draw(st.booleans()),
         extra={"zero_optimization": schedule_knobs(draw)},
     )
 

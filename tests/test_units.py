@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 import fzero
+from fzero.errors import ShardError
 from fzero.schedule.ops import Trigger
 from tests.harness import Case, assert_close_to_reference, reference, train_rank, train_threads
 from tests.models import ToyLM, ToySpec
@@ -19,8 +22,17 @@ def _owner(state, name: str) -> str:
     return next(u.name for u in state.layout.units for s in u.params if name in s.names)
 
 
-def test_default_units_are_the_repeated_blocks_and_each_embedding():
+EMBEDDING_UNITS = {"fzero": {"embedding_units": True}}
+
+
+def test_default_units_are_the_repeated_blocks_and_the_root():
     state = fzero.shard(ToyLM(UNTIED), stage=3)
+    assert _unit_names(state) == ["", "blocks.0", "blocks.1"]
+    assert _owner(state, "embed.weight") == ""
+
+
+def test_embedding_units_make_each_embedding_a_unit():
+    state = fzero.shard(ToyLM(UNTIED), stage=3, config=EMBEDDING_UNITS)
     assert _unit_names(state) == ["", "embed", "blocks.0", "blocks.1"]
     assert _owner(state, "embed.weight") == "embed"
     assert _owner(state, "head.weight") == ""
@@ -29,7 +41,7 @@ def test_default_units_are_the_repeated_blocks_and_each_embedding():
 def test_an_embedding_tied_to_the_head_stays_in_the_root():
     """The head (a root module) reads the tied weight after the embedding's forward: were it the
     embedding unit's, stage 3 would have released it by then."""
-    state = fzero.shard(ToyLM(TIED), stage=3)
+    state = fzero.shard(ToyLM(TIED), stage=3, config=EMBEDDING_UNITS)
     assert _unit_names(state) == ["", "blocks.0", "blocks.1"]  # the embedding has nothing left
     assert _owner(state, "embed.weight") == ""
     # Named by the user, the same rule holds.
@@ -55,6 +67,7 @@ def test_stage3_releases_the_embedding_before_the_loss():
         world_size=1,
         stage=3,
         micro=1,
+        embedding_units=True,
         extra={"zero_optimization": {"stage3_max_reuse_distance": 0}},
     )
     _, state, _ = train_rank(case, None, record=True)
@@ -72,7 +85,7 @@ def test_stage3_does_not_gather_an_embedding_for_its_backward():
     from fzero.schedule import verify
     from fzero.schedule.ops import AllGather
 
-    case = Case(spec=UNTIED, world_size=2, stage=3, micro=2)
+    case = Case(spec=UNTIED, world_size=2, stage=3, micro=2, embedding_units=True)
     results = train_threads(case)
     state = results[0][1]
     schedule = state.schedule
@@ -85,3 +98,8 @@ def test_stage3_does_not_gather_an_embedding_for_its_backward():
     ]
     for full, _, _ in results:
         assert_close_to_reference(full, reference(case))
+
+
+def test_embedding_units_and_explicit_units_are_not_combined():
+    with pytest.raises(ShardError, match="embedding_units"):
+        fzero.shard(ToyLM(UNTIED), stage=3, config=EMBEDDING_UNITS, units=["embed"])

@@ -1,7 +1,7 @@
 """FlatLayout: where every parameter lives in the flat buffers, and which slice this rank owns.
 
-Parameters are grouped into units (one per repeated block and per embedding outside the blocks,
-plus a root unit for the rest). A
+Parameters are grouped into units (one per repeated block, plus a root unit for the rest; with
+``fzero.embedding_units`` also one per embedding outside the blocks). A
 unit's parameters lie back to back in one flat buffer: trainable parameters first, then frozen
 ones, then zero padding up to a multiple of ``shard_world * alignment`` elements. Rank ``r`` owns
 ``[r * S, (r + 1) * S)`` of every unit, ``S = padded_numel / shard_world``. Stage 0 does not
@@ -135,24 +135,24 @@ class FlatLayout:
         return tuple(ranges)
 
 
-def find_unit_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def find_unit_modules(model: nn.Module, embeddings: bool = False) -> list[tuple[str, nn.Module]]:
     """The default units: the modules the model repeats, that is elements of a
-    ModuleList/Sequential holding two or more modules of one class (transformer blocks), and
-    every ``nn.Embedding`` outside them. Searched top-down; a unit's insides are not searched
-    further.
+    ModuleList/Sequential holding two or more modules of one class (transformer blocks); with
+    ``embeddings`` (``fzero.embedding_units``) also every ``nn.Embedding`` outside them.
+    Searched top-down; a unit's insides are not searched further.
 
-    An embedding is a unit of its own because its table is large (vocabulary x width) and only
-    its forward reads it: its backward needs the indices alone. In the root unit it would stay
-    gathered from the start of forward to the end of backward, through the activation peak; as
-    a unit, stage 3 releases it right after its forward. An embedding whose weight is tied to a
-    parameter of another unit (an output head) gives that parameter to the root unit, as any
-    tie across units does, and is then no unit at all."""
+    An embedding's table is large (vocabulary x width) and only its forward reads it: its
+    backward needs the indices alone. In the root unit it stays gathered from the start of
+    forward to the end of backward, through the activation peak; as a unit, stage 3 releases it
+    right after its forward. An embedding whose weight is tied to a parameter of another unit
+    (an output head) gives that parameter to the root unit, as any tie across units does, and
+    is then no unit at all."""
     found: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
             path = f"{prefix}{child_name}"
-            if isinstance(child, nn.Embedding):
+            if embeddings and isinstance(child, nn.Embedding):
                 found.append((path, child))
                 continue
             if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) >= 2:
