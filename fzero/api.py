@@ -120,6 +120,9 @@ def shard(
         persistent=persistent,
     )
 
+    modules = {
+        u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
+    }
     infos = tuple(
         UnitInfo(
             u.index,
@@ -130,7 +133,7 @@ def shard(
             u.padded_numel * reduce_dtype.itemsize if u.has_trainable else 0,
             u.has_trainable,
             persistent=u.index in persistent,
-            backward_reads_params=backward_reads_params(dict(unit_modules).get(u.name, model)),
+            backward_reads_params=backward_reads_params(modules[u.index]),
         )
         for u in layout.units
     )
@@ -146,9 +149,6 @@ def shard(
     if record_timeline:
         executor.timeline = MeasuredTimeline(device)
     executor.norm_order = _norm_order(model, layout)
-    modules = {
-        u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
-    }
     if cfg.fzero.compile_units:
         # Only the blocks' own computation: the module hooks that raise the triggers run
         # around the compiled forward, never inside it.
