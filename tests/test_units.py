@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import fzero
+from fzero.collectives import run_ranks
 from fzero.errors import ShardError
 from fzero.schedule.ops import Trigger
 from tests.harness import Case, assert_close_to_reference, reference, train_rank, train_threads
@@ -103,3 +104,24 @@ def test_stage3_does_not_gather_an_embedding_for_its_backward():
 def test_embedding_units_and_explicit_units_are_not_combined():
     with pytest.raises(ShardError, match="embedding_units"):
         fzero.shard(ToyLM(UNTIED), stage=3, config=EMBEDDING_UNITS, units=["embed"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("spec", [UNTIED, TIED], ids=["untied", "tied"])
+def test_embedding_units_with_gradients_reduced_once_per_step(stage, spec):
+    """Embedding units (not gathered for backward in stage 3) with every unit's gradient kept
+    across three micro-batches and reduced once: still the reference's training."""
+    case = Case(spec=spec, world_size=2, stage=stage, micro=3, embedding_units=True)
+    config = case.config()
+    config["fzero"]["reduce_every_micro_batch"] = False
+    models = [ToyLM(spec) for _ in range(2)]
+    batches = case.batches()
+
+    def rank(comm):
+        state = fzero.shard(models[comm.rank], stage=stage, config=config, process_group=comm)
+        for step in range(case.steps):
+            state, _ = fzero.train_step(state, batches[step][comm.rank])
+        return fzero.full_state_dict(state)
+
+    for full in run_ranks(2, rank):
+        assert_close_to_reference(full, reference(case))
