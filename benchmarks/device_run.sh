@@ -29,6 +29,7 @@ for task in "$@"; do
     mempeak1.4b) python3 benchmarks/memory_peak.py --model 1.4b --impls fsdp2 fzero:3 --json "$OUT/mempeak_1.4b.json" 2>&1 | tee "$OUT/mempeak_1.4b.log" ;;
     stepds255) python3 benchmarks/step.py --models 255m --impls fsdp2 fzero:3 deepspeed:3 --steps 20 --warmup 5 --json "$OUT/step_255m_ds.json" 2>&1 | tee "$OUT/step_255m_ds.log" ;;
     scaling) python3 benchmarks/scaling.py --model 1.4b --worlds 1 2 4 8 --out "$OUT" --json "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log" ;;
+    profile255) python3 benchmarks/profile_step.py --model 255m --impls fsdp2 fzero:3 2>&1 | tee "$OUT/profile_255m.log" ;;
     fp16curve) for lr in 1e-3 3e-3; do python3 benchmarks/precision.py --fp16-curve --with-plain --lr $lr --lr-warmup 20 2>&1 | tee "$OUT/fp16_curve_lr${lr}_warmup20.log"; done ;;
   esac
 done
