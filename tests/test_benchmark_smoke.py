@@ -62,3 +62,11 @@ def test_memory_peak_replay_finds_the_live_blocks_at_the_peak():
         "executor.py": 100,
         "gpt.py": 250,
     }
+
+
+def test_profile_busy_time_counts_overlapping_kernels_once():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from profile_step import busy_seconds
+
+    assert busy_seconds([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (5.5, 5.7)]) == 4.0
+    assert busy_seconds([]) == 0.0
