@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from children import print_result, run_child  # noqa: E402
 
 INTERESTING = ("fzero/", "examples/gpt.py", "torch/distributed/fsdp", "benchmarks/", "deepspeed/")
 
@@ -101,21 +102,17 @@ def _child(impl: str, model_name: str, steps: int, warmup: int) -> None:
             if block["state"] == "active_allocated" and block["size"] > block["requested_size"]:
                 slack[_site(block.get("frames", []))] += block["size"] - block["requested_size"]
     rows = sorted(((sum(sizes), len(sizes), site) for site, sizes in groups.items()), reverse=True)
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "impl": impl,
-                "max_memory_allocated": torch.cuda.max_memory_allocated(),
-                "replayed_peak": peak,
-                "peak_event": index,
-                "events": len(trace),
-                "timed_from_event": start,
-                "rows": rows,
-                "slack_near_peak": sorted(((b, s) for s, b in slack.items()), reverse=True),
-            }
-        ),
-        flush=True,
+    print_result(
+        {
+            "impl": impl,
+            "max_memory_allocated": torch.cuda.max_memory_allocated(),
+            "replayed_peak": peak,
+            "peak_event": index,
+            "events": len(trace),
+            "timed_from_event": start,
+            "rows": rows,
+            "slack_near_peak": sorted(((b, s) for s, b in slack.items()), reverse=True),
+        }
     )
 
 
@@ -136,12 +133,9 @@ def main() -> None:
     for impl in args.impls:
         command = [sys.executable, __file__, "--one", impl, "--model", args.model]
         command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-        if done.returncode or not lines:
-            print(f"FAILED {impl}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}", flush=True)
+        result = run_child(command, impl)
+        if result is None:
             continue
-        result = json.loads(lines[-1][len("RESULT ") :])
         results.append(result)
         mib = 2**20
         print(

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from children import print_result, run_child  # noqa: E402
+
 
 def _child(args) -> None:
     import torch.distributed as dist
@@ -82,7 +84,7 @@ def _child(args) -> None:
     if args.cost and args.one.startswith("fzero") and world > 1:
         result.update(_predict(step, args.cost, world, device, step_seconds))
     if rank == 0:
-        print("RESULT " + json.dumps(result), flush=True)
+        print_result(result)
     dist.barrier()  # every rank is done with the others
     # Leave without running the process group's C++ destructors: gloo's teardown at exit
     # sometimes aborts ("terminate called without an active exception") after a clean run.
@@ -138,15 +140,6 @@ def _calibrate(args) -> None:
     state, timeline, _ = measure(args.model, 1, device)
     cost = calibrate(state, timeline)
     Path(args.cost).write_text(json.dumps(asdict(cost)))
-
-
-def _run(command: list[str]) -> dict | None:
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        print(f"FAILED {' '.join(command)}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-        return None
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _table(rows: list[dict]) -> str:
@@ -219,7 +212,7 @@ def main() -> None:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             command += [f"--nproc_per_node={world}", __file__, "--one", impl, *common]
             command += ["--cost", str(cost)]
-            row = _run(command)
+            row = run_child(command, f"{impl} at N={world}")
             if row is not None:
                 rows.append(row)
                 print(_table(rows).splitlines()[-1], flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from children import print_result, run_child  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, block_size=64, batch=4),
@@ -261,7 +263,7 @@ def _child(args) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     result = run_one(args.one, args.model, args.steps, args.warmup, device)
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
 def main() -> None:
@@ -305,16 +307,11 @@ def main() -> None:
                 str(args.warmup),
             ]
             command += ["--cpu-smoke"] if args.cpu_smoke else []
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                print(
-                    f"FAILED {impl} on {model_name}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}",
-                    flush=True,
-                )
+            row = run_child(command, f"{impl} on {model_name}")
+            if row is None:
                 rows.append({"impl": impl, "model": model_name, "failed": True})
                 continue
-            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+            rows.append(row)
             print(_format(rows[-1], rows, args.peak_tflops), flush=True)
     print()
     print(_table(rows, args.peak_tflops))
