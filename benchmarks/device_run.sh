@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # One batched GPU session on the lent device: environment, GPU tests, the example, benchmarks.
 #   bash benchmarks/device_run.sh [tests] [example] [step255] [step1.4b] [fakeworld] [adamw]
-#                                 [timeline] [mempeak255] [mempeak1.4b] [fp16curve] [scaling]
-# DeepSpeed joins the step benchmark when its wheel is in .whl/ (with hjson and pydantic's).
+#        [timeline] [mempeak255] [mempeak1.4b] [fp16curve] [scaling] [profile255]
+#        [stepds255] [stepds1.4b]
+# DeepSpeed joins the step benchmark when its wheel is in .whl/, made here with CPU torch:
+#   pip download --no-deps --no-binary :all: deepspeed && DS_BUILD_OPS=0 pip wheel --no-deps \
+#     --no-build-isolation deepspeed-*.tar.gz -w .whl
+#   pip download --no-deps --only-binary :all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d .whl hjson pydantic pydantic-core annotated-types \
+#     typing-inspection
+# (the image has DeepSpeed's other requirements); its FusedAdam is JIT-built for sm_90.
 # Logs go to $OUT (or ./out). The GPU image lacks optree: wheels in .whl/ are installed first.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
