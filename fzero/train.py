@@ -116,10 +116,25 @@ def _forward(runtime: Runtime, micro_batch: Any, index: int) -> torch.Tensor:
     except ScheduleError:
         raise
     except Exception as error:
+        hint = RELEASED_HINT if _released(error) else ""
         raise BatchError(
-            f"micro-batch {index}: the model raised {type(error).__name__}: {error}"
+            f"micro-batch {index}: the model raised {type(error).__name__}: {error}{hint}"
         ) from error
     return _loss_of(output)
+
+
+RELEASED_HINT = (
+    ". A parameter was read while released: stage 3 frees a unit's parameters outside its "
+    "forward and backward, so a parameter used by code outside its unit (say an output head "
+    "computing with `self.wte.weight`, with the embedding a unit) must belong to a unit that "
+    "is gathered there: call the module that owns it instead, or choose `units=` so that "
+    "both uses are in one unit (the root when nothing else fits)"
+)
+
+
+def _released(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch refusing to read a tensor whose storage fzero freed."""
+    return "out of bounds for storage of size 0" in str(error)
 
 
 def _loss_of(output: Any) -> torch.Tensor:

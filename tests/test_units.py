@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fzero
 from fzero.collectives import run_ranks
-from fzero.errors import ShardError
+from fzero.errors import BatchError, ShardError
 from fzero.schedule.ops import Trigger
 from tests.harness import Case, assert_close_to_reference, reference, train_rank, train_threads
 from tests.models import ToyLM, ToySpec
@@ -125,3 +126,32 @@ def test_embedding_units_with_gradients_reduced_once_per_step(stage, spec):
 
     for full in run_ranks(2, rank):
         assert_close_to_reference(full, reference(case))
+
+
+class _HeadReadsTheEmbeddingTable(torch.nn.Module):
+    """An output head that computes with the embedding's weight directly, not through a
+    module: the embedding unit has released it by then."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = torch.nn.Embedding(11, 8)
+        self.h = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, ids, targets):
+        x = self.wte(ids)
+        for block in self.h:
+            x = x + torch.tanh(block(x))
+        logits = torch.nn.functional.linear(x, self.wte.weight)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
+
+
+def test_a_parameter_read_outside_its_unit_gets_an_error_that_says_so():
+    ids = torch.randint(11, (2, 5))
+    config = {**EMBEDDING_UNITS, "zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    state = fzero.shard(_HeadReadsTheEmbeddingTable(), stage=3, config=config)
+    with pytest.raises(BatchError, match="read while released.*units="):
+        fzero.train_step(state, (ids, ids))
+    # With the default units the table is the root's, gathered for the whole step.
+    state = fzero.shard(_HeadReadsTheEmbeddingTable(), stage=3)
+    state, metrics = fzero.train_step(state, (ids, ids))
+    assert torch.isfinite(metrics["loss"])
