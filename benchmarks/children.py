@@ -7,6 +7,11 @@ import json
 import subprocess
 
 
+def child_args(script: str, impl: str, model: str, steps: int, warmup: int) -> list[str]:
+    """The arguments that make ``script`` run one configuration as a child (its ``--one``)."""
+    return [script, "--one", impl, "--model", model, "--steps", str(steps), "--warmup", str(warmup)]
+
+
 def run_child(command: list[str], what: str) -> dict | None:
     """Run ``command``; its last ``RESULT`` line as a dict, or None after printing why not
     (``what`` names the configuration)."""

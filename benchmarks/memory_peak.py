@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from children import print_result, run_child  # noqa: E402
+from children import child_args, print_result, run_child  # noqa: E402
 
 INTERESTING = ("fzero/", "examples/gpt.py", "torch/distributed/fsdp", "benchmarks/", "deepspeed/")
 
@@ -131,8 +131,7 @@ def main() -> None:
         return
     results = []
     for impl in args.impls:
-        command = [sys.executable, __file__, "--one", impl, "--model", args.model]
-        command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command = [sys.executable, *child_args(__file__, impl, args.model, args.steps, args.warmup)]
         result = run_child(command, impl)
         if result is None:
             continue

@@ -24,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from children import child_args  # noqa: E402
+
 
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of ``(start, end)`` intervals."""
@@ -82,8 +84,7 @@ def main() -> None:
         _child(args.one, args.model, args.steps, args.warmup, args.top)
         return
     for impl in args.impls:
-        command = [sys.executable, __file__, "--one", impl, "--model", args.model]
-        command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command = [sys.executable, *child_args(__file__, impl, args.model, args.steps, args.warmup)]
         command += ["--top", str(args.top)]
         done = subprocess.run(command, capture_output=True, text=True)
         print(done.stdout if done.returncode == 0 else f"FAILED {impl}:\n{done.stderr[-3000:]}")

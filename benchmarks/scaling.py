@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from children import print_result, run_child  # noqa: E402
+from children import child_args, print_result, run_child  # noqa: E402
 
 
 def _child(args) -> None:
@@ -210,8 +210,9 @@ def main() -> None:
             continue
         for impl in args.impls:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            command += [f"--nproc_per_node={world}", __file__, "--one", impl, *common]
-            command += ["--cost", str(cost)]
+            command += [f"--nproc_per_node={world}"]
+            command += child_args(__file__, impl, args.model, args.steps, args.warmup)
+            command += ["--cost", str(cost)] + (["--cpu-smoke"] if args.cpu_smoke else [])
             row = run_child(command, f"{impl} at N={world}")
             if row is not None:
                 rows.append(row)

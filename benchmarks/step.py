@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from children import print_result, run_child  # noqa: E402
+from children import child_args, print_result, run_child  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, block_size=64, batch=4),
@@ -296,15 +296,7 @@ def main() -> None:
                 continue
             command = [
                 sys.executable,
-                __file__,
-                "--one",
-                impl,
-                "--model",
-                model_name,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
+                *child_args(__file__, impl, model_name, args.steps, args.warmup),
             ]
             command += ["--cpu-smoke"] if args.cpu_smoke else []
             row = run_child(command, f"{impl} on {model_name}")
