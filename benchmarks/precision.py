@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import fzero  # noqa: E402
 from fzero.collectives import run_ranks  # noqa: E402
+from fzero.config.lr_schedules import WarmupLR  # noqa: E402
 from fzero.schedule import ops as O  # noqa: E402
-from fzero.schedulers import WarmupLR  # noqa: E402
 
 REDUCTIONS = (O.ReduceScatter, O.AllReduce, O.ReduceInOrder)
 

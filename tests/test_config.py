@@ -23,11 +23,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fzero.config as config_module
+import fzero.config.config as config_module
 from fzero.config import Config
-from fzero.config_keys import ALIASES, RULES
-from fzero.errors import ConfigError, ConfigTypeError, ConfigWarning
-from fzero.schedulers import (
+from fzero.config.keys import ALIASES, RULES
+from fzero.config.lr_schedules import (
     SCHEDULERS,
     LRRangeTest,
     OneCycle,
@@ -35,6 +34,7 @@ from fzero.schedulers import (
     WarmupDecayLR,
     WarmupLR,
 )
+from fzero.errors import ConfigError, ConfigTypeError, ConfigWarning
 
 pytestmark = pytest.mark.filterwarnings("ignore::fzero.errors.ConfigWarning")
 

@@ -20,7 +20,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from fzero.config_keys import ALIASES, apply_rule, known_keys, suggest
+from fzero.config.keys import ALIASES, apply_rule, known_keys, suggest
 from fzero.errors import ConfigError, ConfigTypeError
 
 Auto = Literal["auto"]

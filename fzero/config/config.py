@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from fzero.config_blocks import (
+from fzero.config.blocks import (
     DataTypesConfig,
     Fp16Config,
     FzeroConfig,
@@ -39,11 +39,11 @@ from fzero.config_blocks import (
     ZeroConfig,
     check_at_least,
 )
-from fzero.config_keys import suggest, warn_no_effect
-from fzero.config_parse import Auto, DtypeName, build, flatten, load_file
-from fzero.config_resolve import BATCH_KEYS, resolve_auto
+from fzero.config.keys import suggest, warn_no_effect
+from fzero.config.lr_schedules import SCHEDULERS, OneCycle, Scheduler
+from fzero.config.parse import Auto, DtypeName, build, flatten, load_file
+from fzero.config.resolve import BATCH_KEYS, resolve_auto
 from fzero.errors import ConfigError, ConfigTypeError
-from fzero.schedulers import SCHEDULERS, OneCycle, Scheduler
 
 __all__ = [
     "Config",

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from fzero.config_parse import NESTED_PARAMS, Auto, DtypeName
+from fzero.config.parse import NESTED_PARAMS, Auto, DtypeName
 from fzero.errors import ConfigError
 
 OffloadDevice = Literal["none", "cpu", "nvme"]
