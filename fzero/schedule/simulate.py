@@ -297,6 +297,9 @@ class _Replay:
                 else:  # an all-to-all of shard slices moves what a reduce-scatter moves
                     seconds = self.cost.reduce_scatter(op.nbytes, n)
                 self.in_flight[(O.REDUCE, op.unit)] = self.collective(op, O.REDUCE, seconds, micro)
+            elif isinstance(op, O.WriteGradShard):  # one rank: a local write, no collective
+                self.in_flight[(O.REDUCE, op.unit)] = self.now
+                self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
             elif isinstance(op, (O.WaitGather, O.WaitReduce)):
                 stream = O.GATHER if isinstance(op, O.WaitGather) else O.REDUCE
                 self.wait(op, self.in_flight.pop((stream, op.unit), self.now), micro)
@@ -311,7 +314,16 @@ class _Replay:
             elif isinstance(op, O.OptimizerStep):
                 self.compute(_op_text(op), self.cost.optimizer(op.shard_numel), micro)
             elif isinstance(
-                op, (O.Release, O.ZeroGrad, O.AllocGrad, O.ZeroGradShard, O.FreeGradShard)
+                op,
+                (
+                    O.Release,
+                    O.ZeroGrad,
+                    O.DropGrads,
+                    O.AllocGrad,
+                    O.AllocGradShard,
+                    O.ZeroGradShard,
+                    O.FreeGradShard,
+                ),
             ):
                 self.bookkeeping(op)
                 self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
@@ -322,9 +334,9 @@ class _Replay:
     def bookkeeping(self, op: O.Op) -> None:
         if isinstance(op, O.Release):
             self.gathered.discard(op.unit)
-        elif isinstance(op, (O.ZeroGrad, O.AllocGrad)):  # on a live buffer: nothing new
+        elif isinstance(op, (O.ZeroGrad, O.DropGrads, O.AllocGrad)):  # live: nothing new
             self.grads[op.unit] = op.nbytes
-        elif isinstance(op, O.ZeroGradShard) and self.grad_shard_nbytes is None:
+        elif isinstance(op, (O.AllocGradShard, O.ZeroGradShard)) and self.grad_shard_nbytes is None:
             self.grad_shard_nbytes = op.nbytes  # on a live shard it does nothing
         elif isinstance(op, O.FreeGradShard):
             self.grad_shard_nbytes = None
