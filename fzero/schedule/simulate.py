@@ -40,6 +40,13 @@ class CostModel:
     ``bandwidth_bytes_per_second`` (per-rank link bandwidth). The optimizer streams
     ``optimizer_bytes_per_element`` (master, moments, gradient, parameter) per shard element
     at ``optimizer_bytes_per_second``.
+
+    Offload: copies between host and device run at ``host_to_device_bytes_per_second`` and
+    ``device_to_host_bytes_per_second`` (PCIe 5 x16 moves about 53 GB/s each way, measured on
+    the H200), the CPU AdamW step streams ``cpu_optimizer_bytes_per_element`` per element at
+    ``cpu_optimizer_bytes_per_second`` (torch's fused CPU AdamW, 16 cores: 122 GB/s at 28 B per
+    element), and swap files are read and written at ``file_read_bytes_per_second`` and
+    ``file_write_bytes_per_second`` (calibrate them with ``benchmarks/nvme_swap.py``).
     """
 
     forward_seconds: UnitSeconds = None
@@ -50,6 +57,12 @@ class CostModel:
     latency_seconds: float = 10e-6
     optimizer_bytes_per_second: float = 1e12
     optimizer_bytes_per_element: float = 30.0
+    host_to_device_bytes_per_second: float = 53e9
+    device_to_host_bytes_per_second: float = 53e9
+    cpu_optimizer_bytes_per_second: float = 122e9
+    cpu_optimizer_bytes_per_element: float = 28.0
+    file_read_bytes_per_second: float = 6e9
+    file_write_bytes_per_second: float = 4e9
 
     def forward(self, unit: UnitInfo) -> float:
         default = 2.0 * unit.numel * self.tokens_per_micro_batch / self.flops_per_second
@@ -77,6 +90,26 @@ class CostModel:
 
     def optimizer(self, shard_numel: int) -> float:
         return shard_numel * self.optimizer_bytes_per_element / self.optimizer_bytes_per_second
+
+    def upload(self, nbytes: int) -> float:
+        """A host-to-device copy of ``nbytes`` (pinned host memory)."""
+        return nbytes / self.host_to_device_bytes_per_second
+
+    def download(self, nbytes: int) -> float:
+        """A device-to-host copy of ``nbytes`` (pinned host memory)."""
+        return nbytes / self.device_to_host_bytes_per_second
+
+    def cpu_optimizer(self, shard_numel: int) -> float:
+        """The CPU AdamW step over ``shard_numel`` elements of a host shard."""
+        return (
+            shard_numel * self.cpu_optimizer_bytes_per_element / self.cpu_optimizer_bytes_per_second
+        )
+
+    def file_read(self, nbytes: int) -> float:
+        return nbytes / self.file_read_bytes_per_second
+
+    def file_write(self, nbytes: int) -> float:
+        return nbytes / self.file_write_bytes_per_second
 
 
 def _lookup(table: UnitSeconds, unit: UnitInfo, default: float) -> float:
