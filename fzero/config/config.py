@@ -62,7 +62,7 @@ logger = logging.getLogger("fzero")
 
 # Offload devices the runtime implements. Any other device in offload_optimizer/offload_param is
 # rejected at config time; the runtime adds "cpu" here when it implements CPU offload.
-SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none",)
+SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu")
 
 _DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -162,16 +162,6 @@ class Config:
                     f'offload to "{block.device}" is not implemented in fzero yet; '
                     'set "device": "none" or remove the block',
                 )
-            if name == "offload_param" and zero.stage != 3:
-                message = f"parameter offload needs stage 3, got stage {zero.stage}"
-                raise ConfigError(f"zero_optimization.{name}.device", message)
-        if (
-            zero.offload_optimizer is not None
-            and zero.offload_optimizer.ratio < 1
-            and zero.stage != 3
-        ):
-            message = f"partial offload (ratio < 1) needs stage 3, got stage {zero.stage}"
-            raise ConfigError("zero_optimization.offload_optimizer.ratio", message)
         self.optimizer.validate()
         if self.scheduler is not None:
             self.scheduler.validate()
@@ -236,7 +226,17 @@ class Config:
     def check_stage_options(self) -> None:
         """Options whose meaning depends on the stage, checked by ``shard`` once the stage is
         final (``shard(stage=...)`` overrides the config's)."""
-        stage = self.zero_optimization.stage
+        zero = self.zero_optimization
+        stage = zero.stage
+        param = zero.offload_param
+        if param is not None and param.device != "none" and stage != 3:
+            message = f"parameter offload needs stage 3, got stage {stage}"
+            raise ConfigError("zero_optimization.offload_param.device", message)
+        optimizer = zero.offload_optimizer
+        partial = optimizer is not None and optimizer.device != "none" and optimizer.ratio < 1
+        if partial and stage != 3:
+            message = f"partial offload (ratio < 1) needs stage 3, got stage {stage}"
+            raise ConfigError("zero_optimization.offload_optimizer.ratio", message)
         if stage < 2 and self.fzero.reduce_every_micro_batch is True:
             raise ConfigError(
                 "fzero.reduce_every_micro_batch",
