@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from fzero.checkpoint.consolidate import consolidate, describe
 from fzero.checkpoint.loading import load
-from fzero.checkpoint.manifest import Checkpoint, open_checkpoint
+from fzero.checkpoint.locate import open_checkpoint
+from fzero.checkpoint.manifest import Checkpoint
 from fzero.checkpoint.refresh import refresh_parameters
 from fzero.checkpoint.saving import load_data_state, save
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from fzero.checkpoint.files import fsync_dir, write_safetensors
-from fzero.checkpoint.manifest import LATEST, Checkpoint, open_checkpoint
+from fzero.checkpoint.locate import open_checkpoint
+from fzero.checkpoint.manifest import LATEST, Checkpoint
 from fzero.checkpoint.sources import ShardReader
 from fzero.errors import CheckpointError
 
