@@ -110,15 +110,21 @@ def newest_complete(root: Path) -> Copy | None:
             named = None
     if named is None:
         candidates = copies(root)
-    return newest(candidates)
+    best = newest(candidates)
+    for skipped in candidates:
+        if skipped.record is None and skipped.kind == PUBLISHED and (
+            best is None or skipped.step >= best.step
+        ):
+            logger.warning("skipping %s: %s", skipped.path, _problem(skipped.path))
+    return best
 
 
 def _problem(directory: Path) -> str:
     try:
-        read_commit(directory)
+        read_checkpoint(directory)
     except CheckpointError as error:
         return str(error)
-    return f"its {COMMIT} is for another step"
+    return f"its {COMMIT} is for step {read_commit(directory).step}"
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -78,14 +78,14 @@ def test_every_one_digit_edit_of_the_manifest_is_refused_naming_it(saved):
         message = _refused(root, "manifest.json", data, manifest, both=False)
         assert "manifest.json does not match its commit record" in message
         edits += 1
-    assert edits > 300  # the manifest has hundreds of digits
+    assert edits > 200  # the manifest has hundreds of digits
     open_checkpoint(root)  # the original still loads
 
 
 def test_every_one_digit_edit_of_the_commit_record_is_refused(saved):
     root, _, commit = saved
     edits = list(_digit_edits(commit))
-    assert len(edits) > 50
+    assert len(edits) > 20
     for data in edits:
         _refused(root, "commit.json", data, commit)
 
@@ -124,3 +124,16 @@ def test_load_refuses_an_edited_manifest_and_loads_it_restored(saved, tmp_path):
             fzero.load(copy, ToyLM(SPEC))
     path.write_bytes(manifest)
     assert fzero.load(copy, ToyLM(SPEC)).runtime.step_count == 2
+
+
+def test_newest_checkpoint_without_its_commit_record_is_refused_not_skipped(saved, tmp_path):
+    """No crash removes the commit record of a directory ``latest`` names: ``load`` says so,
+    instead of quietly resuming from step 1."""
+    root, _, _ = saved
+    copy = tmp_path / "ckpt"
+    shutil.copytree(root, copy)
+    (copy / "step-000002" / "commit.json").unlink()
+    with pytest.raises(CheckpointCorruptError, match="latest names .*step-000002, which is not a"):
+        open_checkpoint(copy)
+    (copy / "latest").unlink()  # with no pointer, only complete checkpoints are candidates
+    assert open_checkpoint(copy).step == 1
