@@ -373,6 +373,31 @@ def test_unwritable_directory_is_named(tmp_path):
             fzero.save(state, locked)
 
 
+def test_ranks_at_different_steps_are_refused_before_anything_is_written(tmp_path):
+    """Rank 0 resumed from step 1, rank 1 from step 2: the save's first collective names each
+    rank's step on both ranks, and the root is left as it was."""
+    torch.set_num_threads(1)
+    case = Case(SPEC, 2, 1, 1, steps=2)
+    _run(case, tmp_path, range(2), save_at=1)
+    _run(case, tmp_path, range(1, 2), save_at=2, load=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    models = [ToyLM(SPEC) for _ in range(2)]
+    errors = []
+
+    def body(comm):
+        directory = tmp_path / f"step-00000{comm.rank + 1}"
+        state = fzero.load(directory, models[comm.rank], process_group=comm)
+        with pytest.raises(CheckpointWriteError) as caught:
+            fzero.save(state, tmp_path)
+        errors.append(str(caught.value))
+
+    run_ranks(2, body)
+    assert len(errors) == 2
+    for text in errors:
+        assert "ranks are at different steps (rank 0: step 1, rank 1: step 2)" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 class _Killed(BaseException):
     """Stands in for SIGKILL: nothing after the raise runs (no cleanup, no manifest)."""
 

@@ -58,12 +58,14 @@ def copies(root: Path, *, published: bool = True) -> list[Copy]:
         for pattern, kind in ((STEP_DIR, PUBLISHED), (STAGING_DIR, STAGING), (ASIDE_DIR, ASIDE)):
             match = pattern.match(child.name)
             if match and (published or kind != PUBLISHED) and child.is_dir():
-                step = int(match.group(1))
-                record = committed_or_none(child)
-                if record is not None and record.step != step:
-                    record = None
-                found.append(Copy(step, child, kind, record))
+                found.append(copy_at(child, int(match.group(1)), kind))
     return found
+
+
+def copy_at(path: Path, step: int, kind: str) -> Copy:
+    """``path`` as a copy of ``step``'s checkpoint (its record None unless it is complete)."""
+    record = committed_or_none(path)
+    return Copy(step, path, kind, record if record is not None and record.step == step else None)
 
 
 def newest(candidates: list[Copy]) -> Copy | None:
@@ -92,7 +94,7 @@ def newest_complete(root: Path) -> Copy | None:
     if named is not None:
         published = root / step_dir_name(named)
         if published.is_dir():
-            candidates.append(Copy(named, published, PUBLISHED, committed_or_none(published)))
+            candidates.append(copy_at(published, named, PUBLISHED))
         if not any(c.step == named and c.record is not None for c in candidates):
             if published.is_dir():
                 # Never left by a crash (a directory gets this name only once committed).
@@ -112,8 +114,10 @@ def newest_complete(root: Path) -> Copy | None:
         candidates = copies(root)
     best = newest(candidates)
     for skipped in candidates:
-        if skipped.record is None and skipped.kind == PUBLISHED and (
-            best is None or skipped.step >= best.step
+        if (
+            skipped.record is None
+            and skipped.kind == PUBLISHED
+            and (best is None or skipped.step >= best.step)
         ):
             logger.warning("skipping %s: %s", skipped.path, _problem(skipped.path))
     return best

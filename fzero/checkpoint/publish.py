@@ -29,7 +29,16 @@ from typing import Any
 from fzero.checkpoint.commit import COMMIT, write_commit
 from fzero.checkpoint.crash_points import reach
 from fzero.checkpoint.files import fsync_dir, write_text_atomic
-from fzero.checkpoint.locate import PUBLISHED, copies, finished_checkpoints, newest, newest_complete
+from fzero.checkpoint.locate import (
+    ASIDE,
+    PUBLISHED,
+    STAGING,
+    copies,
+    copy_at,
+    finished_checkpoints,
+    newest,
+    newest_complete,
+)
 from fzero.checkpoint.manifest import (
     LATEST,
     MANIFEST,
@@ -69,11 +78,11 @@ def publish(root: Path, step: int) -> None:
 def settle(root: Path, step: int) -> None:
     """Leave the newest complete copy of ``step``'s checkpoint at ``step-<n>/`` and remove the
     others (the staging directory and the aside copy). A ``step-<n>/`` that is not complete
-    is never removed: no crash leaves one, so it is the user's to judge."""
+    (no crash leaves one) is left alone unless a complete copy of the step takes its place."""
     final = root / step_dir_name(step)
     staging, aside = root / staging_dir_name(step), root / aside_dir_name(step)
-    found = [c for c in copies(root) if c.step == step]
-    best = newest(found)
+    kinds = ((final, PUBLISHED), (staging, STAGING), (aside, ASIDE))
+    best = newest([copy_at(path, step, kind) for path, kind in kinds if path.is_dir()])
     if best is None or best.path == final:
         for path in (staging, aside):
             discard(path)

@@ -86,7 +86,12 @@ def save(
         reach("recovered")
     reach("collective.begin")
     begun = comm.all_gather_object({"step": step, **(_describe(failure) if failure else {})})
-    _check_begun(begun, final, failure)
+    try:
+        _check_begun(begun, final, failure)
+    except CheckpointWriteError:
+        if comm.rank == 0:
+            publish.discard(staging)
+        raise
 
     entry: dict[str, Any] | None = None
     try:
