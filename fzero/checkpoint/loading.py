@@ -18,7 +18,8 @@ from torch import nn
 
 import fzero.errors as errors_module
 from fzero.api import shard
-from fzero.checkpoint.manifest import Checkpoint, check_layout, check_model, open_checkpoint
+from fzero.checkpoint.locate import open_checkpoint
+from fzero.checkpoint.manifest import Checkpoint, check_layout, check_model
 from fzero.checkpoint.refresh import refresh_parameters
 from fzero.checkpoint.sources import OPTIMIZER_KINDS, ShardReader
 from fzero.config import Config
