@@ -37,7 +37,8 @@ class Hyper:
     """Per-step optimizer values, set by ``train_step`` before the step phase runs.
 
     ``loss_scale``: what the loss was multiplied by (fp16); gradients are divided by it.
-    ``check_finite``: whether a non-finite gradient skips the update (``found_inf``)."""
+    ``check_finite``: whether a non-finite gradient skips the update (``found_inf``).
+    ``bias_correction``: Adam's ``1 - beta**step`` divisors (``optimizer.params``)."""
 
     lr: float
     beta1: float
@@ -46,6 +47,7 @@ class Hyper:
     max_grad_norm: float
     loss_scale: float = 1.0
     check_finite: bool = False
+    bias_correction: bool = True
 
 
 @dataclass

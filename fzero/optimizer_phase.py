@@ -117,6 +117,7 @@ def op_OptimizerStep(ex: Executor, op: O.OptimizerStep) -> None:
             grad_scale=scale,
             found_inf=found_inf,
             param_out=param_out,
+            bias_correction=hyper.bias_correction,
         )
 
 

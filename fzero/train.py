@@ -10,6 +10,7 @@ import torch
 
 from fzero.errors import BatchError, LossError, NonFiniteGradientError, ScheduleError
 from fzero.executor import Hyper
+from fzero.inputs import cast_floating_inputs, check_batch_kind, input_cast_dtype
 from fzero.loss_scale import update
 from fzero.runtime import Runtime
 from fzero.state.zero_state import ZeroState
@@ -39,6 +40,7 @@ def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]
     state.check_live()
     runtime: Runtime = state.runtime
     cfg, executor, hooks = runtime.config, runtime.executor, runtime.hooks
+    check_batch_kind(batch, runtime.loss_fn is not None)
     micro_batches = batch if isinstance(batch, list) else [batch]
     if not micro_batches:
         raise BatchError("batch is an empty list; give at least one micro-batch")
@@ -58,11 +60,13 @@ def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]
         cfg.gradient_clipping,
         loss_scale=scale,
         check_finite=runtime.check_finite,
+        bias_correction=opt.bias_correction,
     )
     count = len(micro_batches)
     try:
         for index, micro_batch in enumerate(micro_batches):
             hooks.begin_micro_step(last=index == count - 1)
+            micro_batch = cast_floating_inputs(micro_batch, input_cast_dtype(cfg))
             loss = _forward(runtime, micro_batch, index)
             executor.add_loss(loss)
             hooks.begin_backward()

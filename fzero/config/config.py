@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,14 +40,15 @@ from fzero.config.blocks import (
     ZeroConfig,
     check_at_least,
 )
-from fzero.config.keys import suggest, warn_no_effect
+from fzero.config.keys import ParseNotes, collecting_notes, suggest, warn_no_effect
 from fzero.config.lr_schedules import SCHEDULERS, OneCycle, Scheduler
 from fzero.config.parse import Auto, DtypeName, build, flatten, load_file
 from fzero.config.resolve import BATCH_KEYS, resolve_auto
-from fzero.errors import ConfigError, ConfigTypeError
+from fzero.errors import ConfigError, ConfigTypeError, ConfigWarning
 
 __all__ = [
     "Config",
+    "names_stage",
     "DataTypesConfig",
     "Fp16Config",
     "FzeroConfig",
@@ -114,9 +116,11 @@ class Config:
         optimizer = data.get("optimizer")
         if isinstance(optimizer, dict) and isinstance(optimizer.get("type"), str):
             OptimizerConfig(type=optimizer["type"]).validate()  # before its params are read
-        scheduler = _build_scheduler(data.pop("scheduler", None))
-        config = dataclasses.replace(build(cls, data, ""), scheduler=scheduler)
+        with collecting_notes() as notes:
+            scheduler = _build_scheduler(data.pop("scheduler", None))
+            config = dataclasses.replace(build(cls, data, ""), scheduler=scheduler)
         config.validate()
+        _report(notes)
         return config
 
     @classmethod
@@ -358,6 +362,37 @@ class Config:
         """sha256 of the canonical JSON of ``to_dict()``: equal on ranks with equal configs."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def names_stage(config: Config | dict | str | os.PathLike) -> bool:
+    """Whether ``config`` (as given to ``shard`` or ``load``) chooses a ZeRO stage: a dict or
+    file with ``zero_optimization.stage`` set to a number; a ``Config`` always holds one."""
+    if isinstance(config, Config):
+        return True
+    if isinstance(config, (str, os.PathLike)):
+        config = load_file(config)
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    return isinstance(zero, dict) and zero.get("stage") not in (None, "auto")
+
+
+def _report(notes: ParseNotes) -> None:
+    """Say once what a parse accepted quietly: unknown top-level keys (a ``ConfigWarning``: a
+    typo there would otherwise go unnoticed), and at INFO the keys accepted without effect and
+    the "auto" values that took DeepSpeed's default."""
+    if notes.ignored:
+        warnings.warn(
+            f"ignored top-level keys that fzero does not know: {', '.join(notes.ignored)} "
+            "(DeepSpeed ignores the top-level keys it does not read; remove them to silence this)",
+            ConfigWarning,
+            stacklevel=4,
+        )
+    if notes.accepted:
+        logger.info(
+            "accepted without effect (fzero does this anyway, or it is switched off): %s",
+            ", ".join(notes.accepted),
+        )
+    if notes.defaults:
+        logger.info('"auto" took DeepSpeed\'s default: %s', ", ".join(notes.defaults))
 
 
 def _build_scheduler(data: Any) -> Scheduler | None:
