@@ -137,11 +137,21 @@ RULES: dict[str, Rule] = {
     "pipeline": warned(
         "DeepSpeed reads it only for a PipelineModule; fzero has no pipelines", _always
     ),
-    "checkpoint": warned("fzero.save and fzero.load have their own sharded format", _off),
+    "checkpoint": warned(
+        "fzero.save and fzero.load have their own sharded format",
+        lambda value: _off(value) or _all_false(value),
+    ),
     "aio": warned(f"asynchronous I/O settings: {_NO_OFFLOAD}", _always),
     "compile": warned(
         "fzero does not compile the model; apply torch.compile yourself",
-        lambda value: isinstance(value, dict) and not value.get("deepcompile", False),
+        # DeepSpeed compiles only when asked (deepcompile, or engine.compile()); "disable": false
+        # is axolotl's way of asking, so it warns.
+        lambda value: (
+            isinstance(value, dict)
+            and not value.get("deepcompile", False)
+            and not value.get("enabled", False)
+            and value.get("disable", True) is not False
+        ),
     ),
     "autotuning": warned("fzero has no autotuner; simulate(schedule) compares bucket sizes", _off),
     "flops_profiler": warned("fzero has no FLOPs profiler", _off),
@@ -234,10 +244,12 @@ RULES: dict[str, Rule] = {
     "zero_optimization.ignore_unused_parameters": warned(
         "fzero reduces whole flat buffers and never errors on unused parameters", _TRUE
     ),
-    "zero_optimization.round_robin_gradients": warned(_NO_OFFLOAD, _FALSE),
+    "zero_optimization.round_robin_gradients": warned(_NO_OFFLOAD, _always),
     "zero_optimization.cpu_offload_use_pin_memory": warned(_NO_OFFLOAD, _always),
     "zero_optimization.save_muon_momentum_buffer_in_memory": warned(_NO_OFFLOAD, _FALSE),
-    "zero_optimization.memory_efficient_linear": warned("fzero does not patch nn.Linear", _TRUE),
+    # DeepSpeed's stage-3 linear that saves activation memory; false asks for plain nn.Linear,
+    # which is what runs here, and true asks for a saving fzero's units give in their own way.
+    "zero_optimization.memory_efficient_linear": warned("fzero does not patch nn.Linear", _always),
     "zero_optimization.override_module_apply": warned(
         "fzero does not patch nn.Module.apply", _TRUE
     ),
