@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -159,3 +162,48 @@ def test_openrlhf_autos_take_deepspeeds_defaults():
     zero = Config.from_any(CORPUS / "openrlhf_train_stage2.json").zero_optimization
     assert zero.stage3_max_live_parameters == 1_000_000_000
     assert zero.stage3_max_reuse_distance == 1_000_000_000
+
+
+# -- the example takes the flag DeepSpeed users type ----------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example(*args: str) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_gpt.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,  # a hang fails the test instead of the suite
+        env=environment,
+        check=False,
+    )
+
+
+def test_example_help_documents_every_option_with_its_default():
+    result = _example("--help")
+    assert result.returncode == 0, result.stderr
+    option = ""
+    options = re.findall(r"\[(--[a-z-]+)", result.stdout)
+    assert "--deepspeed" in options and len(options) >= 12
+    documented: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        start = re.match(r"^  (--[a-z-]+)", line)
+        if start:
+            option = start.group(1)
+        if line.startswith("  ") and option:
+            documented[option] = documented.get(option, "") + " " + line.strip()
+    for option in options:
+        assert "(default:" in documented[option], f"{option} names no default"
+
+
+def test_example_trains_with_a_deepspeed_config_file():
+    result = _example(
+        "--deepspeed", str(CORPUS / "accelerate_zero_stage3.json"),
+        "--steps", "2", "--log-every", "1", "--n-layer", "1", "--n-embd", "32", "--seq-len", "8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "ZeRO stage 3, 1 rank(s) on cpu, fp16" in result.stdout
+    assert "step     2 | loss" in result.stdout
+    assert "optimizer.params.lr=0.001" in result.stderr  # the trainer-only "auto" warning
