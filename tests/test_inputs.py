@@ -205,3 +205,31 @@ def test_a_change_of_stage_or_world_size_on_load_is_a_warning_with_both_values(t
     assert record.levelno == logging.WARNING
     assert "stage 3 on 2 rank(s)" in record.getMessage()
     assert "stage 1 on 1 rank(s)" in record.getMessage()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bias_correction_false_is_the_same_on_every_kernel(device):
+    """The CPU path and the CUDA (Triton) kernel against the reference, without corrections."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (the Triton kernel)")
+    from fzero.kernels.adamw import WeightDecaySegments, adamw_reference, adamw_step
+
+    generator = torch.Generator().manual_seed(0)
+    numel = 3000
+    tensors = [torch.randn(numel, generator=generator) for _ in range(3)]
+    master, grad, exp_avg = tensors
+    exp_avg_sq = torch.rand(numel, generator=generator)
+    decay = WeightDecaySegments(((0, 1000, 0.0), (1000, numel, 0.1)), numel)
+    hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "bias_correction": False}
+    results = []
+    for step_function, where in ((adamw_reference, "cpu"), (adamw_step, device)):
+        state = [t.clone().to(where) for t in (master, grad, exp_avg, exp_avg_sq)]
+        step = torch.tensor(3.0, device=where)
+        step_function(*state, step=step, decay=decay, **hyper)
+        results.append([t.cpu() for t in state])
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    corrected = master.clone()
+    adamw_reference(corrected, grad, exp_avg.clone(), exp_avg_sq.clone(), step=torch.tensor(3.0),
+                    decay=decay, **(hyper | {"bias_correction": True}))  # fmt: skip
+    assert (corrected - results[0][0]).abs().max() > 1e-3
