@@ -4,7 +4,7 @@ A config is built from a dict in DeepSpeed's JSON layout (``Config.from_dict``),
 arguments of the same shape (``Config.from_kwargs``), a JSON or HJSON file (``Config.from_any``,
 which reads ``ds_config.json`` files unchanged) or an existing ``Config``. Every DeepSpeed key is
 implemented with DeepSpeed's meaning, accepted with a one-time ``ConfigWarning`` saying why it has
-no effect, or rejected (``fzero/config_keys.py``; the table is ``docs/config.md``). Unknown keys,
+no effect, or rejected (``fzero/config/keys.py``; the table is ``docs/config.md``). Unknown keys,
 wrong types and out-of-range values raise ``ConfigError`` naming the JSON path of the key
 (``zero_optimization.stage``), so a typo never silently falls back to a default.
 
@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,11 +39,11 @@ from fzero.config.blocks import (
     ZeroConfig,
     check_at_least,
 )
-from fzero.config.keys import ParseNotes, collecting_notes, suggest, warn_no_effect
 from fzero.config.lr_schedules import SCHEDULERS, OneCycle, Scheduler
+from fzero.config.notes import collecting_notes, report, suggest, warn_no_effect
 from fzero.config.parse import Auto, DtypeName, build, flatten, load_file
 from fzero.config.resolve import BATCH_KEYS, resolve_auto
-from fzero.errors import ConfigError, ConfigTypeError, ConfigWarning
+from fzero.errors import ConfigError, ConfigTypeError
 
 __all__ = [
     "Config",
@@ -120,7 +119,7 @@ class Config:
             scheduler = _build_scheduler(data.pop("scheduler", None))
             config = dataclasses.replace(build(cls, data, ""), scheduler=scheduler)
         config.validate()
-        _report(notes)
+        report(notes)
         return config
 
     @classmethod
@@ -373,26 +372,6 @@ def names_stage(config: Config | dict | str | os.PathLike) -> bool:
         config = load_file(config)
     zero = config.get("zero_optimization") if isinstance(config, dict) else None
     return isinstance(zero, dict) and zero.get("stage") not in (None, "auto")
-
-
-def _report(notes: ParseNotes) -> None:
-    """Say once what a parse accepted quietly: unknown top-level keys (a ``ConfigWarning``: a
-    typo there would otherwise go unnoticed), and at INFO the keys accepted without effect and
-    the "auto" values that took DeepSpeed's default."""
-    if notes.ignored:
-        warnings.warn(
-            f"ignored top-level keys that fzero does not know: {', '.join(notes.ignored)} "
-            "(DeepSpeed ignores the top-level keys it does not read; remove them to silence this)",
-            ConfigWarning,
-            stacklevel=4,
-        )
-    if notes.accepted:
-        logger.info(
-            "accepted without effect (fzero does this anyway, or it is switched off): %s",
-            ", ".join(notes.accepted),
-        )
-    if notes.defaults:
-        logger.info('"auto" took DeepSpeed\'s default: %s', ", ".join(notes.defaults))
 
 
 def _build_scheduler(data: Any) -> Scheduler | None:

@@ -13,14 +13,12 @@ spellings (the pydantic field names behind ``stage3_*`` aliases) to the name fze
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from fzero.errors import ConfigError, ConfigTypeError, ConfigWarning
+from fzero.config.notes import note, suggest, warn_no_effect
+from fzero.errors import ConfigError, ConfigTypeError
 
 
 def _off(value: Any) -> bool:
@@ -314,38 +312,6 @@ ALIASES: dict[str, str] = {
 }
 
 
-@dataclass
-class ParseNotes:
-    """What one ``Config.from_dict`` accepted quietly, for its INFO lines: keys accepted without
-    effect (``accepted``), ``"auto"`` values replaced by DeepSpeed's default (``defaults``), and
-    unknown top-level keys (``ignored``, warned once)."""
-
-    accepted: list[str] = field(default_factory=list)
-    defaults: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-
-
-_NOTES: ContextVar[ParseNotes | None] = ContextVar("fzero_parse_notes", default=None)
-
-
-@contextmanager
-def collecting_notes() -> Iterator[ParseNotes]:
-    """Collect the notes of the parse that runs inside the ``with`` block."""
-    notes = ParseNotes()
-    token = _NOTES.set(notes)
-    try:
-        yield notes
-    finally:
-        _NOTES.reset(token)
-
-
-def note(kind: str, text: str) -> None:
-    """Add ``text`` to the current parse's notes of ``kind`` (nothing outside a parse)."""
-    notes = _NOTES.get()
-    if notes is not None:
-        getattr(notes, kind).append(text)
-
-
 def apply_rule(path: str, value: Any) -> bool:
     """Accept quietly, warn about or reject the unimplemented key at ``path``; False if no rule
     names it. ``"auto"`` in a warned key is quiet: DeepSpeed drops it and uses its default."""
@@ -367,23 +333,8 @@ def apply_rule(path: str, value: Any) -> bool:
     return True
 
 
-def warn_no_effect(path: str, reason: str) -> None:
-    """One ``ConfigWarning`` per distinct message (Python's default warning filter)."""
-    warnings.warn(
-        f"{path}: accepted but has no effect in fzero: {reason}", ConfigWarning, stacklevel=2
-    )
-
-
 def known_keys(path: str) -> list[str]:
     """The warned, rejected and alias keys directly under ``path`` (for suggestions)."""
     prefix = f"{path}." if path else ""
     names = [key[len(prefix) :] for key in (*RULES, *ALIASES) if key.startswith(prefix)]
     return [name for name in names if "." not in name]
-
-
-def suggest(key: str, candidates: Any, cutoff: float = 0.6) -> str:
-    """``"; did you mean 'x'?"`` for the closest candidate, or ``""``."""
-    import difflib
-
-    guess = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=cutoff)
-    return f"; did you mean {guess[0]!r}?" if guess else ""

@@ -20,7 +20,10 @@ import types
 import typing
 from typing import Any, Literal
 
-from fzero.config.keys import ALIASES, apply_rule, known_keys, note, suggest
+import hjson
+
+from fzero.config.keys import ALIASES, apply_rule, known_keys
+from fzero.config.notes import note, suggest
 from fzero.errors import ConfigError, ConfigTypeError
 
 Auto = Literal["auto"]
@@ -195,11 +198,7 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
         text = f.read()
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as json_error:
-        try:
-            import hjson
-        except ImportError:
-            raise ConfigError("", f"{os.fspath(path)} is not valid JSON: {json_error}") from None
+    except json.JSONDecodeError:
         try:
             return hjson.loads(text, object_pairs_hook=_no_duplicate_keys)
         except hjson.HjsonDecodeError as error:
