@@ -164,6 +164,23 @@ def test_openrlhf_autos_take_deepspeeds_defaults():
     assert zero.stage3_max_reuse_distance == 1_000_000_000
 
 
+def test_corpus_files_read_with_deepspeeds_meaning():
+    """A few values that a different reading would get wrong."""
+    axolotl = Config.from_any(CORPUS / "axolotl_zero3_bf16.json")
+    zero = axolotl.zero_optimization  # pydantic field names behind the stage3_ aliases
+    assert (zero.stage3_max_live_parameters, zero.stage3_max_reuse_distance) == (0, 0)
+    assert axolotl.compute_dtype_name == "bf16"
+    dschat = Config.from_any(CORPUS / "dschat_train_stage3_bf16.json")
+    assert dschat.compute_dtype_name == "bf16"  # "bfloat16", bf16's old name
+    assert dschat.zero_optimization.stage3_prefetch_bucket_size == 30_000_000
+    gpt2 = Config.from_any(CORPUS / "dsexamples_gpt2_baseline.json")
+    assert gpt2.optimizer.type == "Adam" and gpt2.optimizer.adam_w_mode is True  # Adam is AdamW
+    assert gpt2.optimizer.weight_decay == 0.01 and gpt2.fp16.loss_scale == 0.0  # dynamic
+    leaf = Config.from_any(CORPUS / "dsexamples_zero3_leaf_module.json")
+    assert leaf.optimizer.weight_decay == 0.0  # FusedAdam's default, not torch AdamW's
+    assert leaf.lr_at(0) == 0.0 and leaf.scheduler.warmup_type == "linear"
+
+
 # -- the example takes the flag DeepSpeed users type ----------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
