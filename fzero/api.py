@@ -44,6 +44,7 @@ def shard(
     record_ops: bool = False,
     simulate_world_size: int | None = None,
     record_timeline: bool = False,
+    total_num_steps: int | None = None,
 ) -> ZeroState:
     """Partition ``model``'s parameters into flat buffers, keep this rank's shard, build AdamW
     state for it and compile the step schedule.
@@ -59,7 +60,8 @@ def shard(
     shape their outputs, so the memory (and compute time) of one rank of N can be measured on
     one device; the values trained are meaningless. ``record_timeline`` records device times of
     every trigger and gather into ``state.runtime.executor.timeline`` (see
-    ``fzero.runtime.timeline``).
+    ``fzero.runtime.timeline``). ``total_num_steps`` fills a scheduler's
+    ``"total_num_steps": "auto"`` (the run's length, which only the caller knows).
     The model's parameters become views into fzero's buffers; keep using the same model object.
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
@@ -87,6 +89,7 @@ def shard(
         world_size=comm.world_size,
         hidden_size=_hidden_size(model),
         param_numel=sum(p.numel() for p in params),
+        total_num_steps=total_num_steps,
     )
     unit_modules = _resolve_units(model, units, cfg.fzero.embedding_units)
     layout, params_per_unit = build_layout(

@@ -3,8 +3,10 @@
 The fp32 master weights and AdamW moments of this rank's shard live in host memory (pinned
 when ``offload_optimizer.pin_memory``), with a host gradient buffer beside them. Gradients come
 down per unit (``CopyGradToHost``, on a copy stream of its own on CUDA), the CPU AdamW step runs
-per unit (``fzero.kernels.cpu_adamw``), and the updated compute-dtype values go back up
-(``CopyParamsToDevice``, on another copy stream) while the next unit steps. With parameter
+per unit (torch's fused CPU AdamW, ``torch._fused_adamw_``, the averaging, loss-scale and
+clipping factor passed as its ``grad_scale`` so no pass over the gradient is added), and the
+updated fp32 master goes back up (``CopyParamsToDevice``, on another copy stream, cast to the
+compute dtype on the device) while the next unit steps. With parameter
 offload the CPU step writes the host parameter shard itself, which the gathers upload.
 
 ``HostOptimizerStep`` copies a unit's gradient itself when no ``CopyGradToHost`` brought it this
@@ -18,8 +20,6 @@ from typing import Any
 
 import torch
 
-from fzero.kernels.adamw import WeightDecaySegments
-from fzero.kernels.cpu_adamw import cpu_adamw_step
 from fzero.offload.host import HostBuffer
 from fzero.runtime.step_phase import OptimizerBuffers, StepPhase
 from fzero.schedule import ops as O
@@ -53,19 +53,9 @@ class HostOptimizer:
         # Where the CPU step writes each unit's compute-dtype values: the host parameter shard
         # when parameters are offloaded too (it is on the host), else an upload buffer.
         self.params_on_host = params_on_host
-        self.upload = None
-        if not self.params_on_host:
-            self._buffers.append(HostBuffer(numel, compute_dtype, pin_memory=pin_memory))
-            self.upload = self._buffers[-1].tensor
-        self.decay = {
-            u.index: WeightDecaySegments.from_ranges(
-                [
-                    (max(a, lo) - lo, min(b, hi) - lo, d)
-                    for a, b, d in decay_ranges
-                    if a < hi and b > lo
-                ],
-                hi - lo,
-            )
+        # Per unit, its optimizer range cut where the weight decay changes: (lo, hi, decay).
+        self.decay_runs = {
+            u.index: [(max(a, lo), min(b, hi), d) for a, b, d in decay_ranges if a < hi and b > lo]
             for u in layout.units
             if u.optimizer_numel
             for lo, hi in [(u.optimizer_offset, u.optimizer_offset + u.optimizer_numel)]
@@ -75,7 +65,7 @@ class HostOptimizer:
         self._grad_copies: dict[int, Any] = {}  # unit -> event (None on CPU: copied already)
         self._uploads: list[Any] = []
         self._skip = False
-        self._scale = torch.ones((), dtype=torch.float32)
+        self._inverse_scale = torch.ones((), dtype=torch.float32)
 
     def _range(self, unit: int) -> slice:
         u = self.layout.units[unit]
@@ -108,12 +98,12 @@ class HostOptimizer:
         assert hyper is not None
         found_inf = result.found_inf
         self._skip = found_inf is not None and bool(found_inf.item())
-        average = 1.0 / (phase.comm.world_size * hyper.loss_scale)
-        scale = torch.full((), average, dtype=torch.float32)
+        scale = 1.0 / (phase.comm.world_size * hyper.loss_scale)
         if hyper.max_grad_norm > 0:
-            norm = result.grad_norm.to("cpu", torch.float32)
-            scale = scale * torch.clamp(hyper.max_grad_norm / (norm + 1e-6), max=1.0)
-        self._scale = scale
+            norm = float(result.grad_norm)
+            scale *= min(hyper.max_grad_norm / (norm + 1e-6), 1.0)
+        # torch's fused kernel divides the gradient by its grad_scale: the inverse factor.
+        self._inverse_scale = torch.tensor(1.0 / scale, dtype=torch.float32)
         if not self._skip:
             self.optimizer.step.add_(1)
         self._uploads = []
@@ -129,37 +119,50 @@ class HostOptimizer:
             return
         hyper, state = self.step_phase.hyper, self.optimizer
         assert hyper is not None
-        cpu_adamw_step(
-            state.master[span],
-            self.host_grad[span],
-            state.exp_avg[span],
-            state.exp_avg_sq[span],
-            lr=hyper.lr,
-            beta1=hyper.beta1,
-            beta2=hyper.beta2,
-            eps=hyper.eps,
-            step=state.step,
-            decay=self.decay[op.unit],
-            grad_scale=self._scale,
-            param_out=self._destination(op.unit, span),
-        )
-
-    def _destination(self, unit: int, span: slice) -> torch.Tensor | None:
-        if self.upload is not None:
-            return self.upload[span]
-        return self.workspace.param_out(unit)  # the host parameter shard
+        grad = self.host_grad
+        if grad.dtype != torch.float32:  # torch's kernel wants one dtype throughout
+            grad = torch.zeros_like(state.master)
+            grad[span] = self.host_grad[span]
+        by_decay: dict[float, list[slice]] = {}
+        for lo, hi, decay in self.decay_runs[op.unit]:
+            by_decay.setdefault(decay, []).append(slice(lo, hi))
+        for decay, spans in by_decay.items():
+            # One fused pass over every range of this decay: reads and writes each element
+            # once across torch's intra-op threads (28 bytes per element).
+            torch._fused_adamw_(
+                [state.master[s] for s in spans],
+                [grad[s] for s in spans],
+                [state.exp_avg[s] for s in spans],
+                [state.exp_avg_sq[s] for s in spans],
+                [],
+                [state.step] * len(spans),
+                lr=hyper.lr,
+                beta1=hyper.beta1,
+                beta2=hyper.beta2,
+                weight_decay=decay,
+                eps=hyper.eps,
+                amsgrad=False,
+                maximize=False,
+                grad_scale=self._inverse_scale,
+                found_inf=None,
+            )
+        if self.params_on_host:  # the gathers upload the host shard: write it here
+            self.workspace.param_out(op.unit).copy_(state.master[span])
 
     def copy_params_to_device(self, op: O.CopyParamsToDevice) -> None:
         if self._skip:
             return
         target = self.workspace.param_out(op.unit)
-        source = self.upload[self._range(op.unit)]
+        source = self.optimizer.master[self._range(op.unit)]
         if not self.on_cuda:
             target.copy_(source)
             return
         stream = self._up_stream
         with torch.cuda.stream(stream):
-            target.copy_(source, non_blocking=True)
+            # The fp32 master goes up and the device casts it: no cast pass on the host, whose
+            # memory bandwidth the CPU steps need.
+            staged = source.to(self.device, non_blocking=True)
+            target.copy_(staged)
             event = torch.cuda.Event()
             event.record(stream)
         self._uploads.append(event)

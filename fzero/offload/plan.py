@@ -57,6 +57,12 @@ class OffloadPlan:
                 'offload_optimizer.device to "cpu" as well (the updated parameters are then '
                 "written into the host shards by the CPU step, with no copy)",
             )
+        if on_host and not config.optimizer.bias_correction:
+            raise ConfigError(
+                "optimizer.params.bias_correction",
+                "false is not available with offload_optimizer (the CPU AdamW step always "
+                "corrects the moments' bias): remove it or the offload block",
+            )
         if on_host and optimizer.ratio < 1:
             raise ConfigError(
                 "zero_optimization.offload_optimizer.ratio",

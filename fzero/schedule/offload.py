@@ -83,7 +83,7 @@ def host_step_ops(
                 continue
             ops.append(HostOptimizerStep(unit.index, unit.name, unit.optimizer_numel))
             if not param_offload:
-                nbytes = unit.optimizer_numel * unit.param_itemsize
+                nbytes = unit.optimizer_numel * 4  # the fp32 master, cast on the device
                 ops.append(CopyParamsToDevice(unit.index, unit.name, nbytes))
         if not param_offload:
             ops.append(WaitUploads())

@@ -346,9 +346,10 @@ class ScalarsToHost(Op):
 @dataclass(frozen=True)
 class HostOptimizerStep(Op):
     """Optimizer offload: AdamW on the host over unit ``unit``'s ``numel`` elements of the
-    master and moments, once its gradient copy has landed (the host waits for it); writes the
-    updated compute-dtype values into the upload buffer (or, with parameter offload, the host
-    parameter shard itself). Skipped, like ``OptimizerStep``, when some rank overflowed."""
+    master and moments (torch's fused CPU kernel, one pass per weight-decay value), once its
+    gradient copy has landed (the host waits for it); with parameter offload it also writes the
+    host parameter shard, in the compute dtype. Skipped, like ``OptimizerStep``, when some rank
+    overflowed."""
 
     unit: int
     name: str
@@ -364,9 +365,10 @@ class HostOptimizerStep(Op):
 
 @dataclass(frozen=True)
 class CopyParamsToDevice(Op):
-    """Optimizer offload: copy unit ``unit``'s updated compute-dtype shard (``nbytes``) up into
-    the device shard the gathers read, on the host-to-device stream, right after its
-    ``HostOptimizerStep``: uploads of earlier units overlap the CPU steps of later ones."""
+    """Optimizer offload: copy unit ``unit``'s updated fp32 master slice (``nbytes``) up, on the
+    host-to-device stream, and cast it there into the device shard the gathers read, right after
+    its ``HostOptimizerStep``: uploads of earlier units overlap the CPU steps of later ones, and
+    the host spends no memory bandwidth on a cast."""
 
     unit: int
     name: str
