@@ -129,3 +129,24 @@ def test_the_host_memory_check_refuses_an_offload_that_does_not_fit(monkeypatch)
     monkeypatch.setattr(host, "read_host_memory", lambda root="/": tiny)
     with pytest.raises(HostMemoryError, match="offload_optimizer.*needs .* bytes.*only 1,000"):
         fzero.shard(ToyLM(SPEC), stage=2, config=_offloaded({}))
+
+
+@pytest.mark.parametrize("saved_offloaded", [True, False])
+def test_checkpoints_move_between_offloaded_and_device_states(tmp_path, saved_offloaded):
+    """An offloaded state saves and loads like any other: loaded with or without offload, it
+    trains on exactly like the state that was saved."""
+    torch.set_num_threads(1)
+    case = Case(SPEC, 1, 3, 1, steps=3)
+    plain, offloaded = case.config(), _offloaded(case.config(), params=True)
+    saved_config, loaded_config = (offloaded, plain) if saved_offloaded else (plain, offloaded)
+    batches = case.batches()
+    torch.manual_seed(0)
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=saved_config)
+    state, _ = fzero.train_step(state, batches[0][0][0])
+    fzero.save(state, tmp_path)
+    state, expected = fzero.train_step(state, batches[1][0][0])
+    loaded = fzero.load(tmp_path, ToyLM(SPEC), config=loaded_config)
+    assert loaded.master.device.type == "cpu"
+    loaded, metrics = fzero.train_step(loaded, batches[1][0][0])
+    assert float(metrics["loss"]) == float(expected["loss"])
+    assert_close_to_reference(fzero.full_state_dict(loaded), fzero.full_state_dict(state), 1e-6)
