@@ -249,6 +249,11 @@ class FzeroConfig:
     a unit of its own (default units: the blocks plus one for the rest). Stage 3 then gathers an
     embedding for its forward only and releases it right after, instead of holding it with the
     root from the start of forward to the end of backward. Off by default.
+
+    ``step_timeout_s``: how long a step may wait at one op before every rank that waits raises
+    ``StepTimeoutError``, saying which op each rank was at (``fzero/runtime/watchdog.py``).
+    Well under the process group's timeout (30 minutes by default); when fzero creates the
+    group (``fzero.collectives.init_from_env``) the group's is set a minute longer.
     """
 
     no_weight_decay: tuple[str, ...] = ()
@@ -258,3 +263,4 @@ class FzeroConfig:
     deterministic: bool = False
     compile_units: bool = False
     embedding_units: bool = False
+    step_timeout_s: float = 300.0

@@ -1,0 +1,93 @@
+"""The step watchdog on real gloo processes: a stalled rank and a killed rank become errors
+that say what happened and where each rank was, in seconds, not at the group's 30 minutes.
+
+Each case runs in fresh processes (``tests/faults/ranks.py``): the faults wreck the group.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults.ranks import run_ranks
+
+STEP_TIMEOUT_S = 2.0
+STALL_S = 12.0
+
+
+def _config(stage: int) -> dict:
+    return {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "fzero": {"step_timeout_s": STEP_TIMEOUT_S},
+    }
+
+
+def _train_with_fault(rank: int, world_size: int, stage: int, faulty_rank: int, fault: str):
+    """One good step, then a second in which ``faulty_rank`` stalls (sleeps) or dies inside
+    block 1's forward."""
+    import os
+    import time
+
+    import fzero
+    from tests.models import ToyLM, ToySpec, make_batches
+
+    spec = ToySpec(depth=3)
+    model = ToyLM(spec)
+    state = fzero.shard(model, config=_config(stage))
+    batches = make_batches(spec, steps=2, world_size=world_size, micro=1)
+    state, _ = fzero.train_step(state, batches[0][rank][0])
+    if rank == faulty_rank:
+
+        def hook(module, args):
+            if fault == "die":
+                os._exit(17)
+            time.sleep(STALL_S)
+
+        model.blocks[1].register_forward_pre_hook(hook)
+    start = time.monotonic()
+    try:
+        fzero.train_step(state, batches[1][rank][0])
+    finally:
+        print(f"rank {rank}: step 1 ended after {time.monotonic() - start:.1f} s", flush=True)
+    return "finished"
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_stalled_rank_gives_every_waiting_rank_a_step_timeout_naming_each_ranks_op(stage):
+    """Rank 1 stalls in its forward. The ranks waiting for it raise ``StepTimeoutError`` after
+    ``fzero.step_timeout_s`` (not the group's 30 minutes), naming the op of the schedule they
+    wait at, rank 1's position (in the model's compute, after which trigger) and that rank 1 did
+    not arrive; stage 0 waits in the step phase's reduction, stage 3 at the first op that needs
+    rank 1's part of micro-batch 0."""
+    world = 3
+    outcomes = run_ranks(world, _train_with_fault, stage, 1, "stall", timeout_s=60, wait_for=(0, 2))
+    for rank in (0, 2):
+        outcome = outcomes[rank]
+        assert outcome is not None, f"rank {rank} never answered"
+        assert outcome.error_type == "StepTimeoutError", outcome.message
+        text = outcome.message
+        assert f"rank {rank} timed out at step 1," in text
+        where = "the step phase" if stage == 0 else "micro-batch 0"
+        assert f"step 1, {where}, @" in text and " op " in text, text
+        assert "rank 1: at step 1, micro-batch 0, outside fzero's ops" in text, text
+        assert "after @pre_forward(" in text
+        assert f"ranks that did not arrive at rank {rank}'s op: [1]" in text, text
+        # Well before the stalled rank wakes up: the step timeout, not the group's.
+        assert outcome.elapsed_s < STALL_S - 2, outcome.elapsed_s
+
+
+def test_a_killed_rank_is_reported_as_lost_with_the_op_never_as_the_batchs_fault():
+    """Rank 1 dies during a stage-3 forward. Rank 0's gather fails with the connection closed:
+    it raises ``RankLostError`` naming its op and rank 1 as the rank that sent no report, not
+    ``BatchError`` ("the model raised ...")."""
+    outcomes = run_ranks(2, _train_with_fault, 3, 1, "die", timeout_s=60)
+    assert outcomes[1] is None  # it died
+    outcome = outcomes[0]
+    assert outcome is not None, "rank 0 never answered"
+    assert outcome.error_type == "RankLostError", outcome.message
+    assert "BatchError" not in outcome.error_bases
+    text = outcome.message
+    assert "rank 0 lost a peer at step 1, micro-batch 0, @" in text, text
+    assert "rank 1: no report" in text
+    assert "restart the job" in text
+    assert outcome.elapsed_s < STEP_TIMEOUT_S + 8, outcome.elapsed_s
