@@ -210,8 +210,8 @@ class Executor:
         position.ops = ops
         position.runs += 1
         try:
-            for index, op in enumerate(ops):
-                position.op = index
+            for op in ops:
+                position.op = op
                 if self.record_ops:
                     self.executed.append(op)
                 handlers[type(op)](op)
@@ -221,7 +221,7 @@ class Executor:
             if failure is error:
                 raise
             raise failure from error
-        position.op = -1
+        position.op = None
         self.host_seconds += time.perf_counter() - start
         self.host_cpu_seconds += time.thread_time() - start_cpu
 
@@ -266,7 +266,7 @@ class Executor:
         in flight, release units gathered only in use, clear partial gradients. Parameters,
         master weights and moments are untouched, so the state given to ``train_step`` stays
         valid."""
-        self.position.active, self.position.op = False, -1
+        self.position.active, self.position.op = False, None
         self.micro_steps_run = 0
         self.gathers.abort()
         self._tracing = None

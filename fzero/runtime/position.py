@@ -2,7 +2,8 @@
 
 The executor writes it on the hot path with plain integer and reference stores (no string
 formatting, no clock reads): which step, which micro-batch, the trigger and the ops it keys,
-and the index of the op running (-1 between ops, while the model computes). The watchdog thread
+and the op running (None between ops, while the model computes; its index in the trigger's
+ops is found only when a report is written). The watchdog thread
 and the error paths read it and only then turn it into text, from the schedule's own op
 records. Reads from another thread may see a record half-updated; ``describe`` tolerates that
 (it is used for reports, never for control flow).
@@ -25,18 +26,19 @@ class OpPosition:
         self.trigger: Any = None  # the trigger whose ops run now (or ran last)
         self.entry = 0  # its entry's index in the schedule's phase (-1 while tracing)
         self.ops: tuple[Any, ...] = ()
-        self.op = -1  # index in ``ops`` of the op running, -1 when none is
+        self.op: Any = None  # the op running (one of ``ops``), None when none is
         self.runs = 0  # bumped each time a trigger's ops start: tells a stall from progress
 
     def snapshot(self) -> tuple[bool, int, int]:
         """What changes whenever the step moves on: equal snapshots a while apart mean a stall."""
-        return (self.active, self.runs, self.op)
+        return (self.active, self.runs, id(self.op))
 
     def describe(self) -> dict[str, Any]:
         """The position as plain data (JSON-ready): step, micro-batch, trigger, entry, op index
         and the op's text (None between ops)."""
-        ops, index = self.ops, self.op
-        op_text = str(ops[index]).strip() if 0 <= index < len(ops) else None
+        ops, op = self.ops, self.op
+        index = next((i for i, candidate in enumerate(ops) if candidate is op), -1)
+        op_text = str(ops[index]).strip() if index >= 0 else None
         return {
             "active": self.active,
             "step": self.step,

@@ -52,16 +52,18 @@ def _train_with_fault(rank: int, world_size: int, stage: int, faulty_rank: int, 
     return "finished"
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_a_stalled_rank_gives_every_waiting_rank_a_step_timeout_naming_each_ranks_op(stage):
+@pytest.mark.parametrize("stage,world", [(0, 2), (3, 3)], ids=["stage0-world2", "stage3-world3"])
+def test_a_stalled_rank_gives_every_waiting_rank_a_step_timeout_naming_each_ranks_op(stage, world):
     """Rank 1 stalls in its forward. The ranks waiting for it raise ``StepTimeoutError`` after
     ``fzero.step_timeout_s`` (not the group's 30 minutes), naming the op of the schedule they
     wait at, rank 1's position (in the model's compute, after which trigger) and that rank 1 did
     not arrive; stage 0 waits in the step phase's reduction, stage 3 at the first op that needs
     rank 1's part of micro-batch 0."""
-    world = 3
-    outcomes = run_ranks(world, _train_with_fault, stage, 1, "stall", timeout_s=60, wait_for=(0, 2))
-    for rank in (0, 2):
+    waiting = [rank for rank in range(world) if rank != 1]
+    outcomes = run_ranks(
+        world, _train_with_fault, stage, 1, "stall", timeout_s=60, wait_for=tuple(waiting)
+    )
+    for rank in waiting:
         outcome = outcomes[rank]
         assert outcome is not None, f"rank {rank} never answered"
         assert outcome.error_type == "StepTimeoutError", outcome.message
@@ -91,3 +93,40 @@ def test_a_killed_rank_is_reported_as_lost_with_the_op_never_as_the_batchs_fault
     assert "rank 1: no report" in text
     assert "restart the job" in text
     assert outcome.elapsed_s < STEP_TIMEOUT_S + 8, outcome.elapsed_s
+
+
+def test_step_timeout_is_a_config_key_and_sets_the_group_timeout_fzero_creates():
+    """``fzero.step_timeout_s`` defaults to 300 s, refuses what is not a positive number, and
+    ``init_from_env`` gives the group it creates a timeout a minute longer (so that fzero's
+    report comes before the backend's)."""
+    import subprocess
+    import sys
+
+    import fzero
+    from fzero.errors import ConfigError
+    from tests.gloo_pool import _free_port
+
+    assert fzero.Config.from_any({}).fzero.step_timeout_s == 300.0
+    for bad in (0, -1, "soon", True):
+        with pytest.raises(ConfigError, match="fzero.step_timeout_s"):
+            fzero.Config.from_any({"fzero": {"step_timeout_s": bad}})
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from fzero.collectives import init_from_env\n"
+        "init_from_env(7.0)\n"
+        "group = dist.distributed_c10d._get_default_group()\n"
+        "print(group._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
+    )
+    env = {
+        **__import__("os").environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) == 67.0
