@@ -231,7 +231,9 @@ class FzeroConfig:
     ``nonfinite_grads``: what a step whose gradients hold Inf or NaN does in fp32 and bf16:
     ``"skip"`` it on every rank (nothing changes; ``metrics["skipped"]``), raise
     ``NonFiniteGradientError`` after skipping it (``"error"``), or ``"apply"`` it as it is (no
-    check, no host read). fp16 always skips and lowers the loss scale.
+    check, no host read; but see ``fzero/runtime/step_checks.py`` for the micro-batch count
+    check when ``gradient_accumulation_steps`` is unset). fp16 always skips and lowers the loss
+    scale.
 
     ``reduce_every_micro_batch``: stages 2 and 3 reduce each micro-batch's gradient into the
     fp32 gradient shard (true, the default), or keep every unit's full gradient across the
