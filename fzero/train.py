@@ -116,7 +116,8 @@ def begin_micro_step(state: ZeroState, *, last: bool) -> None:
     the optimizer step (it may run other ops). The model's forward may then run, by
     ``compute_loss`` or by the caller."""
     runtime: Runtime = state.runtime
-    runtime.checks.check_requires_grad()
+    if runtime.executor.micro_steps_run == 0:  # the step's first
+        runtime.checks.check_requires_grad()
     runtime.install(state)
     runtime.hooks.begin_micro_step(last=last)
 

@@ -63,8 +63,9 @@ def op_failure(error: BaseException, executor: Any) -> BaseException:
     if any(marker in lowered for marker in TIMEOUT_MARKERS):
         waited = watchdog.timeout_s if watchdog is not None else 0.0
         where = _where(executor, "timed out", waited, 0.0)
+        limit = f"fzero.step_timeout_s ({waited:g} s)" if watchdog else "the backend's timeout"
         return StepTimeoutError(
-            f"a collective waited longer than fzero.step_timeout_s ({waited:g} s): {where}\n"
+            f"a collective waited longer than {limit}: {where}\n"
             "A rank that did not arrive is stalled (a hang in its data loading, its model code, "
             "or another collective) or gone; its traceback shows where. Raise "
             "fzero.step_timeout_s if a step legitimately waits this long."

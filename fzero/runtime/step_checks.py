@@ -50,8 +50,13 @@ class StepChecks:
         self.params = [p for params in unit_params for p in params]
         self.flags = tuple(p.requires_grad for p in self.params)
         self.names = [slot.names[0] for unit in layout.units for slot in unit.params]
-        # Whether ranks must compare micro-batch counts (nothing fixes them in the config).
-        self.compare_counts = comm.world_size > 1 and gradient_accumulation_steps is None
+        # Whether ranks must compare micro-batch counts (nothing fixes them in the config, and
+        # the peers are real: a simulated world's reductions keep this rank's value alone).
+        self.compare_counts = (
+            comm.world_size > 1
+            and gradient_accumulation_steps is None
+            and not getattr(comm, "simulated", False)
+        )
         self._schedule: Schedule | None = None
         self._micro_collectives = False
 
@@ -59,7 +64,7 @@ class StepChecks:
 
     def check_requires_grad(self) -> None:
         """Raise if a parameter's ``requires_grad`` differs from what ``shard`` planned for.
-        Costs one pass over the parameters' flags per micro-step (no device work)."""
+        Costs one pass over the parameters' flags per step (no device work)."""
         if tuple(p.requires_grad for p in self.params) == self.flags:
             return
         changed = [

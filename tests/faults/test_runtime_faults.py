@@ -164,3 +164,18 @@ def test_out_of_memory_in_a_step_says_the_predicted_peak_and_the_remedies(pool, 
         third = message.index("3. offload")
         assert first < second < third
     _check_usable(results)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_simulated_world_is_not_mistaken_for_unequal_counts(stage):
+    """``simulate_world_size`` has no peers: its reductions keep this rank's value alone, so the
+    count check (which would read the others' counts as 0) stays off and steps run."""
+    import fzero
+    from tests.models import ToyLM, ToySpec, make_batches
+
+    spec = ToySpec()
+    state = fzero.shard(ToyLM(spec), stage=stage, simulate_world_size=4)
+    batch = make_batches(spec, steps=1, world_size=1, micro=2)[0][0]
+    for _ in range(2):
+        state, metrics = fzero.train_step(state, batch)
+    assert metrics["step"] == 2 and not metrics["skipped"]
