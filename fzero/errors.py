@@ -6,6 +6,8 @@ catch either the fzero type or the builtin one.
 
 from __future__ import annotations
 
+import torch
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, out of range or contradictory.
@@ -54,7 +56,37 @@ class DonatedStateError(RuntimeError):
 
 
 class CollectiveError(RuntimeError):
-    """A collective failed or was called with buffers of the wrong size."""
+    """A collective failed or was called with buffers of the wrong size. Raised inside a step,
+    the message names the schedule's op it failed in."""
+
+
+class RankLostError(CollectiveError):
+    """A collective of the step failed because a peer went away (its process died or its
+    connection closed). The message names the op and, where the others could tell, the ranks
+    that did not report (the lost ones). The process group cannot be used again: restart the
+    job (from the last checkpoint)."""
+
+
+class StepTimeoutError(CollectiveError, TimeoutError):
+    """A step waited at one op longer than ``fzero.step_timeout_s``. The message says, for
+    every rank that could report, which op of the schedule it was at and for how long, and which
+    ranks did not arrive at this rank's op."""
+
+
+class MicroBatchCountError(BatchError):
+    """Ranks ran different numbers of micro-batches in one step; the message names each rank's
+    count. Nothing was updated: the state given to the step stays usable."""
+
+
+class RequiresGradChangedError(ValueError):
+    """A parameter's ``requires_grad`` changed after ``fzero.shard``, which planned the flat
+    buffers, hooks and schedule for the flags it saw."""
+
+
+class StepOutOfMemoryError(torch.OutOfMemoryError):
+    """The device ran out of memory inside a step. The message holds the schedule's predicted
+    peak, the largest unit and the remedies in order; the micro-steps were aborted, so the
+    state given to the step stays usable. Catchable as ``torch.OutOfMemoryError``."""
 
 
 class ScheduleInvariantError(ScheduleError):

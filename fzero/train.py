@@ -18,10 +18,17 @@ from typing import Any
 
 import torch
 
-from fzero.errors import BatchError, LossError, NonFiniteGradientError, ScheduleError
+from fzero.errors import (
+    BatchError,
+    CollectiveError,
+    LossError,
+    NonFiniteGradientError,
+    ScheduleError,
+)
 from fzero.inputs import cast_floating_inputs, check_batch_kind, input_cast_dtype
 from fzero.loss_scale import update
 from fzero.runtime import Runtime
+from fzero.runtime.failures import op_failure, out_of_memory
 from fzero.runtime.step_phase import Hyper
 from fzero.state.zero_state import ZeroState
 
@@ -75,15 +82,35 @@ def micro_step(
 ) -> torch.Tensor:
     """Forward and backward of micro-batch ``index`` of ``count`` in this step; returns its
     loss, detached. On an error the micro-step is aborted (``abort_micro_steps``) and the state
-    stays usable."""
+    stays usable. The first micro-step checks that every rank runs ``count`` (see
+    ``fzero/runtime/step_checks.py``); a device out of memory raises ``StepOutOfMemoryError``."""
+    runtime: Runtime = state.runtime
+    if index == 0:
+        _check_count_up_front(runtime, count)
     begin_micro_step(state, last=index == count - 1)
     try:
         loss = compute_loss(state, micro_batch, index)
         backward(state, loss, count=count)
+    except torch.OutOfMemoryError as error:
+        abort_micro_steps(state)
+        raise out_of_memory(runtime, error, f"micro-batch {index}") from error
     except BaseException:
         abort_micro_steps(state)
         raise
     return loss.detach()
+
+
+def _check_count_up_front(runtime: Runtime, count: int) -> None:
+    executor = runtime.executor
+    try:
+        runtime.checks.check_count_up_front(
+            executor.schedule, count, executor.workspace.master.device
+        )
+    except RuntimeError as error:
+        failure = op_failure(error, executor)
+        if failure is error:
+            raise
+        raise failure from error
 
 
 def begin_micro_step(state: ZeroState, *, last: bool) -> None:
@@ -91,6 +118,8 @@ def begin_micro_step(state: ZeroState, *, last: bool) -> None:
     the optimizer step (it may run other ops). The model's forward may then run, by
     ``compute_loss`` or by the caller."""
     runtime: Runtime = state.runtime
+    if runtime.executor.micro_steps_run == 0:  # the step's first
+        runtime.checks.check_requires_grad()
     runtime.install(state)
     runtime.hooks.begin_micro_step(last=last)
 
@@ -144,10 +173,20 @@ def apply_step(state: ZeroState, count: int) -> tuple[ZeroState, dict[str, Any]]
         loss_scale=float(progress.loss_scale),
         check_finite=runtime.check_finite,
         bias_correction=opt.bias_correction,
+        check_counts=runtime.checks.compare_counts,
     )
-    result = runtime.executor.run_step(count, hyper)
-    # The step's one host read: whether any rank's gradients were not finite.
+    try:
+        result = runtime.executor.run_step(count, hyper)
+    except torch.OutOfMemoryError as error:
+        runtime.executor.abort()
+        raise out_of_memory(runtime, error, "the step phase") from error
+    # The step's one host read: whether any rank's gradients were not finite (or, with
+    # check_counts, the ranks' micro-batch counts differ).
     skipped = result.found_inf is not None and bool(result.found_inf.item())
+    if skipped:
+        runtime.checks.raise_if_counts_differ(
+            result.counts, progress.step_count, runtime.executor.abort
+        )
     # A LossScaleError comes before the state is donated: ``state`` stays usable.
     scaler = update(progress.scaler(runtime.loss_scale_rule), skipped)
     progress = progress.after_step(skipped, scaler)
@@ -186,8 +225,8 @@ def _forward(runtime: Runtime, micro_batch: Any, index: int) -> torch.Tensor:
             output = model(*micro_batch)
         else:
             output = model(micro_batch)
-    except ScheduleError:
-        raise
+    except (ScheduleError, CollectiveError, torch.OutOfMemoryError):
+        raise  # the schedule's, a collective's or the device's failure: not the batch's
     except Exception as error:
         hint = RELEASED_HINT if _released(error) else ""
         raise BatchError(

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fzero.collectives.base import Communicator, DoneWork, SingleProcess, Work
+from fzero.collectives.base import (
+    Communicator,
+    DoneWork,
+    SingleProcess,
+    Work,
+    wait_all_unless_failed,
+)
 from fzero.collectives.fake import FakeWorld
 from fzero.collectives.threads import ThreadCommunicator, ThreadGroup, run_ranks
 from fzero.collectives.torch_dist import (
@@ -28,6 +34,7 @@ __all__ = [
     "init_from_env",
     "run_ranks",
     "shutdown",
+    "wait_all_unless_failed",
 ]
 
 

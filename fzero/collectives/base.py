@@ -8,6 +8,7 @@ into the optimizer's gradient scale so that it costs no extra pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +18,17 @@ from fzero.errors import CollectiveError
 
 class Work(Protocol):
     def wait(self) -> None: ...
+
+
+def wait_all_unless_failed(works: Iterable[Work]) -> None:
+    """Wait for each of ``works`` (collectives in flight when a step is aborted); after one
+    fails (a peer gone, a timeout), the group is broken and the rest are left alone: waiting
+    would only fail again, a timeout at a time."""
+    for work in works:
+        try:
+            work.wait()
+        except RuntimeError:
+            return
 
 
 class DoneWork:

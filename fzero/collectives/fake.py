@@ -25,6 +25,7 @@ from fzero.collectives.base import (
 
 class FakeWorld:
     rank = 0
+    simulated = True  # no peers: cross-rank checks have nobody to compare with
 
     def __init__(self, world_size: int):
         if world_size < 1:

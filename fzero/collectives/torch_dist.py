@@ -7,6 +7,8 @@ them, so a gather issued early overlaps the compute that comes before its wait.
 
 from __future__ import annotations
 
+import datetime
+import itertools
 from typing import Any
 
 import torch
@@ -28,12 +30,44 @@ def is_process_group(obj: Any) -> bool:
     return dist.is_available() and isinstance(obj, dist.ProcessGroup)
 
 
+# Communicators made in this process, in order: ranks that build the same models in the same
+# order number them alike, which keeps their side-channel keys apart.
+_instances = itertools.count()
+
+# How long the process group waits beyond fzero's step timeout, when fzero creates the group:
+# long enough for fzero's own report to come first.
+GROUP_TIMEOUT_MARGIN_S = 60.0
+
+
 class ProcessGroupCommunicator:
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
+        self.instance = next(_instances)
+        self._wait_timeout: datetime.timedelta | None = None
+
+    def set_step_timeout(self, seconds: float) -> None:
+        """Waits on this communicator's collectives give up after ``seconds`` (gloo: the wait
+        raises). NCCL waits do not block the host (they order streams), so there the process
+        group's own timeout and fzero's watchdog thread apply instead."""
+        if self.backend != "nccl":
+            self._wait_timeout = datetime.timedelta(seconds=seconds)
+
+    def _timed(self, work: Any) -> Any:
+        return work if self._wait_timeout is None else TimedWork(work, self._wait_timeout)
+
+    def side_channel(self) -> StoreChannel | None:
+        """The group's key-value store (the c10d store it was set up with) as a side channel,
+        or None where the group has none."""
+        try:
+            store = dist.distributed_c10d._get_process_group_store(
+                self.group or dist.distributed_c10d._get_default_group()
+            )
+        except (KeyError, RuntimeError, AttributeError, ValueError):
+            return None
+        return StoreChannel(store, f"fzero/{self.instance}")
 
     def all_gather(self, output: torch.Tensor, shard: torch.Tensor) -> Work:
         check_gather_sizes(self, output, shard)
@@ -41,18 +75,25 @@ class ProcessGroupCommunicator:
             # NCCL gathers in place when the shard is this rank's slice of the output; other
             # backends may overwrite the input while sending it.
             shard = shard.clone()
-        return _all_gather(output, shard, group=self.group, async_op=True)
+        return self._timed(_all_gather(output, shard, group=self.group, async_op=True))
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor) -> Work:
         check_scatter_sizes(self, output, full)
+        if self._wait_timeout is not None and self.backend == "gloo":
+            # Gloo's reduce-scatter ignores a wait's timeout (torch 2.13): with a step timeout,
+            # reduce the whole buffer with an all-reduce (whose wait honours it) and keep this
+            # rank's slice. Twice the traffic, on the CPU backend only.
+            summed = full.clone()
+            work = self._timed(dist.all_reduce(summed, group=self.group, async_op=True))
+            return SliceWork(work, summed, output, self.rank)
         return _reduce_scatter(output, full, group=self.group, async_op=True)
 
     def all_reduce(self, tensor: torch.Tensor) -> Work:
-        return dist.all_reduce(tensor, group=self.group, async_op=True)
+        return self._timed(dist.all_reduce(tensor, group=self.group, async_op=True))
 
     def all_to_all(self, output: torch.Tensor, full: torch.Tensor) -> Work:
         check_all_to_all_sizes(self, output, full)
-        return dist.all_to_all_single(output, full, group=self.group, async_op=True)
+        return self._timed(dist.all_to_all_single(output, full, group=self.group, async_op=True))
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(
@@ -65,6 +106,52 @@ class ProcessGroupCommunicator:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
+
+
+class TimedWork:
+    """A collective whose ``wait`` gives up after the step timeout (raising the backend's
+    timeout error) instead of the process group's."""
+
+    __slots__ = ("work", "timeout")
+
+    def __init__(self, work: Any, timeout: datetime.timedelta):
+        self.work, self.timeout = work, timeout
+
+    def wait(self) -> None:
+        self.work.wait(self.timeout)
+
+
+class SliceWork:
+    """A reduce-scatter done as an all-reduce: waiting copies this rank's slice of the sum."""
+
+    __slots__ = ("work", "summed", "output", "rank")
+
+    def __init__(self, work: Any, summed: torch.Tensor, output: torch.Tensor, rank: int):
+        self.work, self.summed, self.output, self.rank = work, summed, output, rank
+
+    def wait(self) -> None:
+        self.work.wait()
+        numel = self.output.numel()
+        self.output.copy_(self.summed[self.rank * numel : (self.rank + 1) * numel])
+
+
+class StoreChannel:
+    """A side channel beside the collectives: the process group's c10d store. Each rank posts
+    a short text under its own key; others read it. Used only off the hot path: by the watchdog
+    thread when a step stalls, and on error paths."""
+
+    def __init__(self, store: Any, prefix: str):
+        self.store, self.prefix = store, prefix
+
+    def post(self, rank: int, text: str) -> None:
+        self.store.set(f"{self.prefix}/{rank}", text)
+
+    def read(self, rank: int) -> str | None:
+        """Rank ``rank``'s last post, None when it posted nothing (never blocks)."""
+        key = f"{self.prefix}/{rank}"
+        if not self.store.check([key]):
+            return None
+        return self.store.get(key).decode()
 
 
 # torch 2.13 renamed the flat-tensor collectives; older releases only have the first names.
@@ -81,10 +168,14 @@ def default_communicator() -> ProcessGroupCommunicator | None:
     return ProcessGroupCommunicator(None) if is_initialized() else None
 
 
-def init_from_env() -> tuple[int, int, torch.device]:
+def init_from_env(step_timeout_s: float = 300.0) -> tuple[int, int, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment (NCCL when CUDA is
     available, gloo otherwise) and pick this rank's device. Without torchrun's variables it
-    starts nothing and returns rank 0 of 1. Returns (rank, world_size, device)."""
+    starts nothing and returns rank 0 of 1. Returns (rank, world_size, device).
+
+    ``step_timeout_s``: the config's ``fzero.step_timeout_s`` (default 300 s); the group's own
+    timeout is set a minute longer, so that a stall is reported by fzero (which op each rank
+    waits at) before the backend gives up with its own message."""
     import os
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -98,7 +189,11 @@ def init_from_env() -> tuple[int, int, torch.device]:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not is_initialized():
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            device_id=device if backend == "nccl" else None,
+            timeout=datetime.timedelta(seconds=step_timeout_s + GROUP_TIMEOUT_MARGIN_S),
+        )
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -256,7 +256,9 @@ class FzeroConfig:
     ``nonfinite_grads``: what a step whose gradients hold Inf or NaN does in fp32 and bf16:
     ``"skip"`` it on every rank (nothing changes; ``metrics["skipped"]``), raise
     ``NonFiniteGradientError`` after skipping it (``"error"``), or ``"apply"`` it as it is (no
-    check, no host read). fp16 always skips and lowers the loss scale.
+    check, no host read; but see ``fzero/runtime/step_checks.py`` for the micro-batch count
+    check when ``gradient_accumulation_steps`` is unset). fp16 always skips and lowers the loss
+    scale.
 
     ``reduce_every_micro_batch``: stages 2 and 3 reduce each micro-batch's gradient into the
     fp32 gradient shard (true, the default), or keep every unit's full gradient across the
@@ -279,6 +281,11 @@ class FzeroConfig:
     a unit of its own (default units: the blocks plus one for the rest). Stage 3 then gathers an
     embedding for its forward only and releases it right after, instead of holding it with the
     root from the start of forward to the end of backward. Off by default.
+
+    ``step_timeout_s``: how long a step may wait at one op before every rank that waits raises
+    ``StepTimeoutError``, saying which op each rank was at (``fzero/runtime/watchdog.py``).
+    Well under the process group's timeout (30 minutes by default); when fzero creates the
+    group (``fzero.collectives.init_from_env``) the group's is set a minute longer.
     """
 
     no_weight_decay: tuple[str, ...] = ()
@@ -289,6 +296,7 @@ class FzeroConfig:
     deterministic: bool = False
     compile_units: bool = False
     embedding_units: bool = False
+    step_timeout_s: float = 300.0
 
 
 DROPS_AUTO.update(

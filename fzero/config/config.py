@@ -175,6 +175,11 @@ class Config:
         check_at_least("gradient_clipping", self.gradient_clipping, 0)
         check_at_least("steps_per_print", self.steps_per_print, 1)
         check_at_least("fzero.alignment", self.fzero.alignment, 1)
+        timeout = self.fzero.step_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(
+                "fzero.step_timeout_s", f"must be a number of seconds > 0, got {timeout!r}"
+            )
         batch, micro, accumulation = sizes = self.batch_sizes
         for name, value in zip(BATCH_KEYS, sizes, strict=True):
             check_at_least(name, value, 1)

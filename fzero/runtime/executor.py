@@ -27,7 +27,9 @@ import torch
 
 from fzero.collectives import Communicator
 from fzero.errors import ScheduleError
+from fzero.runtime.failures import op_failure
 from fzero.runtime.gathers import Gathers
+from fzero.runtime.position import STEP_PHASE, OpPosition
 from fzero.runtime.reductions import GradientReduction
 from fzero.runtime.step_phase import Hyper, OptimizerBuffers, StepPhase, StepResult
 from fzero.runtime.timeline import MeasuredTimeline
@@ -129,6 +131,10 @@ class Executor:
         self.host_seconds = 0.0
         self.host_cpu_seconds = 0.0
         self.steps_run = 0
+        self.micro_steps_run = 0  # in the step under way
+        # Where the step is (read by the watchdog and on error paths; see position.py).
+        self.position = OpPosition()
+        self.watchdog: Any = None  # the runtime's Watchdog, when the group has a side channel
         self._cursor = 0
         self._entries: tuple[O.Entry, ...] = ()
         self._tracing: OnDemand | None = None
@@ -150,6 +156,8 @@ class Executor:
         """Start a micro-batch; ``last``: the step's last, which may run other ops."""
         self._cursor = 0
         self._entries = self.schedule.micro_entries(last)
+        position = self.position
+        position.active, position.micro_batch, position.trigger = True, self.micro_steps_run, None
         if not self.schedule.traced:
             # A traced micro-batch reduces its gradients (in order, in deterministic mode)
             # whether it is the last or not: the sum comes out the same.
@@ -164,8 +172,10 @@ class Executor:
             self._trace = []
 
     def fire(self, trigger: Trigger) -> None:
+        position = self.position
         if self._tracing is not None:
             self._trace.append(trigger)
+            position.trigger, position.entry = trigger, -1
             self._run(self._tracing.ops(trigger))
             self._log_live(trigger)
             return
@@ -177,6 +187,7 @@ class Executor:
                 f"{self._cursor}): its execution order differs from the traced one. fzero needs "
                 "the same unit order every micro-batch."
             )
+        position.trigger, position.entry = trigger, self._cursor
         self._cursor += 1
         self._run(entries[self._cursor - 1].ops)
         if self.timeline is not None:
@@ -188,33 +199,51 @@ class Executor:
         caller compiles a schedule for it and installs it), else None."""
         if self._tracing is not None:
             self._tracing = None
+            self.micro_steps_run += 1
             return tuple(self._trace)
         if self._cursor != len(self._entries):
             missing = self._entries[self._cursor].trigger
             raise ScheduleError(f"the micro-batch ended before the schedule's {missing}")
+        self.micro_steps_run += 1
         return None
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.step_phase.add_loss(loss)
 
     def run_step(self, micro_batches: int, hyper: Hyper) -> StepResult:
-        self.step_phase.begin(micro_batches, hyper)
+        self.step_phase.begin(micro_batches, hyper, ran=self.micro_steps_run)
+        position = self.position
+        position.active, position.micro_batch = True, STEP_PHASE
         if self.timeline is not None:
             self.timeline.mark("step")
-        for entry in self.schedule.step:
+        for index, entry in enumerate(self.schedule.step):
+            position.trigger, position.entry = entry.trigger, index
             self._run(entry.ops)
         if self.timeline is not None:
             self.timeline.mark("step_end")
         self.steps_run += 1
+        self.micro_steps_run = 0
+        position.active, position.step = False, self.steps_run
         return self.step_phase.finish()
 
     def _run(self, ops: tuple[O.Op, ...]) -> None:
         start, start_cpu = time.perf_counter(), time.thread_time()
-        handlers = self.handlers
-        for op in ops:
-            if self.record_ops:
-                self.executed.append(op)
-            handlers[type(op)](op)
+        handlers, position = self.handlers, self.position
+        position.ops = ops
+        position.runs += 1
+        try:
+            for op in ops:
+                position.op = op
+                if self.record_ops:
+                    self.executed.append(op)
+                handlers[type(op)](op)
+        except Exception as error:
+            failure = op_failure(error, self)
+            position.active = False  # the step is over on this rank: nothing more to watch
+            if failure is error:
+                raise
+            raise failure from error
+        position.op = None
         self.host_seconds += time.perf_counter() - start
         self.host_cpu_seconds += time.thread_time() - start_cpu
 
@@ -259,6 +288,8 @@ class Executor:
         in flight, release units gathered only in use, clear partial gradients. Parameters,
         master weights and moments are untouched, so the state given to ``train_step`` stays
         valid."""
+        self.position.active, self.position.op = False, None
+        self.micro_steps_run = 0
         self.gathers.abort()
         if self.host_optimizer is not None:
             self.host_optimizer.abort()

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fzero.collectives import Communicator, DoneWork, Work
+from fzero.collectives import Communicator, DoneWork, Work, wait_all_unless_failed
 from fzero.errors import ScheduleError
 from fzero.runtime.timeline import MeasuredTimeline
 from fzero.schedule import ops as O
@@ -107,8 +107,7 @@ class Gathers:
         return StreamWork(stream)
 
     def abort(self) -> None:
-        for pending in self.in_flight.values():
-            pending.work.wait()
+        wait_all_unless_failed(pending.work for pending in self.in_flight.values())
         self.in_flight.clear()
         self.uploaded.clear()
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from fzero.collectives import Communicator, DoneWork, Work
+from fzero.collectives import Communicator, DoneWork, Work, wait_all_unless_failed
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace, alloc_storage, free_storage, is_allocated
 from fzero.state.layout import FlatLayout
@@ -233,8 +233,7 @@ class GradientReduction:
     def abort(self, shard_persists: bool) -> None:
         """Wait for reductions in flight and clear this step's partial gradients;
         ``shard_persists``: the gradient shard lives across steps (zero it, do not free it)."""
-        for reduction in self.in_flight.values():
-            reduction.work.wait()
+        wait_all_unless_failed(reduction.work for reduction in self.in_flight.values())
         self.in_flight.clear()
         for unit, grad in enumerate(self.workspace.grad_flats):
             if grad is not None:

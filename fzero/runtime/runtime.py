@@ -26,6 +26,8 @@ from fzero.runtime.cross_rank import check_same_on_all_ranks, schedule_summary
 from fzero.runtime.executor import Executor
 from fzero.runtime.hooks import HookDriver
 from fzero.runtime.plan import Plan
+from fzero.runtime.step_checks import StepChecks
+from fzero.runtime.watchdog import Watchdog
 from fzero.schedule import Trigger
 from fzero.state.buffers import is_allocated
 from fzero.state.layout import dtype_from_name
@@ -55,6 +57,12 @@ class Runtime:
         self.loss_scale_rule = LossScaler.from_fp16(config.fp16)
         self._donated: weakref.WeakSet[ZeroState] = weakref.WeakSet()
         self._installed: weakref.ref[ZeroState] | None = None
+        self.checks = StepChecks(
+            plan.layout, executor.unit_params, comm, config.gradient_accumulation_steps
+        )
+        self.watchdog = start_watchdog(executor, comm, config.fzero.step_timeout_s)
+        if self.watchdog is not None:
+            weakref.finalize(self, self.watchdog.stop)
 
     @property
     def layout(self):
@@ -152,6 +160,20 @@ class Runtime:
             flat = workspace.param_flats[unit.index]
             if workspace.stage in (1, 2) or (workspace.gathers_params and is_allocated(flat)):
                 executor.gather(unit.index).work.wait()
+
+
+def start_watchdog(executor: Executor, comm: Communicator, timeout_s: float) -> Watchdog | None:
+    """Give the communicator's waits the step timeout and start the step watchdog (for more
+    than one rank, over a process group with a store to post positions to)."""
+    if comm.world_size == 1:
+        return None
+    if hasattr(comm, "set_step_timeout"):
+        comm.set_step_timeout(timeout_s)
+    channel = comm.side_channel() if hasattr(comm, "side_channel") else None
+    if channel is None:  # in-process ranks: their group has its own timeout, nothing to read
+        return None
+    executor.watchdog = Watchdog(executor.position, channel, comm.rank, timeout_s)
+    return executor.watchdog
 
 
 def _alias(tensor: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,9 @@ class Hyper:
     loss_scale: float = 1.0
     check_finite: bool = False
     bias_correction: bool = True  # Adam's 1 - beta**step divisors (optimizer.params)
+    # Carry each rank's count of micro-steps in the scalars reduction; unequal counts skip the
+    # update and set ``found_inf`` (``step_checks.py``).
+    check_counts: bool = False
 
 
 @dataclass
@@ -48,6 +51,7 @@ class StepResult:
     loss: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None  # of the unscaled, averaged gradient
     found_inf: torch.Tensor | None = None  # 1.0 when a gradient on some rank was not finite
+    counts: torch.Tensor | None = None  # with check_counts: every rank's micro-steps, by rank
 
 
 class StepPhase:
@@ -81,15 +85,27 @@ class StepPhase:
         ]
         self.loss_sum: torch.Tensor | None = None
         self.micro_batches = 0
+        self.ran = 0  # micro-steps this rank really ran in the step
         self.hyper: Hyper | None = None
+        self._rank_basis: torch.Tensor | None = None  # one-hot of this rank, for the counts
         self.result = StepResult()
 
     def add_loss(self, loss: torch.Tensor) -> None:
         loss = loss.detach().float()
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
 
-    def begin(self, micro_batches: int, hyper: Hyper) -> None:
+    def begin(self, micro_batches: int, hyper: Hyper, ran: int = 0) -> None:
         self.micro_batches, self.hyper, self.result = micro_batches, hyper, StepResult()
+        self.ran = ran or micro_batches
+
+    def _counts_one_hot(self, device: torch.device) -> torch.Tensor:
+        """This rank's count of micro-steps at its own index, zeros elsewhere: summed over
+        ranks, every rank's count (exact in fp32)."""
+        if self._rank_basis is None or self._rank_basis.device != device:
+            basis = torch.zeros(self.comm.world_size, dtype=torch.float32, device=device)
+            basis[self.comm.rank] = 1.0
+            self._rank_basis = basis
+        return self._rank_basis * self.ran
 
     def finish(self) -> StepResult:
         self.loss_sum = None
@@ -109,16 +125,24 @@ class StepPhase:
         if op.replicated_gradient and self.comm.rank != 0:
             squares = torch.zeros_like(squares)  # every rank holds the same gradient
         scalars = torch.stack([self._mean_loss(grad.device), squares.to(grad.device)])
+        if self.hyper is not None and self.hyper.check_counts:
+            scalars = torch.cat([scalars, self._counts_one_hot(grad.device)])
         self.comm.all_reduce(scalars).wait()
         self.result.loss = scalars[0] / self.comm.world_size
-        self._finish_scalars(scalars[1])
+        self._finish_scalars(scalars[1], scalars[2:] if scalars.numel() > 2 else None)
 
     def reduce_scalars_in_order(self, op: O.ReduceScalarsInOrder) -> None:
         # No float sum is left to a collective: gathered values are added in a fixed order.
         world = self.comm.world_size
         device = self.workspace.master.device
-        losses = torch.empty(world, dtype=torch.float32, device=device)
-        self.comm.all_gather(losses, self._mean_loss(device).float().reshape(1)).wait()
+        counted = self.hyper is not None and self.hyper.check_counts
+        mine = self._mean_loss(device).float().reshape(1)
+        if counted:  # each rank's count of micro-steps travels beside its loss
+            mine = torch.cat([mine, torch.full((1,), float(self.ran), device=device)])
+        gathered = torch.empty(world * mine.numel(), dtype=torch.float32, device=device)
+        self.comm.all_gather(gathered, mine).wait()
+        gathered = gathered.view(world, mine.numel())
+        losses = gathered[:, 0]
         total_loss = losses[0]
         for value in losses[1:]:
             total_loss = total_loss + value
@@ -126,7 +150,7 @@ class StepPhase:
         squares = torch.zeros((), dtype=torch.float32, device=device)
         for value in self._squares_in_model_order(gather=op.grad_nbytes > 0):
             squares = squares + value
-        self._finish_scalars(squares)
+        self._finish_scalars(squares, gathered[:, 1] if counted else None)
 
     def _squares_in_model_order(self, gather: bool) -> list[torch.Tensor]:
         """Each trainable parameter's squared norm of the reduced gradient (summed over ranks),
@@ -150,17 +174,25 @@ class StepPhase:
                     squares[(u.index, slot.offset)] = value
         return [squares[(unit, offset)] for unit, offset, _ in self.norm_order]
 
-    def _finish_scalars(self, squares: torch.Tensor) -> None:
+    def _finish_scalars(self, squares: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """The gradient norm and overflow flag from the global sum of squares of the reduced
         gradient, which is the sum over ranks (the mean is 1/world of it) times the loss scale.
-        A non-finite sum means some rank's gradient held Inf or NaN."""
+        A non-finite sum means some rank's gradient held Inf or NaN. ``counts``: every rank's
+        micro-steps; unequal ones raise the flag too, so that nothing is updated."""
         hyper = self.hyper
         norm = squares.sqrt() / self.comm.world_size
         if hyper is not None and hyper.loss_scale != 1.0:
             norm = norm / hyper.loss_scale  # a power of two when dynamic: exact
         self.result.grad_norm = norm
+        flag = None
         if hyper is not None and hyper.check_finite:
-            self.result.found_inf = (~torch.isfinite(squares)).float()
+            flag = ~torch.isfinite(squares)
+        if counts is not None:
+            self.result.counts = counts
+            unequal = (counts != counts[0]).any()
+            flag = unequal if flag is None else flag | unequal
+        if flag is not None:
+            self.result.found_inf = flag.float()
 
     def optimizer_step(self, op: O.OptimizerStep) -> None:
         state, hyper = self.optimizer, self.hyper
