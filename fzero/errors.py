@@ -104,3 +104,8 @@ class CheckpointCorruptError(CheckpointError):
 class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint was written for a different model: parameter names, shapes or which
     parameters are trainable differ (the message lists the first differences)."""
+
+
+class ReleasedParameterError(RuntimeError):
+    """A stage-3 parameter's values were read while its unit is released (its memory given
+    back between uses); the message names the parameter and how to read it."""

@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from fzero.errors import BatchError, LossError, NonFiniteGradientError, ScheduleError
+from fzero.errors import (
+    BatchError,
+    LossError,
+    NonFiniteGradientError,
+    ReleasedParameterError,
+    ScheduleError,
+)
 from fzero.loss_scale import update
 from fzero.runtime import Runtime
 from fzero.runtime.step_phase import Hyper
@@ -202,6 +208,8 @@ RELEASED_HINT = (
 
 def _released(error: BaseException) -> bool:
     """Whether ``error`` is PyTorch refusing to read a tensor whose storage fzero freed."""
+    if isinstance(error, ReleasedParameterError):
+        return True
     return "out of bounds for storage of size 0" in str(error)
 
 

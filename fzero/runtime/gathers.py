@@ -16,6 +16,7 @@ from fzero.errors import ScheduleError
 from fzero.runtime.timeline import MeasuredTimeline
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace, alloc_storage, free_storage
+from fzero.state.released import mark_gathered, mark_released
 
 
 class InFlightGather(NamedTuple):
@@ -28,8 +29,15 @@ class InFlightGather(NamedTuple):
 class Gathers:
     """Issues, waits for and releases unit gathers; owns the gathers in flight."""
 
-    def __init__(self, workspace: Workspace, comm: Communicator, timeline: MeasuredTimeline | None):
+    def __init__(
+        self,
+        workspace: Workspace,
+        comm: Communicator,
+        timeline: MeasuredTimeline | None,
+        unit_params: list[list[torch.nn.Parameter]],
+    ):
         self.workspace = workspace
+        self.unit_params = unit_params
         self.comm = comm
         self.timeline = timeline
         self.in_flight: dict[int, InFlightGather] = {}
@@ -47,12 +55,19 @@ class Gathers:
         pending.work.wait()
 
     def release(self, op: O.Release) -> None:
-        free_storage(self.workspace.param_flats[op.unit])
+        self.release_unit(op.unit)
+
+    def release_unit(self, unit: int) -> None:
+        """Free unit ``unit``'s gathered buffer; its parameters then refuse reads
+        (``fzero/state/released.py``) instead of reading freed memory."""
+        free_storage(self.workspace.param_flats[unit])
+        mark_released(self.unit_params[unit])
 
     def gather(self, unit: int) -> InFlightGather:
         """Fill unit ``unit``'s full buffer from every rank's shard."""
         flat = self.workspace.param_flats[unit]
         alloc_storage(flat)
+        mark_gathered(self.unit_params[unit])
         if self.comm.world_size == 1:  # the shard is the whole unit: write it, cast included
             if flat.is_cuda:
                 return InFlightGather(self._copy_on_gather_stream(unit, flat), None)

@@ -29,7 +29,7 @@ from fzero.schedule.ops import (
     PRE_FORWARD,
     Trigger,
 )
-from fzero.state.buffers import free_storage, is_allocated
+from fzero.state.buffers import is_allocated
 
 
 class _PreBackward(torch.autograd.Function):
@@ -171,4 +171,4 @@ class HookDriver:
     def _eval_release(self, unit: int) -> None:
         if unit in self._eval_gathered:
             self._eval_gathered.discard(unit)
-            free_storage(self.executor.workspace.param_flats[unit])
+            self.executor.release(unit)
