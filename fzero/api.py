@@ -14,6 +14,7 @@ from fzero.config import Config
 from fzero.errors import ShardError
 from fzero.loss_scale import LossScaler
 from fzero.runtime import Runtime
+from fzero.runtime.activation_checkpointing import checkpoint_units, checkpointed_units
 from fzero.runtime.cross_rank import check_same_on_all_ranks, layout_summary
 from fzero.runtime.executor import Executor, ExecutorParts
 from fzero.runtime.hooks import HookDriver
@@ -127,6 +128,7 @@ def shard(
     modules = {
         u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
     }
+    recomputed = checkpointed_units(layout, cfg)
     infos = tuple(
         UnitInfo(
             u.index,
@@ -138,6 +140,7 @@ def shard(
             u.has_trainable,
             persistent=u.index in persistent,
             backward_reads_params=backward_reads_params(modules[u.index]),
+            recomputed=u.index in recomputed,
         )
         for u in layout.units
     )
@@ -165,6 +168,8 @@ def shard(
             if module is not model:
                 module.forward = torch.compile(module.forward)
     hooks = HookDriver(model, modules, params_per_unit, executor, comm)
+    cpu_checkpointing = cfg.activation_checkpointing.cpu_checkpointing
+    checkpoint_units(modules, recomputed, hooks, cpu_checkpointing)
     runtime = Runtime(model, cfg, comm, plan, executor, hooks, loss_fn)
     model._fzero_runtime = runtime  # marks the model as sharded
     return runtime.new_state(Progress.start(LossScaler.from_fp16(cfg.fp16)))

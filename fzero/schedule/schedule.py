@@ -19,7 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fzero.schedule.ops import BACKWARD_END, POST_BACKWARD, PRE_BACKWARD, Entry, Op, _size
+from fzero.schedule.ops import (
+    BACKWARD_END,
+    POST_BACKWARD,
+    PRE_BACKWARD,
+    PRE_RECOMPUTE,
+    Entry,
+    Op,
+    _size,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,9 @@ class UnitInfo:
     # False when the unit's backward needs no parameter values (an embedding: its backward
     # reads only the indices), so stage 3 does not gather it for backward.
     backward_reads_params: bool = True
+    # fzero checkpoints the unit's forward (activation_checkpointing.number_checkpoints): its
+    # forward runs again in backward, after its pre_backward (``pre_recompute``).
+    recomputed: bool = False
 
     @property
     def is_root(self) -> bool:
@@ -132,7 +143,7 @@ def _entry_lines(
             "step"
             if not live
             else "backward"
-            if kind in (PRE_BACKWARD, POST_BACKWARD, BACKWARD_END)
+            if kind in (PRE_BACKWARD, PRE_RECOMPUTE, POST_BACKWARD, BACKWARD_END)
             else "forward"
         )
         if new_phase != phase:
