@@ -183,19 +183,24 @@ def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
     runtime.install(state)
     layout, comm, workspace = runtime.layout, runtime.comm, runtime.executor.workspace
     full: dict[str, torch.Tensor] = {}
-    for unit in layout.units:
+    by_param: dict[int, torch.Tensor] = {}  # id(parameter) -> value, for renamed state dicts
+    for unit, params in zip(layout.units, runtime.executor.unit_params, strict=True):
         owned = workspace.owned_fp32(unit.index)
         gathered = owned
         if layout.shard_world > 1:
             gathered = torch.empty(unit.padded_numel, dtype=torch.float32, device=owned.device)
             comm.all_gather(gathered, owned).wait()
-        for slot in unit.params:
+        for slot, param in zip(unit.params, params, strict=True):
             value = gathered[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
+            by_param[id(param)] = value
             for name in slot.names:
                 full[name] = value
     result = {}
+    # A module may rename its entries (torch's checkpoint_wrapper drops its own prefix): match
+    # parameters by identity first.
     for name, tensor in runtime.model.state_dict(keep_vars=True).items():
-        result[name] = full[name] if name in full else tensor.detach().clone()
+        value = by_param.get(id(tensor), full.get(name))
+        result[name] = value if value is not None else tensor.detach().clone()
     return result
 
 

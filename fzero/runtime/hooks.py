@@ -85,15 +85,14 @@ class HookDriver:
         self.counts: dict[int, int] = {}
         self.started: list[int] = []  # units whose forward ran in this micro-batch, in order
         self.done: set[int] = set()
+        self.recomputed: set[int] = set()  # pre_recompute raised, post_backward not yet
         self._eval_gathered: set[int] = set()
         for index, module in unit_modules.items():
             self.handles.append(module.register_forward_pre_hook(self._pre_forward(index)))
             self.handles.append(module.register_forward_hook(self._post_forward(index)))
-            # torch's checkpoint_wrapper recomputes the module it wraps, inside its own call.
-            inner = getattr(module, "_checkpoint_wrapped_module", None)
-            if isinstance(inner, nn.Module):
+            for watched in _recompute_watch(module):
                 hook = lambda module, args, unit=index: self.recomputing(unit)  # noqa: E731
-                self.handles.append(inner.register_forward_pre_hook(hook))
+                self.handles.append(watched.register_forward_pre_hook(hook))
         for index, params in enumerate(params_per_unit):
             for param in params:
                 if param.requires_grad:
@@ -115,9 +114,12 @@ class HookDriver:
         self.executor.fire(trigger)
 
     def recomputing(self, unit: int) -> None:
-        """Called by a checkpointed ``forward`` (one that runs inside the module call, so no
-        module hook sees its recompute) each time it runs: during backward it is a recompute."""
-        if self.phase is Phase.BACKWARD:
+        """Called as unit ``unit``'s forward (or a module inside it) starts: during backward
+        that is a recompute, raised once until the unit's ``post_backward``. Also called by a
+        checkpointed ``forward`` that runs inside the module call, where no module hook sees
+        its recompute."""
+        if self.phase is Phase.BACKWARD and unit not in self.recomputed:
+            self.recomputed.add(unit)
             self.fire(Trigger(PRE_RECOMPUTE, unit))
 
     # -- step bracketing (called by train_step) -------------------------------------------------
@@ -125,6 +127,7 @@ class HookDriver:
     def begin_micro_step(self, last: bool = True) -> None:
         """``last``: this is the step's last micro-batch."""
         self.phase = Phase.FORWARD
+        self.recomputed = set()
         self.counts = {}
         self.started = []
         self.done = set()
@@ -140,6 +143,7 @@ class HookDriver:
         the tracing one (see ``Executor.end_micro_step``)."""
         for unit in sorted(set(self.started) - self.done, reverse=True):
             self.done.add(unit)
+            self.recomputed.discard(unit)
             self.fire(Trigger(POST_BACKWARD, unit))
         self.fire(Trigger(BACKWARD_END))
         trace = self.executor.end_micro_step()
@@ -158,7 +162,7 @@ class HookDriver:
                     self.started.append(unit)
                 self.fire(Trigger(PRE_FORWARD, unit))
             elif self.phase is Phase.BACKWARD:
-                self.fire(Trigger(PRE_RECOMPUTE, unit))
+                self.recomputing(unit)
             else:
                 self._eval_gather(unit)
 
@@ -193,6 +197,7 @@ class HookDriver:
             self.counts[unit] = self.counts.get(unit, 0) + 1
             if self.counts[unit] == self.expected[unit] and unit not in self.done:
                 self.done.add(unit)
+                self.recomputed.discard(unit)
                 self.fire(Trigger(POST_BACKWARD, unit))
 
         return hook
@@ -210,3 +215,16 @@ class HookDriver:
         if unit in self._eval_gathered:
             self._eval_gathered.discard(unit)
             self.executor.release(unit)
+
+
+def _recompute_watch(module: nn.Module) -> list[nn.Module]:
+    """Modules whose calls show that ``module``'s forward is running when activation
+    checkpointing recomputes the forward alone, inside the module call (where ``module``'s own
+    hooks do not run again): the module torch's ``checkpoint_wrapper`` wraps, or the children
+    of a Hugging Face ``GradientCheckpointingLayer`` (which checkpoints its ``forward``)."""
+    inner = getattr(module, "_checkpoint_wrapped_module", None)
+    if isinstance(inner, nn.Module):
+        return [inner]
+    if hasattr(module, "gradient_checkpointing"):
+        return list(module.children())
+    return []
