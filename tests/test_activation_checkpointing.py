@@ -81,7 +81,7 @@ MATRIX += [(3, how) for how in HOWS]
 def test_checkpointed_training_matches_pytorch_with_the_same_checkpointing(stage, how):
     case = _case(stage, 2, how)
     expected = _reference(case, how)
-    for full, state, _ in _train(case, how):
+    for full, _state, _ in _train(case, how):
         assert_close_to_reference(full, expected)
 
 
@@ -89,7 +89,7 @@ def test_checkpointed_training_matches_pytorch_with_the_same_checkpointing(stage
 def test_checkpointed_training_at_stage_3_on_one_and_three_ranks(world_size, how):
     case = _case(3, world_size, how)
     expected = _reference(case, how)
-    for full, state, _ in _train(case, how):
+    for full, _state, _ in _train(case, how):
         assert_close_to_reference(full, expected)
 
 
