@@ -99,10 +99,11 @@ def make_step(impl: str, model, device: torch.device):
     """Returns step(batch) -> loss tensor and a dict of extra numbers to report."""
     kind, _, stage = impl.partition(":")
     stage, _, fake_world = stage.partition("@")  # fzero:3@64: rank 0 of a simulated world
-    # fzero:3+compile: torch.compile each block; fzero:3+emb: fzero.embedding_units
+    # fzero:3+compile: torch.compile each block; fzero:3+emb: fzero.embedding_units;
+    # fzero:3+ckpt: activation checkpointing of every block (number_checkpoints)
     stage, *options = stage.split("+")
-    if set(options) - {"compile", "emb"}:
-        raise ValueError(f"{impl!r}: options are +compile and +emb")
+    if set(options) - {"compile", "emb", "ckpt"}:
+        raise ValueError(f"{impl!r}: options are +compile, +emb and +ckpt")
     bf16 = device.type == "cuda"
     if kind == "fzero":
         import fzero
@@ -124,6 +125,8 @@ def make_step(impl: str, model, device: torch.device):
                 "embedding_units": "emb" in options,
             },
         }
+        if "ckpt" in options:  # more than there are: every block
+            config["activation_checkpointing"] = {"number_checkpoints": 1 << 30}
         world = int(fake_world) if fake_world else None
         box = {
             "state": fzero.shard(model, stage=int(stage), config=config, simulate_world_size=world)

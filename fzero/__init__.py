@@ -17,3 +17,7 @@ __version__ = "0.1.0"
 from fzero.checkpoint import load, save  # noqa: E402 - appended: sharded checkpoints
 
 __all__ += ["load", "save"]
+
+from fzero.gathered import gathered  # noqa: E402 - appended: full parameters for a block
+
+__all__ += ["gathered"]

@@ -15,6 +15,7 @@ from fzero.errors import ShardError
 from fzero.loss_scale import LossScaler
 from fzero.offload.plan import OffloadPlan
 from fzero.runtime import Runtime
+from fzero.runtime.activation_checkpointing import checkpoint_units, checkpointed_units
 from fzero.runtime.cross_rank import check_same_on_all_ranks, layout_summary
 from fzero.runtime.executor import Executor, ExecutorParts
 from fzero.runtime.hooks import HookDriver
@@ -135,6 +136,7 @@ def shard(
     modules = {
         u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
     }
+    recomputed = checkpointed_units(layout, cfg)
     infos = tuple(
         UnitInfo(
             u.index,
@@ -149,6 +151,7 @@ def shard(
             optimizer_numel=u.optimizer_numel,
             shard_nbytes=u.shard_numel * compute_dtype.itemsize,
             param_itemsize=compute_dtype.itemsize,
+            recomputed=u.index in recomputed,
         )
         for u in layout.units
     )
@@ -174,6 +177,8 @@ def shard(
             if module is not model:
                 module.forward = torch.compile(module.forward)
     hooks = HookDriver(model, modules, params_per_unit, executor, comm)
+    cpu_checkpointing = cfg.activation_checkpointing.cpu_checkpointing
+    checkpoint_units(modules, recomputed, hooks, cpu_checkpointing)
     runtime = Runtime(model, cfg, comm, plan, executor, hooks, loss_fn)
     model._fzero_runtime = runtime  # marks the model as sharded
     return runtime.new_state(Progress.start(LossScaler.from_fp16(cfg.fp16)))
@@ -187,20 +192,25 @@ def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
     runtime.install(state)
     layout, comm, workspace = runtime.layout, runtime.comm, runtime.executor.workspace
     full: dict[str, torch.Tensor] = {}
-    for unit in layout.units:
+    by_param: dict[int, torch.Tensor] = {}  # id(parameter) -> value, for renamed state dicts
+    for unit, params in zip(layout.units, runtime.executor.unit_params, strict=True):
         # Offloaded masters are on the host: gather where the communicator works.
         owned = workspace.owned_fp32(unit.index).to(workspace.grad_shard.device)
         gathered = owned
         if layout.shard_world > 1:
             gathered = torch.empty(unit.padded_numel, dtype=torch.float32, device=owned.device)
             comm.all_gather(gathered, owned).wait()
-        for slot in unit.params:
+        for slot, param in zip(unit.params, params, strict=True):
             value = gathered[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
+            by_param[id(param)] = value
             for name in slot.names:
                 full[name] = value
     result = {}
+    # A module may rename its entries (torch's checkpoint_wrapper drops its own prefix): match
+    # parameters by identity first.
     for name, tensor in runtime.model.state_dict(keep_vars=True).items():
-        result[name] = full[name] if name in full else tensor.detach().clone()
+        value = by_param.get(id(tensor), full.get(name))
+        result[name] = value if value is not None else tensor.detach().clone()
     return result
 
 

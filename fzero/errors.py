@@ -172,3 +172,8 @@ class SwapIOError(RuntimeError):
     """A swap file could not be read or written (the disk filled, the file vanished, the device
     failed). A failed write never touches the copy it was replacing, so the state the step
     started from is still readable; ``__cause__`` holds the OS error."""
+
+
+class ReleasedParameterError(RuntimeError):
+    """A stage-3 parameter's values were read while its unit is released (its memory given
+    back between uses); the message names the parameter and how to read it."""

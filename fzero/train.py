@@ -23,6 +23,7 @@ from fzero.errors import (
     CollectiveError,
     LossError,
     NonFiniteGradientError,
+    ReleasedParameterError,
     ScheduleError,
 )
 from fzero.inputs import cast_floating_inputs, check_batch_kind, input_cast_dtype
@@ -246,6 +247,8 @@ RELEASED_HINT = (
 
 def _released(error: BaseException) -> bool:
     """Whether ``error`` is PyTorch refusing to read a tensor whose storage fzero freed."""
+    if isinstance(error, ReleasedParameterError):
+        return True
     return "out of bounds for storage of size 0" in str(error)
 
 

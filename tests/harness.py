@@ -87,8 +87,10 @@ def train_threads(case: Case, record: bool = False):
     )
 
 
-def reference(case: Case, grouped: bool = True) -> dict[str, torch.Tensor]:
-    """The single-device reference (see ``reference_train`` for ``grouped``)."""
+def reference(
+    case: Case, grouped: bool = True, model: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """The single-device reference (see ``reference_train`` for ``grouped`` and ``model``)."""
     model = reference_train(
         case.spec,
         case.batches(),
@@ -98,6 +100,7 @@ def reference(case: Case, grouped: bool = True) -> dict[str, torch.Tensor]:
         clip=case.clip,
         no_decay=case.no_decay,
         grouped=grouped,
+        model=model,
     )
     return model.state_dict()
 

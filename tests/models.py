@@ -92,6 +92,7 @@ def reference_train(
     eps: float = 1e-8,
     no_decay: tuple[str, ...] = (),
     grouped: bool = True,
+    model: nn.Module | None = None,
 ):
     """Plain single-process PyTorch: AdamW on the concatenation of every rank's micro-batches.
 
@@ -99,10 +100,11 @@ def reference_train(
     in turn (PyTorch's own gradient accumulation); mathematically the concatenated batch's mean
     loss, and the same grouping of sums fzero's ranks and micro-batches make. Otherwise one
     backward over the concatenated batch, whose fp32 rounding differs (by up to 6e-5 relative
-    after three Adam steps, measured on these models)."""
+    after three Adam steps, measured on these models). ``model``: train this one (built from
+    ``spec`` the same way) instead of a plain ``ToyLM(spec)``."""
     import fnmatch
 
-    model = ToyLM(spec)
+    model = model if model is not None else ToyLM(spec)
     decay, plain = [], []
     seen = set()
     for p in model.parameters():

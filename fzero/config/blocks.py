@@ -246,6 +246,33 @@ class DataTypesConfig:
 
 
 @dataclass(frozen=True)
+class ActivationCheckpointingConfig:
+    """``activation_checkpointing``: fzero recomputes units' forwards in backward itself.
+
+    ``number_checkpoints``: how many block units (the first ones, in model order; more than
+    there are means all) fzero wraps in ``torch.utils.checkpoint`` (non-reentrant): their
+    activations are dropped after forward and recomputed in backward, at the schedule's
+    ``pre_recompute`` triggers. (DeepSpeed reads it only to size a buffer for
+    ``contiguous_memory_optimization``, for models that call ``deepspeed.checkpointing``.)
+    ``cpu_checkpointing``: the inputs those units keep for their recompute are held on the host
+    (``torch.autograd.graph.save_on_cpu(pin_memory=True)``) and copied back in backward.
+    The block's other keys are warned (``fzero/config/keys.py``)."""
+
+    number_checkpoints: int | None = None
+    cpu_checkpointing: bool = False
+
+    def validate(self, path: str = "activation_checkpointing") -> None:
+        check_at_least(f"{path}.number_checkpoints", self.number_checkpoints, 0)
+        if self.cpu_checkpointing and not self.number_checkpoints:
+            raise ConfigError(
+                f"{path}.cpu_checkpointing",
+                "keeps the inputs of the units fzero checkpoints on the CPU, but "
+                "number_checkpoints is not set: set it (e.g. to the number of layers), or "
+                "set cpu_checkpointing to false",
+            )
+
+
+@dataclass(frozen=True)
 class FzeroConfig:
     """fzero's own knobs, in the ``fzero`` block (DeepSpeed has no name for them).
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fzero.config.blocks import (
+    ActivationCheckpointingConfig,
     DataTypesConfig,
     Fp16Config,
     FzeroConfig,
@@ -46,6 +47,7 @@ from fzero.config.resolve import BATCH_KEYS, resolve_auto
 from fzero.errors import ConfigError, ConfigTypeError
 
 __all__ = [
+    "ActivationCheckpointingConfig",
     "Config",
     "names_stage",
     "DataTypesConfig",
@@ -79,6 +81,9 @@ class Config:
     fp16: Fp16Config = field(default_factory=Fp16Config)
     data_types: DataTypesConfig = field(default_factory=DataTypesConfig)
     fzero: FzeroConfig = field(default_factory=FzeroConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(
+        default_factory=ActivationCheckpointingConfig
+    )
     gradient_clipping: float | Auto = 0.0
     gradient_accumulation_steps: int | Auto | None = None
     train_micro_batch_size_per_gpu: int | Auto | None = None
@@ -170,6 +175,7 @@ class Config:
             self.scheduler.validate()
         self.bf16.validate("bf16")
         self.fp16.validate("fp16")
+        self.activation_checkpointing.validate()
         if self.bf16.enabled is True and self.fp16.enabled is True:
             raise ConfigError("bf16.enabled", "bf16.enabled and fp16.enabled are both true")
         check_at_least("gradient_clipping", self.gradient_clipping, 0)

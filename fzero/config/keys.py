@@ -161,18 +161,24 @@ RULES: dict[str, Rule] = {
     "wandb": warned(_MONITOR, _off),
     "csv_monitor": warned(_MONITOR, _off),
     "comet": warned(_MONITOR, _off),
-    "activation_checkpointing": warned(
-        "DeepSpeed applies it only to models that call deepspeed.checkpointing; "
-        "use torch.utils.checkpoint in the model",
-        _all_false,
-        keys=(
-            "partition_activations",
-            "contiguous_memory_optimization",
-            "cpu_checkpointing",
-            "number_checkpoints",
-            "synchronize_checkpoint_boundary",
-            "profile",
-        ),
+    "activation_checkpointing.partition_activations": warned(
+        "it splits checkpointed activations across model-parallel ranks, and fzero has no "
+        "model parallelism: every rank holds whole activations",
+        _FALSE,
+    ),
+    "activation_checkpointing.contiguous_memory_optimization": warned(
+        "it copies DeepSpeed's partitioned activations into one preallocated buffer; torch's "
+        "caching allocator holds fzero's checkpointed inputs",
+        _FALSE,
+    ),
+    "activation_checkpointing.synchronize_checkpoint_boundary": warned(
+        "a device synchronize at each checkpoint is a profiling aid; fzero's timeline "
+        "(shard(record_timeline=True)) measures units without one",
+        _FALSE,
+    ),
+    "activation_checkpointing.profile": warned(
+        "fzero does not time checkpoint forwards; simulate(schedule) shows recompute costs",
+        _FALSE,
     ),
     "gradient_allreduce_op": rejected(
         'fzero averages gradients over ranks; only "mean" is supported', _equals("mean")

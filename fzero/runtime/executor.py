@@ -35,7 +35,7 @@ from fzero.runtime.step_phase import Hyper, OptimizerBuffers, StepPhase, StepRes
 from fzero.runtime.timeline import MeasuredTimeline
 from fzero.schedule import OnDemand, Schedule, Trigger
 from fzero.schedule import ops as O
-from fzero.state.buffers import Workspace, free_storage
+from fzero.state.buffers import Workspace
 from fzero.state.layout import FlatLayout
 
 
@@ -69,7 +69,7 @@ class Executor:
         self.unit_params = parts.unit_params
         self.record_ops = record_ops
         self.timeline = timeline  # when set: device times of triggers and gathers
-        self.gathers = Gathers(parts.workspace, parts.comm, timeline)
+        self.gathers = Gathers(parts.workspace, parts.comm, timeline, parts.unit_params)
         self.reduction = GradientReduction(
             parts.layout, parts.workspace, parts.comm, parts.unit_params, parts.reduce_dtype
         )
@@ -251,6 +251,10 @@ class Executor:
         """Gather one unit outside the schedule's ops (evaluation, checkpoint refresh)."""
         return self.gathers.gather(unit)
 
+    def release(self, unit: int) -> None:
+        """Release one unit gathered outside the schedule's ops."""
+        self.gathers.release_unit(unit)
+
     # -- measuring ------------------------------------------------------------------------------
 
     def _log_live(self, trigger: Trigger) -> None:
@@ -296,7 +300,7 @@ class Executor:
         self._tracing = None
         self.step_phase.loss_sum = None
         for unit in self.released_units:
-            free_storage(self.workspace.param_flats[unit])
+            self.gathers.release_unit(unit)
         self.reduction.abort(self.shard_persists)
 
 

@@ -16,6 +16,7 @@ from fzero.errors import ScheduleError
 from fzero.runtime.timeline import MeasuredTimeline
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace, alloc_storage, free_storage
+from fzero.state.released import mark_gathered, mark_released
 
 
 class InFlightGather(NamedTuple):
@@ -28,8 +29,15 @@ class InFlightGather(NamedTuple):
 class Gathers:
     """Issues, waits for and releases unit gathers; owns the gathers in flight."""
 
-    def __init__(self, workspace: Workspace, comm: Communicator, timeline: MeasuredTimeline | None):
+    def __init__(
+        self,
+        workspace: Workspace,
+        comm: Communicator,
+        timeline: MeasuredTimeline | None,
+        unit_params: list[list[torch.nn.Parameter]],
+    ):
         self.workspace = workspace
+        self.unit_params = unit_params
         self.comm = comm
         self.timeline = timeline
         self.in_flight: dict[int, InFlightGather] = {}
@@ -48,7 +56,13 @@ class Gathers:
         pending.work.wait()
 
     def release(self, op: O.Release) -> None:
-        free_storage(self.workspace.param_flats[op.unit])
+        self.release_unit(op.unit)
+
+    def release_unit(self, unit: int) -> None:
+        """Free unit ``unit``'s gathered buffer; its parameters then refuse reads
+        (``fzero/state/released.py``) instead of reading freed memory."""
+        free_storage(self.workspace.param_flats[unit])
+        mark_released(self.unit_params[unit])
 
     def upload_shard(self, op: O.UploadShard) -> None:
         """Parameter offload: bring this rank's host shard of the unit up, on the gather stream
@@ -68,6 +82,7 @@ class Gathers:
         ``UploadShard`` brought it up)."""
         flat = self.workspace.param_flats[unit]
         alloc_storage(flat)
+        mark_gathered(self.unit_params[unit])
         source = self.uploaded.pop(unit, None)
         if source is None and not self.workspace.shards_on_host:
             source = self.workspace.gather_source(unit) if self.comm.world_size > 1 else None

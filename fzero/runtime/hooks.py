@@ -9,12 +9,23 @@
   unit's parameters; the last one fires the trigger. Units whose parameters got no gradient in
   this pass (unused, frozen) fire at the end of backward, in descending unit order.
 
+- ``pre_recompute(u)``: the forward pre-hook again, during backward: activation checkpointing
+  (``torch.utils.checkpoint`` around the unit's call, Hugging Face's gradient checkpointing)
+  runs the unit's forward once more to rebuild its activations. The forward post-hook raises
+  nothing then: the backward that follows owns the unit until ``post_backward(u)``. Where the
+  checkpointed function is the module's ``forward`` itself (``checkpoint_wrapper``, fzero's
+  ``activation_checkpointing.number_checkpoints``), ``recomputing(u)`` raises it.
+
+The driver's ``phase`` (one enum, as FSDP2's ``TrainingState``) is what tells a forward inside
+backward, a recompute, from a forward.
+
 Outside a step (evaluation, ``torch.no_grad()``) the hooks only gather a stage-3 unit
 for its forward and free it afterwards, so ``model(x)`` keeps working.
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 import optree
@@ -27,9 +38,10 @@ from fzero.schedule.ops import (
     POST_FORWARD,
     PRE_BACKWARD,
     PRE_FORWARD,
+    PRE_RECOMPUTE,
     Trigger,
 )
-from fzero.state.buffers import free_storage, is_allocated
+from fzero.state.buffers import is_allocated
 
 
 class _PreBackward(torch.autograd.Function):
@@ -42,6 +54,12 @@ class _PreBackward(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
         ctx.driver.fire(Trigger(PRE_BACKWARD, ctx.unit))
         return (None, None, *grads)
+
+
+class Phase(Enum):
+    IDLE = "idle"  # outside a micro-step: evaluation gathers unit by unit
+    FORWARD = "forward"
+    BACKWARD = "backward"  # a unit's forward now is an activation-checkpoint recompute
 
 
 class HookDriver:
@@ -58,7 +76,7 @@ class HookDriver:
         self.model = model
         self.executor = executor
         self.comm = comm
-        self.active = False
+        self.phase = Phase.IDLE
         self.handles: list[Any] = []
         self.root_units = [i for i, m in unit_modules.items() if m is model]
         self.expected = {
@@ -67,10 +85,14 @@ class HookDriver:
         self.counts: dict[int, int] = {}
         self.started: list[int] = []  # units whose forward ran in this micro-batch, in order
         self.done: set[int] = set()
+        self.recomputed: set[int] = set()  # pre_recompute raised, post_backward not yet
         self._eval_gathered: set[int] = set()
         for index, module in unit_modules.items():
             self.handles.append(module.register_forward_pre_hook(self._pre_forward(index)))
             self.handles.append(module.register_forward_hook(self._post_forward(index)))
+            for watched in _recompute_watch(module):
+                hook = lambda module, args, unit=index: self.recomputing(unit)  # noqa: E731
+                self.handles.append(watched.register_forward_pre_hook(hook))
         for index, params in enumerate(params_per_unit):
             for param in params:
                 if param.requires_grad:
@@ -83,20 +105,36 @@ class HookDriver:
             handle.remove()
         self.handles.clear()
 
+    @property
+    def active(self) -> bool:
+        """Whether a micro-step is running (its triggers go to the executor)."""
+        return self.phase is not Phase.IDLE
+
     def fire(self, trigger: Trigger) -> None:
         self.executor.fire(trigger)
+
+    def recomputing(self, unit: int) -> None:
+        """Called as unit ``unit``'s forward (or a module inside it) starts: during backward
+        that is a recompute, raised once until the unit's ``post_backward``. Also called by a
+        checkpointed ``forward`` that runs inside the module call, where no module hook sees
+        its recompute."""
+        if self.phase is Phase.BACKWARD and unit not in self.recomputed:
+            self.recomputed.add(unit)
+            self.fire(Trigger(PRE_RECOMPUTE, unit))
 
     # -- step bracketing (called by train_step) -------------------------------------------------
 
     def begin_micro_step(self, last: bool = True) -> None:
         """``last``: this is the step's last micro-batch."""
-        self.active = True
+        self.phase = Phase.FORWARD
+        self.recomputed = set()
         self.counts = {}
         self.started = []
         self.done = set()
         self.executor.begin_micro_step(last)
 
     def begin_backward(self) -> None:
+        self.phase = Phase.BACKWARD
         for unit in self.root_units:
             self.fire(Trigger(PRE_BACKWARD, unit))
 
@@ -105,23 +143,26 @@ class HookDriver:
         the tracing one (see ``Executor.end_micro_step``)."""
         for unit in sorted(set(self.started) - self.done, reverse=True):
             self.done.add(unit)
+            self.recomputed.discard(unit)
             self.fire(Trigger(POST_BACKWARD, unit))
         self.fire(Trigger(BACKWARD_END))
         trace = self.executor.end_micro_step()
-        self.active = False
+        self.phase = Phase.IDLE
         return trace
 
     def deactivate(self) -> None:
-        self.active = False
+        self.phase = Phase.IDLE
 
     # -- hooks ----------------------------------------------------------------------------------
 
     def _pre_forward(self, unit: int):
         def hook(module: nn.Module, args: Any) -> None:
-            if self.active:
+            if self.phase is Phase.FORWARD:
                 if unit not in self.started:
                     self.started.append(unit)
                 self.fire(Trigger(PRE_FORWARD, unit))
+            elif self.phase is Phase.BACKWARD:
+                self.recomputing(unit)
             else:
                 self._eval_gather(unit)
 
@@ -129,10 +170,11 @@ class HookDriver:
 
     def _post_forward(self, unit: int):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not self.active:
+            if self.phase is Phase.IDLE:
                 self._eval_release(unit)
                 return output
-            self.fire(Trigger(POST_FORWARD, unit))
+            if self.phase is Phase.FORWARD:
+                self.fire(Trigger(POST_FORWARD, unit))
             if unit in self.root_units or not torch.is_grad_enabled():
                 return output
             leaves, spec = optree.tree_flatten(output)
@@ -155,6 +197,7 @@ class HookDriver:
             self.counts[unit] = self.counts.get(unit, 0) + 1
             if self.counts[unit] == self.expected[unit] and unit not in self.done:
                 self.done.add(unit)
+                self.recomputed.discard(unit)
                 self.fire(Trigger(POST_BACKWARD, unit))
 
         return hook
@@ -171,4 +214,17 @@ class HookDriver:
     def _eval_release(self, unit: int) -> None:
         if unit in self._eval_gathered:
             self._eval_gathered.discard(unit)
-            free_storage(self.executor.workspace.param_flats[unit])
+            self.executor.release(unit)
+
+
+def _recompute_watch(module: nn.Module) -> list[nn.Module]:
+    """Modules whose calls show that ``module``'s forward is running when activation
+    checkpointing recomputes the forward alone, inside the module call (where ``module``'s own
+    hooks do not run again): the module torch's ``checkpoint_wrapper`` wraps, or the children
+    of a Hugging Face ``GradientCheckpointingLayer`` (which checkpoints its ``forward``)."""
+    inner = getattr(module, "_checkpoint_wrapped_module", None)
+    if isinstance(inner, nn.Module):
+        return [inner]
+    if hasattr(module, "gradient_checkpointing"):
+        return list(module.children())
+    return []

@@ -47,6 +47,7 @@ from fzero.schedule.ops import (
     POST_FORWARD,
     PRE_BACKWARD,
     PRE_FORWARD,
+    PRE_RECOMPUTE,
     STEP,
     AllGather,
     AllocGrad,
@@ -105,7 +106,8 @@ class Knobs:
 
 def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
     """The order a plain sequential model runs in: the root unit wraps the blocks, blocks run in
-    registration order forward and in reverse backward. Used until a real step is traced."""
+    registration order forward and in reverse backward (a unit fzero checkpoints recomputes
+    its forward inside its backward). Used until a real step is traced."""
     root = [u.index for u in units if u.is_root]
     blocks = [u.index for u in units if not u.is_root]
     trace = [Trigger(PRE_FORWARD, r) for r in root]
@@ -113,8 +115,12 @@ def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
         trace += [Trigger(PRE_FORWARD, b), Trigger(POST_FORWARD, b)]
     trace += [Trigger(POST_FORWARD, r) for r in root]
     trace += [Trigger(PRE_BACKWARD, r) for r in root]
+    recomputed = {u.index for u in units if u.recomputed}
     for b in reversed(blocks):
-        trace += [Trigger(PRE_BACKWARD, b), Trigger(POST_BACKWARD, b)]
+        trace.append(Trigger(PRE_BACKWARD, b))
+        if b in recomputed:  # torch's non-reentrant checkpoint: inside the unit's backward
+            trace.append(Trigger(PRE_RECOMPUTE, b))
+        trace.append(Trigger(POST_BACKWARD, b))
     trace += [Trigger(POST_BACKWARD, r) for r in root]
     trace.append(Trigger(BACKWARD_END))
     return tuple(trace)
@@ -250,7 +256,9 @@ class OnDemand:
         ops: list[Op] = []
         stage, kind = self.stage, trigger.kind
         unit = self.by_index.get(trigger.unit)
-        needs_params = kind == PRE_FORWARD or (kind == PRE_BACKWARD and unit.backward_reads_params)
+        needs_params = kind in (PRE_FORWARD, PRE_RECOMPUTE) or (
+            kind == PRE_BACKWARD and unit.backward_reads_params
+        )
         if needs_params and unit.index not in self.gathered:
             ops += [
                 AllGather(unit.index, unit.name, unit.param_nbytes),

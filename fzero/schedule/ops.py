@@ -14,11 +14,29 @@ from dataclasses import dataclass
 PRE_FORWARD = "pre_forward"
 POST_FORWARD = "post_forward"
 PRE_BACKWARD = "pre_backward"
+# Activation checkpointing: the unit's forward runs again inside backward, to rebuild the
+# activations its backward reads (torch.utils.checkpoint, Hugging Face's gradient
+# checkpointing, or fzero's own ``activation_checkpointing.number_checkpoints``). It needs the
+# unit's parameters gathered, like a forward, and its backward follows, so nothing is released
+# at its end (no post trigger: a recompute that torch stops early never returns normally).
+PRE_RECOMPUTE = "pre_recompute"
 POST_BACKWARD = "post_backward"
 BACKWARD_END = "backward_end"  # autograd's final callback: every gradient of the pass is written
 STEP = "step"  # after the last micro-batch: reductions that wait for all of them, then AdamW
 
-TRIGGER_KINDS = (PRE_FORWARD, POST_FORWARD, PRE_BACKWARD, POST_BACKWARD, BACKWARD_END, STEP)
+TRIGGER_KINDS = (
+    PRE_FORWARD,
+    POST_FORWARD,
+    PRE_BACKWARD,
+    PRE_RECOMPUTE,
+    POST_BACKWARD,
+    BACKWARD_END,
+    STEP,
+)
+# The triggers at which a unit's compute starts in each pass: a gather may move (prefetch)
+# between triggers of one pass, never from backward into forward.
+FORWARD_COMPUTE = (PRE_FORWARD,)
+BACKWARD_COMPUTE = (PRE_BACKWARD, PRE_RECOMPUTE)
 
 # Streams an op runs on. On CPU every stream is the calling thread.
 COMPUTE = "compute"

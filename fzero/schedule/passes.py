@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fzero.schedule.ops import (
+    BACKWARD_COMPUTE,
     BACKWARD_END,
+    FORWARD_COMPUTE,
     PRE_BACKWARD,
-    PRE_FORWARD,
     AllGather,
     Entry,
     Op,
@@ -170,11 +171,14 @@ def _in_flight_numel(by_index: dict[int, UnitInfo], entries: list[Entry]) -> int
 
 
 def _previous_compute_entry(entries: list[Entry], i: int) -> int | None:
+    """The compute trigger before entry ``i`` in the same pass (a recompute belongs to
+    backward), or None at the start of the pass."""
     kind = entries[i].trigger.kind
+    same_pass = FORWARD_COMPUTE if kind in FORWARD_COMPUTE else BACKWARD_COMPUTE
     for j in range(i - 1, -1, -1):
-        if entries[j].trigger.kind == kind:
+        if entries[j].trigger.kind in same_pass:
             return j
-        if entries[j].trigger.kind in (PRE_FORWARD, PRE_BACKWARD):
+        if entries[j].trigger.kind in FORWARD_COMPUTE + BACKWARD_COMPUTE:
             return None  # do not cross from forward into backward
     return None
 

@@ -19,7 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fzero.schedule.ops import BACKWARD_END, POST_BACKWARD, PRE_BACKWARD, Entry, Op, _size
+from fzero.schedule.ops import (
+    BACKWARD_END,
+    POST_BACKWARD,
+    PRE_BACKWARD,
+    PRE_RECOMPUTE,
+    Entry,
+    Op,
+    _size,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,9 @@ class UnitInfo:
     optimizer_numel: int = 0
     shard_nbytes: int = 0
     param_itemsize: int = 2
+    # fzero checkpoints the unit's forward (activation_checkpointing.number_checkpoints): its
+    # forward runs again in backward, after its pre_backward (``pre_recompute``).
+    recomputed: bool = False
 
     @property
     def is_root(self) -> bool:
@@ -137,7 +148,7 @@ def _entry_lines(
             "step"
             if not live
             else "backward"
-            if kind in (PRE_BACKWARD, POST_BACKWARD, BACKWARD_END)
+            if kind in (PRE_BACKWARD, PRE_RECOMPUTE, POST_BACKWARD, BACKWARD_END)
             else "forward"
         )
         if new_phase != phase:

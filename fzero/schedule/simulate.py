@@ -243,6 +243,11 @@ def _compute_placement(
     after: dict[int, list[tuple[str, float]]] = {}
     for i, entry in enumerate(entries):
         kind, unit = entry.trigger.kind, by_index.get(entry.trigger.unit)
+        if kind == O.PRE_RECOMPUTE and unit is not None:
+            # Activation checkpointing runs the unit's forward again, inside backward.
+            name = f"recompute unit {unit.index} ({unit.name or '<root>'})"
+            after.setdefault(i, []).append((name, cost.forward(unit)))
+            continue
         if kind not in (O.PRE_FORWARD, O.PRE_BACKWARD) or unit is None:
             continue
         forward = kind == O.PRE_FORWARD

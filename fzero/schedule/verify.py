@@ -8,7 +8,9 @@ of what each op does to this rank's buffers. The first broken invariant raises
 
 Parameters: in stage 3 a unit is released, gathering (``AllGather`` issued) or ready (after
 ``WaitGather``), and must be ready from its pre-compute trigger to the matching post trigger.
-In stages 0-2 every unit is always ready, except during the step phase's refresh gathers.
+In stages 0-2 every unit is always ready, except during the step phase's refresh gathers. An
+activation-checkpoint recompute (``pre_recompute(u)``) needs the unit ready from that trigger
+to its ``post_backward``: the recomputed activations its backward reads are built from it.
 Gradients: each trainable unit is reduced exactly once per micro-batch (stages 2 and 3, and every
 stage in deterministic mode, with ``ReduceInOrder``), once per step in the step phase (stages 0
 and 1) or once per step in ``last_micro_step`` (``reduce_every_micro_batch: false``), after its
@@ -123,6 +125,7 @@ class _Checker(GradientRules, OffloadRules):
         self.params = {i: READY if i in self.kept else RELEASED for i in self.units}
         self.forward: set[int] = set()  # between pre_forward(u) and post_forward(u)
         self.backward: set[int] = set()  # between pre_backward(u) and post_backward(u)
+        self.recomputing: set[int] = set()  # between pre_recompute(u) and post_backward(u)
         self.backward_seen: set[int] = set()  # pre_backward(u) seen in this micro-batch
         self.mode = schedule.gradient_reduction
         # Whether every micro-batch reduces its gradients (else the step or the last one does).
@@ -161,8 +164,12 @@ class _Checker(GradientRules, OffloadRules):
                 if trigger.kind == O.POST_FORWARD or self.units[unit].backward_reads_params:
                     self.require_ready(unit, f"its compute before {trigger}")
                 computing.discard(unit)
+        if trigger.kind == O.POST_BACKWARD and unit in self.recomputing:
+            self.require_ready(unit, f"its recomputed activations before {trigger}")
+            self.recomputing.discard(unit)
         if trigger.kind == O.BACKWARD_END:
             self.backward.clear()
+            self.recomputing.clear()
         for number, op in enumerate(entry.ops):
             self.where = f"{position} @{trigger} op {number} '{_op_text(op)}' ({context})"
             handler = getattr(self, f"op_{type(op).__name__}", None)
@@ -173,6 +180,9 @@ class _Checker(GradientRules, OffloadRules):
         if trigger.kind == O.PRE_FORWARD:
             self.require_ready(unit, f"its forward at {trigger}")
             self.forward.add(unit)
+        if trigger.kind == O.PRE_RECOMPUTE:
+            self.require_ready(unit, f"its recompute at {trigger}")
+            self.recomputing.add(unit)
         if trigger.kind == O.PRE_BACKWARD:
             if self.units[unit].backward_reads_params:
                 self.require_ready(unit, f"its backward at {trigger}")
@@ -243,6 +253,13 @@ class _Checker(GradientRules, OffloadRules):
                     unit,
                     f"released during its {pass_name} (before its post_{pass_name})",
                 )
+        if unit in self.recomputing:
+            self.fail(
+                "release-after-last-use",
+                unit,
+                "released between its pre_recompute and its post_backward, while backward "
+                "still reads the recomputed activations",
+            )
         self.params[unit] = RELEASED
 
     # -- phase ends -------------------------------------------------------------------------
@@ -263,6 +280,7 @@ class _Checker(GradientRules, OffloadRules):
             self.reduced.clear()
         self.forward.clear()
         self.backward.clear()
+        self.recomputing.clear()
         self.backward_seen.clear()
 
     def end_step(self, where: str) -> None:

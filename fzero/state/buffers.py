@@ -17,6 +17,7 @@ from torch import nn
 
 from fzero.offload.host import HostBuffer
 from fzero.state.layout import FlatLayout, Unit
+from fzero.state.released import mark_released, name_params
 
 
 def free_storage(tensor: torch.Tensor) -> None:
@@ -162,6 +163,7 @@ def bind_unit_views(
     """Point every parameter's ``.data`` (and ``.grad``, when trainable) of ``unit`` into its
     flat buffers. Parameter objects keep their identity, so tied parameters stay tied, and the
     model's own storage is released as soon as nothing else refers to it."""
+    name_params(params, (slot.names[0] for slot in unit.params))
     for slot, param in zip(unit.params, params):
         param.data = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
         # With a gradient buffer (stages 0, 1) autograd accumulates into views of it; without
@@ -256,6 +258,7 @@ def build_workspace(
         # The views exist now: stage 3 frees the gathered parameters between uses.
         if stage == 3 and unit.index not in persistent:
             free_storage(param_flats[-1])
+            mark_released(params)
     if stage >= 1 or ordered:  # alive only from a step's first reduction to its optimizer step
         free_storage(grad_shard)
     workspace = Workspace(
