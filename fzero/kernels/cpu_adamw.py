@@ -5,10 +5,12 @@ computes the same update with torch's fused CPU AdamW kernel (``torch._fused_ada
 reads and writes every element once across torch's intra-op threads. That kernel wants fp32
 everywhere and knows one weight decay and no output cast, so the shard is walked in chunks small
 enough to stay in cache: a chunk's gradient is widened to fp32 and multiplied by ``grad_scale``
-into a scratch buffer, bf16 moments are widened beside it, the decayed ranges of the master are
-multiplied by ``1 - lr * weight_decay`` (the very operation the kernel and the reference do
-first), one undecayed kernel call updates the chunk, and the chunk's new master is cast into
-``param_out`` while still in cache. Scale, decay table and cast so cost no pass over memory.
+into a scratch buffer, bf16 moments are widened beside it, one kernel call updates the chunk
+(a chunk inside one decay range passes that decay to the kernel; in a chunk spanning several,
+the decayed ranges of the master are first multiplied by ``1 - lr * weight_decay``, the very
+operation the kernel and the reference do first, and the call runs undecayed), and the
+chunk's new master is cast into ``param_out`` while still in cache. Scale, decay table and
+cast so cost no pass over host memory.
 
 Parity with ``adamw_reference``: the moments are bitwise equal; the master is within one fp32
 ulp per step, on a small fraction of elements, because the kernel computes
@@ -93,20 +95,26 @@ def cpu_adamw_step(
         length = end - start
         g = grad[start:end]
         if grad_scratch is not None:
-            g = grad_scratch[:length].copy_(g)
-            if grad_scale is not None:
-                g.mul_(grad_scale)
+            if g.dtype == torch.float32 and grad_scale is not None:  # one pass, same rounding
+                g = torch.mul(g, grad_scale, out=grad_scratch[:length])
+            else:
+                g = grad_scratch[:length].copy_(g)
+                if grad_scale is not None:
+                    g.mul_(grad_scale)
         m, v = exp_avg[start:end], exp_avg_sq[start:end]
         if avg_scratch is not None and avg_sq_scratch is not None:
             m = avg_scratch[:length].copy_(m)
             v = avg_sq_scratch[:length].copy_(v)
         p = master[start:end]
-        # Decoupled decay first, as the reference and torch's kernel both do, by range; then
-        # one undecayed kernel call covers the chunk whatever its ranges.
-        for range_start, range_end, weight_decay in decay.within(start, end):
-            if weight_decay != 0:
-                p[range_start:range_end].mul_(1 - lr * weight_decay)
-        _fused_undecayed(p, g, m, v, step_count, **hyper)
+        ranges = decay.within(start, end)
+        chunk_decay = ranges[0][2] if len(ranges) == 1 else 0.0
+        if len(ranges) > 1:
+            # Decoupled decay first, by range, as the reference and torch's kernel both do it;
+            # then one undecayed kernel call covers the chunk whatever its ranges.
+            for range_start, range_end, weight_decay in ranges:
+                if weight_decay != 0:
+                    p[range_start:range_end].mul_(1 - lr * weight_decay)
+        _fused_chunk(p, g, m, v, step_count, chunk_decay, **hyper)
         if widen_moments:
             exp_avg[start:end].copy_(m)
             exp_avg_sq[start:end].copy_(v)
@@ -114,20 +122,21 @@ def cpu_adamw_step(
             param_out[start:end].copy_(p)
 
 
-def _fused_undecayed(
+def _fused_chunk(
     master: torch.Tensor,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     step: torch.Tensor,
+    weight_decay: float,
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
 ) -> None:
-    """torch's kernel over the vector-aligned bulk; the last ``numel % VECTOR_NUMEL`` elements
-    take the reference's ops.
+    """torch's kernel, with one ``weight_decay``, over the vector-aligned bulk; the last
+    ``numel % VECTOR_NUMEL`` elements take the reference's ops.
 
     torch's kernel runs its scalar loop on that tail, whose moment update is not the fused
     multiply-add its vector loop and ``torch.lerp`` use; handing it to the reference keeps the
@@ -147,7 +156,7 @@ def _fused_undecayed(
             lr=lr,
             beta1=beta1,
             beta2=beta2,
-            weight_decay=0.0,
+            weight_decay=weight_decay,
             eps=eps,
             amsgrad=False,
             maximize=False,
@@ -156,5 +165,6 @@ def _fused_undecayed(
         tail = slice(bulk, numel)
         _update(
             master[tail], grad[tail], exp_avg[tail], exp_avg_sq[tail], lr=lr, beta1=beta1,
-            beta2=beta2, eps=eps, step_value=float(step.item()), ranges=(), grad_scale=None,
+            beta2=beta2, eps=eps, step_value=float(step.item()),
+            ranges=((0, numel - bulk, weight_decay),), grad_scale=None,
         )  # fmt: skip
