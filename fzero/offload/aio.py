@@ -1,5 +1,6 @@
 """The pieces of NVMe swap that come before any I/O: the ``aio`` settings, aligned host memory,
-the bytes the swap files need, and the check of ``nvme_path`` at ``shard`` time.
+the bytes the swap files need, the check of ``nvme_path`` at ``shard`` time, and the removal
+of swap directories that dead processes left behind.
 
 Direct I/O (``O_DIRECT``) moves data between the device and user memory without the page cache,
 which is what lets a swap run at the disk's speed without evicting everything else from host
@@ -10,6 +11,9 @@ device's block; 4096 bytes satisfies every NVMe device, so that is ``ALIGNMENT_N
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 
@@ -19,6 +23,9 @@ from fzero.errors import ConfigError, SwapPathError
 
 ALIGNMENT_NBYTES = 4096
 GIB = 1 << 30
+# A swapper's directory: fzero-swap-<host>-p<pid>-r<rank>-<random hex>.
+SWAP_PREFIX = "fzero-swap"
+_RUN_DIRECTORY = re.compile(rf"^{SWAP_PREFIX}-(?P<host>.+)-p(?P<pid>\d+)-r\d+-[0-9a-f]+$")
 
 
 @dataclass(frozen=True)
@@ -138,3 +145,28 @@ def check_swap_directory(key: str, directory: str | os.PathLike, needed_nbytes: 
             f"swap files need {needed_nbytes:,} ({needed_nbytes / GIB:.2f} GiB); free space, "
             "name a larger disk, or offload less to nvme",
         )
+
+
+def remove_stale_swap_directories(directory: str | os.PathLike) -> list[str]:
+    """Remove the swap directories that dead processes of this host left in ``directory``;
+    return their names. Other hosts' directories (on a shared filesystem) are left alone."""
+    removed = []
+    host = socket.gethostname()
+    for entry in os.scandir(directory):
+        match = _RUN_DIRECTORY.match(entry.name)
+        if not (match and entry.is_dir() and match["host"] == host):
+            continue
+        if not _process_alive(int(match["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

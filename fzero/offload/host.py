@@ -14,6 +14,7 @@ against ``MemAvailable`` of ``/proc/meminfo`` and the cgroup's memory limit (v1 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -139,7 +140,9 @@ class HostBuffer:
             self.pinned = False
 
     def __del__(self) -> None:
-        self.close()
+        # At interpreter exit CUDA may already be torn down, and then there is nothing to free.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def __repr__(self) -> str:
         kind = "pinned" if self.pinned else "pageable"

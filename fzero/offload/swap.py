@@ -24,7 +24,6 @@ import ctypes
 import errno
 import os
 import queue
-import re
 import secrets
 import shutil
 import socket
@@ -36,11 +35,15 @@ from typing import NamedTuple
 import torch
 
 from fzero.errors import SwapIOError
-from fzero.offload.aio import ALIGNMENT_NBYTES, AioSettings, aligned_empty, check_swap_directory
+from fzero.offload.aio import (
+    ALIGNMENT_NBYTES,
+    SWAP_PREFIX,
+    AioSettings,
+    aligned_empty,
+    check_swap_directory,
+    remove_stale_swap_directories,
+)
 from fzero.offload.aio import round_up as _round_up
-
-SWAP_PREFIX = "fzero-swap"
-_RUN_DIRECTORY = re.compile(rf"^{SWAP_PREFIX}-(?P<host>.+)-p(?P<pid>\d+)-r\d+-[0-9a-f]+$")
 
 
 class _Transfer:
@@ -156,7 +159,7 @@ class NvmeSwapper:
         self._sequence += 1
         partial = self.directory / f".{name}.{self._sequence}.partial"
         final = self.directory / name
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._flags, 0o600)
+        fd = _open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._flags)
         try:
             if data.numel():  # reserve the space now: a full disk fails here, before any data
                 os.posix_fallocate(fd, 0, _round_up(data.numel()))
@@ -193,7 +196,7 @@ class NvmeSwapper:
                 f"swap buffer {name!r} holds {self._nbytes[name]:,} bytes, the tensor "
                 f"{data.numel():,}"
             )
-        fd = os.open(self.directory / name, os.O_RDONLY | self._flags)
+        fd = _open(self.directory / name, os.O_RDONLY | self._flags)
         return self._submit(name, "read", data, fd, lambda error: os.close(fd))
 
     def close(self) -> None:
@@ -250,6 +253,13 @@ class NvmeSwapper:
             self._staging.put(staging)
 
 
+def _open(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as error:
+        raise SwapIOError(f"cannot open swap file {path}: {error}") from error
+
+
 def _transfer_all(
     kind: str, fd: int, address: int, length: int, offset: int, at_least: int | None = None
 ) -> None:
@@ -285,28 +295,3 @@ def _probe_direct(directory: Path) -> tuple[bool, str]:
     finally:
         probe.unlink(missing_ok=True)
     return True, ""
-
-
-def remove_stale_swap_directories(directory: str | os.PathLike) -> list[str]:
-    """Remove the swap directories that dead processes of this host left in ``directory``;
-    return their names. Other hosts' directories (on a shared filesystem) are left alone."""
-    removed = []
-    host = socket.gethostname()
-    for entry in os.scandir(directory):
-        match = _RUN_DIRECTORY.match(entry.name)
-        if not (match and entry.is_dir() and match["host"] == host):
-            continue
-        if not _process_alive(int(match["pid"])):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.name)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True

@@ -46,7 +46,8 @@ class CostModel:
     the H200), the CPU AdamW step streams ``cpu_optimizer_bytes_per_element`` per element at
     ``cpu_optimizer_bytes_per_second`` (torch's fused CPU AdamW, 16 cores: 122 GB/s at 28 B per
     element), and swap files are read and written at ``file_read_bytes_per_second`` and
-    ``file_write_bytes_per_second`` (calibrate them with ``benchmarks/nvme_swap.py``).
+    ``file_write_bytes_per_second`` (the H200 machine's disk with direct I/O: 1.5 and 1.9
+    GB/s; calibrate them for another with ``benchmarks/nvme_swap.py``).
     """
 
     forward_seconds: UnitSeconds = None
@@ -61,8 +62,8 @@ class CostModel:
     device_to_host_bytes_per_second: float = 53e9
     cpu_optimizer_bytes_per_second: float = 122e9
     cpu_optimizer_bytes_per_element: float = 28.0
-    file_read_bytes_per_second: float = 6e9
-    file_write_bytes_per_second: float = 4e9
+    file_read_bytes_per_second: float = 1.5e9
+    file_write_bytes_per_second: float = 1.9e9
 
     def forward(self, unit: UnitInfo) -> float:
         default = 2.0 * unit.numel * self.tokens_per_micro_batch / self.flops_per_second
