@@ -26,6 +26,7 @@ from fzero.state.layout import (
     dtype_from_name,
     find_unit_modules,
 )
+from fzero.state.materialize import UnitInitializer, draw_base_seed, target_device
 from fzero.state.zero_state import ZeroState
 from fzero.timeline import MeasuredTimeline
 
@@ -41,6 +42,7 @@ def shard(
     record_ops: bool = False,
     simulate_world_size: int | None = None,
     record_timeline: bool = False,
+    device: torch.device | str | None = None,
 ) -> ZeroState:
     """Partition ``model``'s parameters into flat buffers, keep this rank's shard, build AdamW
     state for it and compile the step schedule.
@@ -57,6 +59,9 @@ def shard(
     one device; the values trained are meaningless. ``record_timeline`` records device times of
     every trigger and gather into ``state.runtime.executor.timeline`` (see ``fzero.timeline``).
     The model's parameters become views into fzero's buffers; keep using the same model object.
+    A model built on the meta device is initialised unit by unit, straight into this rank's
+    shard, on ``device`` (default: the current CUDA device, else the CPU); see
+    ``fzero/state/materialize.py`` for the seeding rule every rank follows.
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
         raise ShardError(f"stage must be an int 0-3, got {stage!r}")
@@ -75,7 +80,9 @@ def shard(
     devices = {p.device for p in params}
     if len(devices) != 1:
         raise ShardError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
-    device = devices.pop()
+    model_device = devices.pop()
+    on_meta = model_device.type == "meta"
+    device = target_device(device) if on_meta else _same_device(model_device, device)
     if getattr(model, "_fzero_runtime", None) is not None:
         raise ShardError("this model is already sharded by fzero; shard a fresh model")
 
@@ -118,6 +125,9 @@ def shard(
         accum_dtype,
         ordered=cfg.fzero.deterministic,
         persistent=persistent,
+        initializer=UnitInitializer(model, layout, draw_base_seed(comm), device)
+        if on_meta
+        else None,
     )
 
     modules = {
@@ -209,6 +219,15 @@ def _hidden_size(model: nn.Module) -> int | None:
             return value
     embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     return embedding.embedding_dim if embedding is not None else None
+
+
+def _same_device(model_device: torch.device, device: torch.device | str | None) -> torch.device:
+    if device is not None and torch.device(device) != model_device:
+        raise ShardError(
+            f"device={device} is where a model on the meta device is initialised; this model is "
+            f"on {model_device}: move it there first, or leave device out"
+        )
+    return model_device
 
 
 def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None, embeddings: bool):

@@ -4,6 +4,7 @@
 written last) and points ``root/latest`` at it; ``load(root, model)`` shards a fresh model and
 fills it, resharding when the world size or stage changed. ``python -m fzero.checkpoint
 consolidate CKPT OUT`` writes the full model; ``info CKPT`` says what a checkpoint holds.
+``load_pretrained(folder, model)`` fills the shards from a Hugging Face checkpoint folder.
 See docs/checkpoints.md.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from fzero.checkpoint.consolidate import consolidate, describe
 from fzero.checkpoint.loading import load
 from fzero.checkpoint.manifest import Checkpoint, open_checkpoint
+from fzero.checkpoint.pretrained import load_pretrained
 from fzero.checkpoint.refresh import refresh_parameters
 from fzero.checkpoint.saving import load_data_state, save
 
@@ -21,6 +23,7 @@ __all__ = [
     "describe",
     "load",
     "load_data_state",
+    "load_pretrained",
     "open_checkpoint",
     "refresh_parameters",
     "save",

@@ -161,13 +161,16 @@ def build_workspace(
     accum_dtype,
     ordered=False,
     persistent=frozenset(),
+    initializer=None,
 ):
     """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
     point the parameters there; each unit's original storage is released before the next one
     is copied, so sharding needs about one unit of memory beyond the model itself.
     ``ordered`` (deterministic mode): stage 0's gradient shard is an accumulator of its own,
     alive only during a step, as in stages 1-3. ``persistent``: stage-3 units whose gathered
-    buffer is kept."""
+    buffer is kept. ``initializer`` (a ``materialize.UnitInitializer``, for a model on the meta
+    device): computes each unit's values in place of copying them; every rank computes the same
+    values, so nothing is broadcast."""
     master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
     no_frozen = layout.optimizer_numel == layout.shard_numel
     param_shard = None
@@ -181,9 +184,12 @@ def build_workspace(
     param_flats, grad_flats, frozen_tails = [], [], []
     for unit, params in zip(layout.units, params_per_unit):
         flat = torch.zeros(unit.padded_numel, dtype=torch.float32, device=device)
-        for slot, param in zip(unit.params, params):
-            flat[slot.offset : slot.offset + slot.numel] = param.detach().reshape(-1).float()
-        comm.broadcast(flat, src=0)
+        if initializer is not None:
+            initializer.fill(unit, params, flat)
+        else:
+            for slot, param in zip(unit.params, params):
+                flat[slot.offset : slot.offset + slot.numel] = param.detach().reshape(-1).float()
+            comm.broadcast(flat, src=0)
         lo, _ = layout.owned_range(unit)
         opt = slice(unit.optimizer_offset, unit.optimizer_offset + unit.optimizer_numel)
         master[opt] = flat[lo : lo + unit.optimizer_numel]
