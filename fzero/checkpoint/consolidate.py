@@ -3,8 +3,10 @@
 ``consolidate`` reads the rank files directly (no process group) and writes safetensors with the
 model's parameter names, in the Hugging Face layout: one ``model.safetensors``, or above
 ``max_shard_bytes`` several ``model-00001-of-00003.safetensors`` plus
-``model.safetensors.index.json`` mapping each name to its file. ``describe`` summarises a
-checkpoint for ``python -m fzero.checkpoint info``.
+``model.safetensors.index.json`` mapping each name to its file. With ``hf_config`` the folder is
+what Hugging Face's ``save_pretrained`` writes (see ``hf_export``). Files are written one at a
+time, each from the ranges it needs: memory stays about one output file. ``describe``
+summarises a checkpoint for ``python -m fzero.checkpoint info``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any
 import torch
 
 from fzero.checkpoint.files import fsync_dir, write_safetensors
+from fzero.checkpoint.hf_export import read_hf_config
 from fzero.checkpoint.manifest import LATEST, Checkpoint, open_checkpoint
 from fzero.checkpoint.sources import ShardReader
 from fzero.errors import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 INDEX = "model.safetensors.index.json"
 
@@ -35,6 +39,7 @@ def consolidate(
     dtype: str = "fp32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     verify: bool = True,
+    hf_config: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Write the checkpoint at ``path`` as full tensors under the model's ``state_dict`` names
     into the new directory ``out``; returns the files written.
@@ -43,6 +48,10 @@ def consolidate(
     ``fzero.full_state_dict`` returns); buffers as saved. Tied parameters are written under every
     name the model's ``state_dict`` has, so ``model.load_state_dict`` works even with
     ``strict=True``. ``out`` must not exist or be empty; it appears only once complete.
+
+    ``hf_config``: a Hugging Face model folder or config file. The folder then also gets
+    ``config.json`` (and ``generation_config.json``), and a tied group is stored once under the
+    name ``save_pretrained`` keeps, so ``AutoModelForCausalLM.from_pretrained(out)`` loads it.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -55,6 +64,11 @@ def consolidate(
     reader = ShardReader(checkpoint, prefer=0, verify=verify)
     slots = _slots(checkpoint)
     entries = checkpoint.manifest["state_dict"]
+    export = read_hf_config(hf_config) if hf_config is not None else None
+    if export is not None:
+        groups_of_names = [tuple(s["names"]) for unit in checkpoint.units for s in unit["params"]]
+        dropped = export.dropped_names(groups_of_names)
+        entries = [e for e in entries if e["name"] not in dropped]
     groups = _plan(entries, _entry_nbytes(reader, entries, DTYPES[dtype]), max_shard_bytes)
 
     staging = out.with_name(f".{out.name}.tmp")
@@ -72,9 +86,13 @@ def consolidate(
             write_safetensors(staging / name, tensors, {"format": "pt"})
             total_nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update(dict.fromkeys(tensors, name))
+            del tensors
+            reader.close()  # unmaps the rank files: what this file read leaves memory
         if len(groups) > 1:
             index_text = {"metadata": {"total_size": total_nbytes}, "weight_map": weight_map}
             (staging / INDEX).write_text(json.dumps(index_text, indent=2) + "\n")
+        if export is not None:
+            export.write(staging, TORCH_NAMES[dtype])
         fsync_dir(staging)
         if out.exists():
             out.rmdir()

@@ -52,6 +52,10 @@ class ShardReader:
             path = self.checkpoint.file(rank)
             raise CheckpointCorruptError(f"{path}: cannot read {name!r}: {error}") from error
 
+    def close(self) -> None:
+        """Drop the open files (and their memory maps); a later read opens them again."""
+        self._files.clear()
+
     def has(self, rank: int, name: str) -> bool:
         return name in self.file(rank).keys()  # noqa: SIM118 - safe_open has no __contains__
 

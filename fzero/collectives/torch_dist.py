@@ -3,10 +3,24 @@
 This file and ``threads.py`` are the only places fzero touches ``torch.distributed``. Async
 collectives run on the backend's own stream; ``Work.wait()`` makes the current stream wait for
 them, so a gather issued early overlaps the compute that comes before its wait.
+
+Clean exit with gloo: a gloo collective runs on the process group's worker threads, which keep
+their own reference to the op (and so to its tensors) until a moment after ``wait()`` returns.
+Were the worker's reference the last one to a tensor that Python created (a slice, a cast, a
+temporary), the worker would have to take the GIL to free the tensor's Python object; if the
+interpreter is finalising by then, taking the GIL ends the thread, and ending a C++ thread that
+way is ``terminate called without an active exception`` (SIGABRT) after the script finished.
+So every asynchronous gloo op is returned as a ``RetainedWork`` that keeps its tensors, and a
+waited op stays referenced (``RETAINED_WORKS`` most recent ones) until long after its worker
+let go: the last reference is always dropped on the Python side, under the GIL. A process group
+``init_from_env`` created is destroyed at interpreter exit (``atexit``), while the interpreter
+still runs, so its worker threads are joined before finalisation.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 from typing import Any
 
 import torch
@@ -34,6 +48,13 @@ class ProcessGroupCommunicator:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
+        # Waited gloo ops, kept so that their worker threads never hold the last reference.
+        self.retained: collections.deque[RetainedWork] = collections.deque(maxlen=RETAINED_WORKS)
+
+    def _async(self, work: Any, *tensors: torch.Tensor) -> Work:
+        if self.backend != "gloo":
+            return work
+        return RetainedWork(work, tensors, self.retained)
 
     def all_gather(self, output: torch.Tensor, shard: torch.Tensor) -> Work:
         check_gather_sizes(self, output, shard)
@@ -41,18 +62,21 @@ class ProcessGroupCommunicator:
             # NCCL gathers in place when the shard is this rank's slice of the output; other
             # backends may overwrite the input while sending it.
             shard = shard.clone()
-        return _all_gather(output, shard, group=self.group, async_op=True)
+        work = _all_gather(output, shard, group=self.group, async_op=True)
+        return self._async(work, output, shard)
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor) -> Work:
         check_scatter_sizes(self, output, full)
-        return _reduce_scatter(output, full, group=self.group, async_op=True)
+        work = _reduce_scatter(output, full, group=self.group, async_op=True)
+        return self._async(work, output, full)
 
     def all_reduce(self, tensor: torch.Tensor) -> Work:
-        return dist.all_reduce(tensor, group=self.group, async_op=True)
+        return self._async(dist.all_reduce(tensor, group=self.group, async_op=True), tensor)
 
     def all_to_all(self, output: torch.Tensor, full: torch.Tensor) -> Work:
         check_all_to_all_sizes(self, output, full)
-        return dist.all_to_all_single(output, full, group=self.group, async_op=True)
+        work = dist.all_to_all_single(output, full, group=self.group, async_op=True)
+        return self._async(work, output, full)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(
@@ -65,6 +89,27 @@ class ProcessGroupCommunicator:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
+
+
+# Far more than the backend's worker threads (gloo's default is 2) can still be finishing.
+RETAINED_WORKS = 32
+
+
+class RetainedWork:
+    """An asynchronous gloo op with the tensors it was given; once waited, it stays in
+    ``retained`` (a bounded deque: the oldest entries drop off as new ones are waited)."""
+
+    __slots__ = ("retained", "tensors", "work")
+
+    def __init__(self, work: Any, tensors: tuple[torch.Tensor, ...], retained: collections.deque):
+        self.work, self.tensors, self.retained = work, tensors, retained
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.retained.append(self)
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
 
 
 # torch 2.13 renamed the flat-tensor collectives; older releases only have the first names.
@@ -99,6 +144,7 @@ def init_from_env() -> tuple[int, int, torch.device]:
         device, backend = torch.device("cpu"), "gloo"
     if not is_initialized():
         dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        atexit.register(shutdown)  # joined while the interpreter is alive (see the top)
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -182,8 +182,13 @@ def build_workspace(
     aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen and not ordered
     grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
     param_flats, grad_flats, frozen_tails = [], [], []
+    scratch = _init_scratch(layout, stage, persistent, device) if initializer is not None else None
     for unit, params in zip(layout.units, params_per_unit):
-        flat = torch.zeros(unit.padded_numel, dtype=torch.float32, device=device)
+        in_scratch = scratch is not None and stage == 3 and unit.index not in persistent
+        if in_scratch:
+            flat = scratch[: unit.padded_numel].zero_()
+        else:
+            flat = torch.zeros(unit.padded_numel, dtype=torch.float32, device=device)
         if initializer is not None:
             initializer.fill(unit, params, flat)
         else:
@@ -198,6 +203,8 @@ def build_workspace(
             if param_shard is not master:
                 param_shard[span] = flat
             param_flats.append(param_shard[span])
+        elif in_scratch:  # released below: its memory is never touched
+            param_flats.append(torch.empty(unit.padded_numel, dtype=compute_dtype, device=device))
         else:
             param_flats.append(flat.to(compute_dtype))
         if stage == 3:
@@ -214,9 +221,24 @@ def build_workspace(
         # The views exist now: stage 3 frees the gathered parameters between uses.
         if stage == 3 and unit.index not in persistent:
             free_storage(param_flats[-1])
+    del scratch
     if stage >= 1 or ordered:  # alive only from a step's first reduction to its optimizer step
         free_storage(grad_shard)
     workspace = Workspace(
         layout, stage, master, param_flats, grad_flats, param_shard, frozen_tails, grad_shard
     )
     return workspace, master
+
+
+def _init_scratch(layout, stage, persistent, device) -> torch.Tensor | None:
+    """One fp32 buffer, as long as the largest stage-3 unit that is released, in which every
+    such unit of a meta-device model is initialised in turn. A buffer of its own per unit, freed
+    right after, costs no more in principle, but the host allocator keeps freed blocks of a size
+    it has seen in its heap (glibc's adaptive mmap threshold), so the resident set would grow by
+    a unit per unit, to the size of the model."""
+    if stage != 3:
+        return None
+    released = [u.padded_numel for u in layout.units if u.index not in persistent]
+    if not released:
+        return None
+    return torch.empty(max(released), dtype=torch.float32, device=device)
