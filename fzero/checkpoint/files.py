@@ -80,11 +80,16 @@ def write_safetensors(
     return digest.hexdigest(), 8 + len(text) + offset
 
 
+HASH_CHUNK_NBYTES = 1 << 20  # read into one reused buffer: checking a file costs this much
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK_NBYTES)
+    view = memoryview(buffer)
     with open(path, "rb") as file:
-        while piece := file.read(CHUNK_NBYTES):
-            digest.update(piece)
+        while count := file.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
 
 

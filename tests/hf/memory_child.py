@@ -25,6 +25,7 @@ import transformers  # noqa: E402
 
 import fzero  # noqa: E402
 from fzero.checkpoint import consolidate  # noqa: E402
+from fzero.checkpoint.hf_export import read_hf_config  # noqa: E402
 
 
 def resident_bytes() -> int:
@@ -62,6 +63,7 @@ def main() -> None:
         )
     else:
         checkpoint, out, max_shard, config_dir = sys.argv[2:6]
+        read_hf_config(config_dir)  # transformers' lazy imports are not the consolidation's
         before = resident_bytes()
         reset_peak()
         consolidate(checkpoint, out, max_shard_bytes=int(max_shard), hf_config=config_dir)
