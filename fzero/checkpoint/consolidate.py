@@ -5,7 +5,7 @@ model's parameter names, in the Hugging Face layout: one ``model.safetensors``, 
 ``max_shard_bytes`` several ``model-00001-of-00003.safetensors`` plus
 ``model.safetensors.index.json`` mapping each name to its file. With ``hf_config`` the folder is
 what Hugging Face's ``save_pretrained`` writes (see ``hf_export``). Files are written one at a
-time, each from the ranges it needs: memory stays about one output file. ``describe``
+time, each tensor read as it is written: memory stays about one tensor. ``describe``
 summarises a checkpoint for ``python -m fzero.checkpoint info``.
 """
 
@@ -82,12 +82,17 @@ def consolidate(
                 if len(groups) == 1
                 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
             )
-            tensors = {e["name"]: _value(reader, e, slots, DTYPES[dtype]) for e in group}
-            write_safetensors(staging / name, tensors, {"format": "pt"})
-            total_nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_map.update(dict.fromkeys(tensors, name))
-            del tensors
-            reader.close()  # unmaps the rank files: what this file read leaves memory
+            # Shapes and dtypes first (meta tensors), values one tensor at a time as written.
+            specs = {e["name"]: _spec(reader, e, DTYPES[dtype]) for e in group}
+            by_name = {e["name"]: e for e in group}
+
+            def produce(tensor_name: str, by_name=by_name) -> torch.Tensor:
+                return _value(reader, by_name[tensor_name], slots, DTYPES[dtype])
+
+            write_safetensors(staging / name, specs, {"format": "pt"}, produce=produce)
+            total_nbytes += sum(t.numel() * t.element_size() for t in specs.values())
+            weight_map.update(dict.fromkeys(specs, name))
+            reader.close()
         if len(groups) > 1:
             index_text = {"metadata": {"total_size": total_nbytes}, "weight_map": weight_map}
             (staging / INDEX).write_text(json.dumps(index_text, indent=2) + "\n")
@@ -186,6 +191,13 @@ def _plan(entries: list[Any], sizes: list[int], max_shard_bytes: int) -> list[li
         groups[-1].append(entry)
         used += nbytes
     return groups
+
+
+def _spec(reader: ShardReader, entry: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor with the shape and dtype ``entry`` is written in."""
+    if entry["kind"] == "buffer":
+        dtype = reader.header(reader.prefer)[f"buffer.{entry['name']}"].dtype
+    return torch.empty(entry["shape"], dtype=dtype, device="meta")
 
 
 def _value(

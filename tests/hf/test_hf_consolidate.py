@@ -134,9 +134,11 @@ def test_hf_config_errors_name_the_path(tmp_path):
 
 
 def test_consolidation_peak_is_about_one_output_file(tmp_path):
-    """A 32 MiB model written as 2 MB files: the process's peak growth is about one file (the
-    file's tensors, the one being read, the 1 MiB checksum buffer; allocator overhead makes up
-    the rest at this small scale; measured 6.5-9 MB), far below the model."""
+    """A 32 MiB model written as 2 MB files: the process's peak growth stays below one file plus
+    constants (the 1 MiB checksum buffer, Python objects: measured 5.9 MiB in all), far below
+    the model, since each tensor is read as it is written. The child runs with glibc's mmap
+    threshold fixed, as it is in effect for tensors above 32 MiB: at this small scale its
+    adaptive threshold would otherwise keep freed blocks in the heap and measure the allocator."""
     config = transformers.LlamaConfig(
         num_hidden_layers=12,
         hidden_size=256,
@@ -153,15 +155,16 @@ def test_consolidation_peak_is_about_one_output_file(tmp_path):
     del model
     max_shard = 2_000_000
     result = _child(
-        [
+        env={"MALLOC_MMAP_THRESHOLD_": "131072"},
+        args=[
             "consolidate",
             str(tmp_path / "ckpt"),
             str(tmp_path / "out"),
             str(max_shard),
             str(tmp_path / "source"),
-        ]
+        ],
     )
     print(f"model {model_nbytes / 2**20:.1f} MiB, files of {max_shard / 1e6} MB, measured {result}")
     assert len(list((tmp_path / "out").glob("*.safetensors"))) > 10
-    assert result["peak"] < model_nbytes / 3
-    assert result["peak"] < 2 * max_shard + 6 * 2**20
+    assert result["peak"] < model_nbytes / 4
+    assert result["peak"] < max_shard + 6 * 2**20

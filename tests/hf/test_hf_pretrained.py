@@ -5,6 +5,7 @@ this rank's byte ranges (its host peak stays near its shard plus one tensor)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,9 +140,13 @@ def test_host_peak_stays_near_the_shard_for_a_model_several_times_larger(tmp_pat
     assert result["peak"] < result["state_nbytes"] + 8 * 2**20  # + a unit, a tensor, overhead
 
 
-def _child(args: list[str]) -> dict:
+def _child(args: list[str], env: dict[str, str] | None = None) -> dict:
     done = subprocess.run(
-        [sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=120
+        [sys.executable, str(CHILD), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
