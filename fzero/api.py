@@ -48,9 +48,9 @@ def shard(
     state for it and compile the step schedule.
 
     ``stage`` overrides the config's ``zero_optimization.stage`` when given. ``units`` names
-    the modules to gather and reduce as one (default: every block the model repeats, plus the
-    root for the rest; ``fzero.embedding_units`` adds each embedding; see
-    ``find_unit_modules``).
+    the modules to gather and reduce as one (default: the blocks a Hugging Face model names in
+    ``_no_split_modules``, else every block the model repeats, plus the root for the rest;
+    ``fzero.embedding_units`` adds each embedding; see ``find_unit_modules``).
     ``process_group``: a ``torch.distributed`` group, an fzero communicator
     (``fzero.collectives.ThreadGroup(n).communicator(rank)``), or None for the default group (or
     world size 1 when none is initialised). ``record_ops`` keeps a log of executed ops for tests.

@@ -10,9 +10,12 @@ Were the worker's reference the last one to a tensor that Python created (a slic
 temporary), the worker would have to take the GIL to free the tensor's Python object; if the
 interpreter is finalising by then, taking the GIL ends the thread, and ending a C++ thread that
 way is ``terminate called without an active exception`` (SIGABRT) after the script finished.
-So every asynchronous gloo op is returned as a ``RetainedWork`` that keeps its tensors, and a
-waited op stays referenced (``RETAINED_WORKS`` most recent ones) until long after its worker
-let go: the last reference is always dropped on the Python side, under the GIL. A process group
+So every asynchronous gloo op is returned as a ``RetainedWork`` that keeps its tensors, and the
+last ``RETAINED_WORKS`` waited ops stay referenced: their workers never hold the last reference,
+and Python frees them, under the GIL, when the communicator goes. Only the last few ops before
+exit matter; an older one whose worker is still finishing makes the worker take the GIL while
+the interpreter runs, which is harmless. (Cost: on gloo, the buffers of the last few ops, such
+as a packed gradient bucket, live until later ops are waited.) A process group
 ``init_from_env`` created is destroyed at interpreter exit (``atexit``), while the interpreter
 still runs, so its worker threads are joined before finalisation.
 """
@@ -91,8 +94,8 @@ class ProcessGroupCommunicator:
         return out
 
 
-# Far more than the backend's worker threads (gloo's default is 2) can still be finishing.
-RETAINED_WORKS = 32
+# More ops than the backend's worker threads (gloo's default is 2) can be finishing at once.
+RETAINED_WORKS = 4
 
 
 class RetainedWork:

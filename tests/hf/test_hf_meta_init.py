@@ -10,7 +10,7 @@ from torch import nn
 
 import fzero
 from fzero.errors import ShardError
-from tests.hf.common import FAMILIES, assert_same_weights, build
+from tests.hf.common import FAMILIES, assert_same_weights, build, fzero_config
 
 
 def rule_reference(model: nn.Module, unit_names: list[str], seed: int) -> dict[str, torch.Tensor]:
@@ -51,9 +51,10 @@ def rule_reference(model: nn.Module, unit_names: list[str], seed: int) -> dict[s
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_meta_model_equals_the_rule_on_one_device(family):
-    for stage in (0, 3):
+    # Stage 3 both with its units released (initialised in the reused buffer) and persistent.
+    for stage, config in ((0, None), (3, fzero_config(3)), (3, None)):
         torch.manual_seed(7)
-        state = fzero.shard(build(family, meta=True), stage=stage)
+        state = fzero.shard(build(family, meta=True), stage=stage, config=config)
         names = [u.name for u in state.layout.units]
         expected = rule_reference(build(family), names, seed=7)
         assert_same_weights(fzero.full_state_dict(state), expected, rtol=0)
@@ -139,7 +140,7 @@ def test_device_is_only_for_meta_models():
 
 def _meta_on_ranks(rank: int, world_size: int, family: str, stage: int):
     torch.manual_seed(11 + rank)  # the ranks' generators differ: rank 0's draw decides
-    state = fzero.shard(build(family, meta=True), stage=stage)
+    state = fzero.shard(build(family, meta=True), config=fzero_config(stage))
     return [u.name for u in state.layout.units], fzero.full_state_dict(state)
 
 
