@@ -15,9 +15,10 @@ last ``RETAINED_WORKS`` waited ops stay referenced: their workers never hold the
 and Python frees them, under the GIL, when the communicator goes. Only the last few ops before
 exit matter; an older one whose worker is still finishing makes the worker take the GIL while
 the interpreter runs, which is harmless. (Cost: on gloo, the buffers of the last few ops, such
-as a packed gradient bucket, live until later ops are waited.) A process group
+as a packed gradient bucket, live until later ops are waited.) A gloo process group
 ``init_from_env`` created is destroyed at interpreter exit (``atexit``), while the interpreter
-still runs, so its worker threads are joined before finalisation.
+still runs, so its worker threads are joined before finalisation. (NCCL groups are left to the
+script: destroying one at exit after a failure on another rank can hang.)
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def init_from_env() -> tuple[int, int, torch.device]:
         device, backend = torch.device("cpu"), "gloo"
     if not is_initialized():
         dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-        atexit.register(shutdown)  # joined while the interpreter is alive (see the top)
+        if backend == "gloo":  # its threads joined while the interpreter is alive (see the top)
+            atexit.register(shutdown)
     return dist.get_rank(), dist.get_world_size(), device
 
 
