@@ -39,3 +39,36 @@ def test_consecutive_torchrun_launches_exit_cleanly():
         else:
             assert output.count(f"trained {models} models") == 2, output[-2000:]
     assert not failures, f"{len(failures)} of {runs} launches failed; first: {failures[0]}"
+
+
+def _retention(rank: int, world_size: int):
+    import gc
+    import weakref
+
+    import torch
+
+    from fzero.collectives import make_communicator
+    from fzero.collectives.torch_dist import RETAINED_WORKS
+
+    comm = make_communicator(None)  # the pool's gloo group
+    out = torch.empty(2 * world_size)
+    temporary = torch.full((2,), float(rank))
+    alive = weakref.ref(temporary)
+    work = comm.all_gather(out, temporary)
+    del temporary
+    work.wait()
+    del work
+    gc.collect()
+    kept_after_wait = alive() is not None  # the worker thread never holds the last reference
+    for _ in range(RETAINED_WORKS):
+        comm.all_reduce(torch.ones(1)).wait()
+    gc.collect()
+    return kept_after_wait, alive() is None, out.tolist()
+
+
+def test_a_waited_gloo_op_keeps_its_tensors_until_later_ops(hf_pool):
+    """The mechanism of the fix: Python, not gloo's worker thread, drops a temporary's last
+    reference, some ops later."""
+    for kept, released, gathered in hf_pool.run(_retention):
+        assert kept and released
+        assert gathered == [0.0, 0.0, 1.0, 1.0]
