@@ -108,11 +108,15 @@ class UnitInitializer:
 
 
 def _materialise_buffers(module: nn.Module, device: torch.device) -> list[str]:
-    """Give ``module``'s own meta buffers memory on ``device``; floating ones start as NaN, so a
-    buffer the initialisation leaves unset is caught. Returns the floating ones' names."""
+    """Give ``module``'s own meta buffers memory on ``device`` (and move its real ones there);
+    floating meta ones start as NaN, so a buffer the initialisation leaves unset is caught.
+    Returns those ones' names."""
     floating = []
     for name, buffer in module.named_buffers(recurse=False):
-        if buffer is None or not buffer.is_meta:
+        if buffer is None:
+            continue
+        if not buffer.is_meta:  # built for real (init_empty_weights keeps buffers): move it
+            module._buffers[name] = buffer.to(device)
             continue
         if buffer.is_floating_point():
             module._buffers[name] = torch.full_like(buffer, float("nan"), device=device)

@@ -83,6 +83,18 @@ def test_meta_llama_gets_its_rotary_table_and_trains():
     assert torch.isfinite(metrics["loss"])
 
 
+def test_accelerate_init_empty_weights_model_equals_the_rule():
+    """``init_empty_weights`` puts parameters on the meta device and builds buffers for real."""
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():
+        model = build("qwen2", meta=False)
+    assert model.model.embed_tokens.weight.is_meta
+    torch.manual_seed(2)
+    state = fzero.shard(model, config=fzero_config(3))
+    expected = rule_reference(build("qwen2"), [u.name for u in state.layout.units], seed=2)
+    assert_same_weights(fzero.full_state_dict(state), expected, rtol=0)
+
+
 class _Plain(nn.Module):
     def __init__(self):
         super().__init__()
