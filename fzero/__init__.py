@@ -14,9 +14,9 @@ from fzero.train import train_step
 __all__ = ["NAMESPACE", "Config", "ZeroState", "full_state_dict", "shard", "train_step"]
 __version__ = "0.1.0"
 
-from fzero.checkpoint import load, save  # noqa: E402 - appended: sharded checkpoints
+from fzero.checkpoint import load, load_pretrained, save  # noqa: E402 - appended: checkpoints
 
-__all__ += ["load", "save"]
+__all__ += ["load", "load_pretrained", "save"]
 
 from fzero.gathered import gathered  # noqa: E402 - appended: full parameters for a block
 

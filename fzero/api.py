@@ -30,6 +30,7 @@ from fzero.state.layout import (
     dtype_from_name,
     find_unit_modules,
 )
+from fzero.state.materialize import UnitInitializer, draw_base_seed, target_device
 from fzero.state.progress import Progress
 from fzero.state.zero_state import ZeroState
 
@@ -46,14 +47,15 @@ def shard(
     simulate_world_size: int | None = None,
     record_timeline: bool = False,
     total_num_steps: int | None = None,
+    device: torch.device | str | None = None,
 ) -> ZeroState:
     """Partition ``model``'s parameters into flat buffers, keep this rank's shard, build AdamW
     state for it and compile the step schedule.
 
     ``stage`` overrides the config's ``zero_optimization.stage`` when given. ``units`` names
-    the modules to gather and reduce as one (default: every block the model repeats, plus the
-    root for the rest; ``fzero.embedding_units`` adds each embedding; see
-    ``find_unit_modules``).
+    the modules to gather and reduce as one (default: the blocks a Hugging Face model names in
+    ``_no_split_modules``, else every block the model repeats, plus the root for the rest;
+    ``fzero.embedding_units`` adds each embedding; see ``find_unit_modules``).
     ``process_group``: a ``torch.distributed`` group, an fzero communicator
     (``fzero.collectives.ThreadGroup(n).communicator(rank)``), or None for the default group (or
     world size 1 when none is initialised). ``record_ops`` keeps a log of executed ops for tests.
@@ -64,6 +66,9 @@ def shard(
     ``fzero.runtime.timeline``). ``total_num_steps`` fills a scheduler's
     ``"total_num_steps": "auto"`` (the run's length, which only the caller knows).
     The model's parameters become views into fzero's buffers; keep using the same model object.
+    A model built on the meta device is initialised unit by unit, straight into this rank's
+    shard, on ``device`` (default: the current CUDA device, else the CPU); see
+    ``fzero/state/materialize.py`` for the seeding rule every rank follows.
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
         raise ShardError(f"stage must be an int 0-3, got {stage!r}")
@@ -82,7 +87,9 @@ def shard(
     devices = {p.device for p in params}
     if len(devices) != 1:
         raise ShardError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
-    device = devices.pop()
+    model_device = devices.pop()
+    on_meta = model_device.type == "meta"
+    device = target_device(device) if on_meta else _same_device(model_device, device)
     if getattr(model, "_fzero_runtime", None) is not None:
         raise ShardError("this model is already sharded by fzero; shard a fresh model")
 
@@ -131,6 +138,9 @@ def shard(
         host_master=offload.optimizer_on_host,
         host_shards=offload.params_on_host,
         pin_memory=offload.pin_memory,
+        initializer=UnitInitializer(model, layout, draw_base_seed(comm), device)
+        if on_meta
+        else None,
     )
 
     modules = {
@@ -227,6 +237,15 @@ def _hidden_size(model: nn.Module) -> int | None:
             return value
     embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     return embedding.embedding_dim if embedding is not None else None
+
+
+def _same_device(model_device: torch.device, device: torch.device | str | None) -> torch.device:
+    if device is not None and torch.device(device) != model_device:
+        raise ShardError(
+            f"device={device} is where a model on the meta device is initialised; this model is "
+            f"on {model_device}: move it there first, or leave device out"
+        )
+    return model_device
 
 
 def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None, embeddings: bool):

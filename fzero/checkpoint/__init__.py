@@ -6,6 +6,7 @@ last a commit record holding the manifest's sha256) and points ``root/latest`` a
 resharding when the world size or stage changed. A save that dies in any window leaves the
 newest complete checkpoint loadable (``publish.py``, ``locate.py``). ``python -m fzero.checkpoint
 consolidate CKPT OUT`` writes the full model; ``info CKPT`` says what a checkpoint holds.
+``load_pretrained(folder, model)`` fills the shards from a Hugging Face checkpoint folder.
 See docs/checkpoints.md.
 """
 
@@ -15,6 +16,7 @@ from fzero.checkpoint.consolidate import consolidate, describe
 from fzero.checkpoint.loading import load
 from fzero.checkpoint.locate import open_checkpoint
 from fzero.checkpoint.manifest import Checkpoint
+from fzero.checkpoint.pretrained import load_pretrained
 from fzero.checkpoint.refresh import refresh_parameters
 from fzero.checkpoint.saving import load_data_state, save
 
@@ -24,6 +26,7 @@ __all__ = [
     "describe",
     "load",
     "load_data_state",
+    "load_pretrained",
     "open_checkpoint",
     "refresh_parameters",
     "save",

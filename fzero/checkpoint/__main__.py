@@ -2,6 +2,7 @@
 
 python -m fzero.checkpoint info CKPT
 python -m fzero.checkpoint consolidate CKPT OUT [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
+    [--hf-config MODEL_DIR_OR_CONFIG]   (a folder Hugging Face's from_pretrained loads)
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-shard-size", default="5GB", help="split into files of at most this (5GB)"
     )
     merge.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
+    merge.add_argument(
+        "--hf-config",
+        default=None,
+        help="a Hugging Face model folder or config.json: write config.json too and store tied "
+        "weights once, so that from_pretrained(OUT) loads the folder",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
@@ -46,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 max_shard_bytes=parse_size(args.max_shard_size),
                 verify=not args.no_verify,
+                hf_config=args.hf_config,
             )
             for path in files:
                 print(path)

@@ -3,8 +3,10 @@
 ``consolidate`` reads the rank files directly (no process group) and writes safetensors with the
 model's parameter names, in the Hugging Face layout: one ``model.safetensors``, or above
 ``max_shard_bytes`` several ``model-00001-of-00003.safetensors`` plus
-``model.safetensors.index.json`` mapping each name to its file. ``describe`` summarises a
-checkpoint for ``python -m fzero.checkpoint info``.
+``model.safetensors.index.json`` mapping each name to its file. With ``hf_config`` the folder is
+what Hugging Face's ``save_pretrained`` writes (see ``hf_export``). Files are written one at a
+time, each tensor read as it is written: memory stays about one tensor. ``describe``
+summarises a checkpoint for ``python -m fzero.checkpoint info``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from typing import Any
 import torch
 
 from fzero.checkpoint.files import fsync_dir, write_safetensors
+from fzero.checkpoint.hf_export import read_hf_config
 from fzero.checkpoint.locate import open_checkpoint
 from fzero.checkpoint.manifest import LATEST, Checkpoint
 from fzero.checkpoint.sources import ShardReader
 from fzero.errors import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 INDEX = "model.safetensors.index.json"
 
@@ -36,6 +40,7 @@ def consolidate(
     dtype: str = "fp32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     verify: bool = True,
+    hf_config: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Write the checkpoint at ``path`` as full tensors under the model's ``state_dict`` names
     into the new directory ``out``; returns the files written.
@@ -44,6 +49,10 @@ def consolidate(
     ``fzero.full_state_dict`` returns); buffers as saved. Tied parameters are written under every
     name the model's ``state_dict`` has, so ``model.load_state_dict`` works even with
     ``strict=True``. ``out`` must not exist or be empty; it appears only once complete.
+
+    ``hf_config``: a Hugging Face model folder or config file. The folder then also gets
+    ``config.json`` (and ``generation_config.json``), and a tied group is stored once under the
+    name ``save_pretrained`` keeps, so ``AutoModelForCausalLM.from_pretrained(out)`` loads it.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -56,6 +65,11 @@ def consolidate(
     reader = ShardReader(checkpoint, prefer=0, verify=verify)
     slots = _slots(checkpoint)
     entries = checkpoint.manifest["state_dict"]
+    export = read_hf_config(hf_config) if hf_config is not None else None
+    if export is not None:
+        groups_of_names = [tuple(s["names"]) for unit in checkpoint.units for s in unit["params"]]
+        dropped = export.dropped_names(groups_of_names)
+        entries = [e for e in entries if e["name"] not in dropped]
     groups = _plan(entries, _entry_nbytes(reader, entries, DTYPES[dtype]), max_shard_bytes)
 
     staging = out.with_name(f".{out.name}.tmp")
@@ -69,13 +83,22 @@ def consolidate(
                 if len(groups) == 1
                 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
             )
-            tensors = {e["name"]: _value(reader, e, slots, DTYPES[dtype]) for e in group}
-            write_safetensors(staging / name, tensors, {"format": "pt"})
-            total_nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_map.update(dict.fromkeys(tensors, name))
+            # Shapes and dtypes first (meta tensors), values one tensor at a time as written.
+            specs = {e["name"]: _spec(reader, e, DTYPES[dtype]) for e in group}
+            by_name = {e["name"]: e for e in group}
+
+            def produce(tensor_name: str, by_name=by_name) -> torch.Tensor:
+                return _value(reader, by_name[tensor_name], slots, DTYPES[dtype])
+
+            write_safetensors(staging / name, specs, {"format": "pt"}, produce=produce)
+            total_nbytes += sum(t.numel() * t.element_size() for t in specs.values())
+            weight_map.update(dict.fromkeys(specs, name))
+            reader.close()
         if len(groups) > 1:
             index_text = {"metadata": {"total_size": total_nbytes}, "weight_map": weight_map}
             (staging / INDEX).write_text(json.dumps(index_text, indent=2) + "\n")
+        if export is not None:
+            export.write(staging, TORCH_NAMES[dtype])
         fsync_dir(staging)
         if out.exists():
             out.rmdir()
@@ -170,6 +193,13 @@ def _plan(entries: list[Any], sizes: list[int], max_shard_bytes: int) -> list[li
         groups[-1].append(entry)
         used += nbytes
     return groups
+
+
+def _spec(reader: ShardReader, entry: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor with the shape and dtype ``entry`` is written in."""
+    if entry["kind"] == "buffer":
+        dtype = reader.header(reader.prefer)[f"buffer.{entry['name']}"].dtype
+    return torch.empty(entry["shape"], dtype=dtype, device="meta")
 
 
 def _value(

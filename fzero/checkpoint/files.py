@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,12 +41,18 @@ def _write_chunk(file: BinaryIO, data: memoryview) -> None:
 
 
 def write_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    produce: Callable[[str], torch.Tensor] | None = None,
 ) -> tuple[str, int]:
     """Write ``tensors`` to ``path`` as safetensors, fsync it, and return (sha256, nbytes).
 
     Tensors are laid out by element size, largest first, as the safetensors library does, so
     every tensor starts at a multiple of its element size (the header is padded to 8 bytes).
+    ``produce(name)``: when given, ``tensors`` only describe shapes and dtypes (meta tensors
+    will do) and each tensor's values are asked for when it is written, so the file is written
+    holding one tensor at a time.
     """
     order = sorted(tensors, key=lambda name: -tensors[name].element_size())
     header: dict[str, object] = {"__metadata__": metadata}
@@ -69,7 +76,12 @@ def write_safetensors(
             digest.update(piece)
             _write_chunk(file, memoryview(piece))
         for name in order:
-            raw = tensors[name].detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+            value = produce(name) if produce is not None else tensors[name]
+            if value.shape != tensors[name].shape or value.dtype != tensors[name].dtype:
+                raise ValueError(
+                    f"{name}: produced {value.dtype} {list(value.shape)}, not as described"
+                )
+            raw = value.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
             view = memoryview(raw.numpy()).cast("B")
             for start in range(0, len(view), CHUNK_NBYTES):
                 piece = view[start : start + CHUNK_NBYTES]
@@ -80,11 +92,16 @@ def write_safetensors(
     return digest.hexdigest(), 8 + len(text) + offset
 
 
+HASH_CHUNK_NBYTES = 1 << 20  # read into one reused buffer: checking a file costs this much
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK_NBYTES)
+    view = memoryview(buffer)
     with open(path, "rb") as file:
-        while piece := file.read(CHUNK_NBYTES):
-            digest.update(piece)
+        while count := file.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
 
 

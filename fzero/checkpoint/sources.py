@@ -2,9 +2,11 @@
 
 Every rank's shard of a unit is a range of the unit flat (``manifest.rank_units``): its
 optimizer part (master weights and moments) and its compute-dtype part. So a range of the flat,
-whatever world size or stage asks for it, is a few slices of a few old files; each is read with
-safetensors' byte-range reads, and each file is opened (and its size and sha256 checked) only
-when first needed. Stage 0 writes whole units on every rank: one rank's copy is read.
+whatever world size or stage asks for it, is a few slices of a few old files; each is read as
+one byte range (``os.preadv``: file pages stay in the page cache, never in the process, so
+reading a file costs memory for the range alone), and each file is opened (and its size and
+sha256 checked) only when first needed. Stage 0 writes whole units on every rank: one rank's
+copy is read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from safetensors import safe_open
 
 from fzero.checkpoint.files import sha256_of
 from fzero.checkpoint.manifest import Checkpoint
-from fzero.errors import CheckpointCorruptError
+from fzero.checkpoint.safetensors_ranges import RangeReader, StoredTensor, read_header
+from fzero.errors import CheckpointCorruptError, CheckpointError
 
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -31,29 +34,48 @@ class ShardReader:
         self.checkpoint = checkpoint
         self.prefer = prefer % checkpoint.world_size
         self.verify = verify
-        self._files: dict[int, Any] = {}
+        self._headers: dict[int, dict[str, StoredTensor]] = {}
+        self._ranges = RangeReader()
 
     def file(self, rank: int) -> Any:
-        """The open safetensors file of ``rank``, checked on first use."""
-        if rank not in self._files:
+        """The open safetensors file of ``rank`` (for its metadata), checked on first use."""
+        path = self.checkpoint.file(rank)
+        self.header(rank)
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except Exception as error:  # safetensors raises its own types for bad headers
+            raise CheckpointCorruptError(f"{path} cannot be read: {error}") from error
+
+    def header(self, rank: int) -> dict[str, StoredTensor]:
+        """The tensors of ``rank``'s file; the file is checked on first use."""
+        if rank not in self._headers:
             path = self.checkpoint.file(rank)
             check_file(path, self.checkpoint.rank_entry(rank), self.verify)
             try:
-                self._files[rank] = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as error:  # safetensors raises its own types for bad headers
+                self._headers[rank] = read_header(path)
+            except CheckpointError as error:
                 raise CheckpointCorruptError(f"{path} cannot be read: {error}") from error
-        return self._files[rank]
+        return self._headers[rank]
+
+    def _stored(self, rank: int, name: str) -> StoredTensor:
+        header = self.header(rank)
+        if name not in header:
+            path = self.checkpoint.file(rank)
+            raise CheckpointCorruptError(
+                f"{path}: cannot read {name!r}: the file has no such tensor"
+            )
+        return header[name]
 
     def tensor(self, rank: int, name: str) -> torch.Tensor:
-        handle = self.file(rank)
-        try:
-            return handle.get_tensor(name)
-        except Exception as error:
-            path = self.checkpoint.file(rank)
-            raise CheckpointCorruptError(f"{path}: cannot read {name!r}: {error}") from error
+        stored = self._stored(rank, name)
+        return self._ranges.read(stored, 0, stored.numel).view(stored.shape)
+
+    def close(self) -> None:
+        """Close the files; a later read opens them again."""
+        self._ranges.close()
 
     def has(self, rank: int, name: str) -> bool:
-        return name in self.file(rank).keys()  # noqa: SIM118 - safe_open has no __contains__
+        return name in self.header(rank)
 
     def read(self, unit: int, lo: int, hi: int, kind: str, out: torch.Tensor) -> None:
         """Copy the unit flat's ``[lo, hi)`` of ``kind`` into ``out`` (``hi - lo`` long) where
@@ -71,12 +93,8 @@ class ShardReader:
             a, b = max(lo, seg_lo), min(hi, seg_hi)
             if a >= b:
                 continue
-            handle = self.file(rank)
-            try:
-                piece = handle.get_slice(name)[base + a - seg_lo : base + b - seg_lo]
-            except Exception as error:
-                path = self.checkpoint.file(rank)
-                raise CheckpointCorruptError(f"{path}: cannot read {name!r}: {error}") from error
+            stored = self._stored(rank, name)
+            piece = self._ranges.read(stored, base + a - seg_lo, base + b - seg_lo)
             out[a - lo : b - lo].copy_(piece)
 
     def _segments(self, unit: int, kind: str):

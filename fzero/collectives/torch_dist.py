@@ -3,10 +3,28 @@
 This file and ``threads.py`` are the only places fzero touches ``torch.distributed``. Async
 collectives run on the backend's own stream; ``Work.wait()`` makes the current stream wait for
 them, so a gather issued early overlaps the compute that comes before its wait.
+
+Clean exit with gloo: a gloo collective runs on the process group's worker threads, which keep
+their own reference to the op (and so to its tensors) until a moment after ``wait()`` returns.
+Were the worker's reference the last one to a tensor that Python created (a slice, a cast, a
+temporary), the worker would have to take the GIL to free the tensor's Python object; if the
+interpreter is finalising by then, taking the GIL ends the thread, and ending a C++ thread that
+way is ``terminate called without an active exception`` (SIGABRT) after the script finished.
+So every asynchronous gloo op is returned as a ``RetainedWork`` that keeps its tensors, and the
+last ``RETAINED_WORKS`` waited ops stay referenced: their workers never hold the last reference,
+and Python frees them, under the GIL, when the communicator goes. Only the last few ops before
+exit matter; an older one whose worker is still finishing makes the worker take the GIL while
+the interpreter runs, which is harmless. (Cost: on gloo, the buffers of the last few ops, such
+as a packed gradient bucket, live until later ops are waited.) A gloo process group
+``init_from_env`` created is destroyed at interpreter exit (``atexit``), while the interpreter
+still runs, so its worker threads are joined before finalisation. (NCCL groups are left to the
+script: destroying one at exit after a failure on another rank can hang.)
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import datetime
 import itertools
 from typing import Any
@@ -47,6 +65,8 @@ class ProcessGroupCommunicator:
         self.backend = dist.get_backend(group)
         self.instance = next(_instances)
         self._wait_timeout: datetime.timedelta | None = None
+        # Waited gloo ops, kept so that their worker threads never hold the last reference.
+        self.retained: collections.deque[RetainedWork] = collections.deque(maxlen=RETAINED_WORKS)
 
     def set_step_timeout(self, seconds: float) -> None:
         """Waits on this communicator's collectives give up after ``seconds`` (gloo: the wait
@@ -69,13 +89,23 @@ class ProcessGroupCommunicator:
             return None
         return StoreChannel(store, f"fzero/{self.instance}")
 
+    def _async(self, work: Any, *tensors: torch.Tensor) -> Work:
+        """The backend's work, with the step timeout on its wait (``_timed``) and, on gloo, its
+        tensors retained past the wait (``RetainedWork``)."""
+        work = self._timed(work)
+        if self.backend != "gloo":
+            return work
+        return RetainedWork(work, tensors, self.retained)
+
     def all_gather(self, output: torch.Tensor, shard: torch.Tensor) -> Work:
         check_gather_sizes(self, output, shard)
         if self.backend != "nccl" and _overlaps(output, shard):
             # NCCL gathers in place when the shard is this rank's slice of the output; other
             # backends may overwrite the input while sending it.
             shard = shard.clone()
-        return self._timed(_all_gather(output, shard, group=self.group, async_op=True))
+        return self._async(
+            _all_gather(output, shard, group=self.group, async_op=True), output, shard
+        )
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor) -> Work:
         check_scatter_sizes(self, output, full)
@@ -84,16 +114,18 @@ class ProcessGroupCommunicator:
             # reduce the whole buffer with an all-reduce (whose wait honours it) and keep this
             # rank's slice. Twice the traffic, on the CPU backend only.
             summed = full.clone()
-            work = self._timed(dist.all_reduce(summed, group=self.group, async_op=True))
+            work = self._async(dist.all_reduce(summed, group=self.group, async_op=True), summed)
             return SliceWork(work, summed, output, self.rank)
-        return _reduce_scatter(output, full, group=self.group, async_op=True)
+        work = _reduce_scatter(output, full, group=self.group, async_op=True)
+        return self._async(work, output, full)
 
     def all_reduce(self, tensor: torch.Tensor) -> Work:
-        return self._timed(dist.all_reduce(tensor, group=self.group, async_op=True))
+        return self._async(dist.all_reduce(tensor, group=self.group, async_op=True), tensor)
 
     def all_to_all(self, output: torch.Tensor, full: torch.Tensor) -> Work:
         check_all_to_all_sizes(self, output, full)
-        return self._timed(dist.all_to_all_single(output, full, group=self.group, async_op=True))
+        work = dist.all_to_all_single(output, full, group=self.group, async_op=True)
+        return self._async(work, output, full)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(
@@ -119,6 +151,9 @@ class TimedWork:
 
     def wait(self) -> None:
         self.work.wait(self.timeout)
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
 
 
 class SliceWork:
@@ -152,6 +187,27 @@ class StoreChannel:
         if not self.store.check([key]):
             return None
         return self.store.get(key).decode()
+
+
+# More ops than the backend's worker threads (gloo's default is 2) can be finishing at once.
+RETAINED_WORKS = 4
+
+
+class RetainedWork:
+    """An asynchronous gloo op with the tensors it was given; once waited, it stays in
+    ``retained`` (a bounded deque: the oldest entries drop off as new ones are waited)."""
+
+    __slots__ = ("retained", "tensors", "work")
+
+    def __init__(self, work: Any, tensors: tuple[torch.Tensor, ...], retained: collections.deque):
+        self.work, self.tensors, self.retained = work, tensors, retained
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.retained.append(self)
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
 
 
 # torch 2.13 renamed the flat-tensor collectives; older releases only have the first names.
@@ -194,6 +250,8 @@ def init_from_env(step_timeout_s: float = 300.0) -> tuple[int, int, torch.device
             device_id=device if backend == "nccl" else None,
             timeout=datetime.timedelta(seconds=step_timeout_s + GROUP_TIMEOUT_MARGIN_S),
         )
+        if backend == "gloo":  # its threads joined while the interpreter is alive (see the top)
+            atexit.register(shutdown)
     return dist.get_rank(), dist.get_world_size(), device
 
 

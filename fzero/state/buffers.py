@@ -185,6 +185,7 @@ def build_workspace(
     accum_dtype,
     ordered=False,
     persistent=frozenset(),
+    initializer=None,
     *,
     host_master=False,
     host_shards=False,
@@ -195,7 +196,9 @@ def build_workspace(
     is copied, so sharding needs about one unit of memory beyond the model itself.
     ``ordered`` (deterministic mode): stage 0's gradient shard is an accumulator of its own,
     alive only during a step, as in stages 1-3. ``persistent``: stage-3 units whose gathered
-    buffer is kept.
+    buffer is kept. ``initializer`` (a ``materialize.UnitInitializer``, for a model on the meta
+    device): computes each unit's values in place of copying them; every rank computes the same
+    values, so nothing is broadcast.
 
     Offload: ``host_master`` puts the master in host memory (the optimizer steps there; pinned
     with ``pin_memory``); stage 3 then keeps a compute-dtype shard for its gathers to read, on
@@ -226,11 +229,19 @@ def build_workspace(
     aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen and not ordered
     grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
     param_flats, grad_flats, frozen_tails = [], [], []
+    scratch = _init_scratch(layout, stage, persistent, device) if initializer is not None else None
     for unit, params in zip(layout.units, params_per_unit):
-        flat = torch.zeros(unit.padded_numel, dtype=torch.float32, device=device)
-        for slot, param in zip(unit.params, params):
-            flat[slot.offset : slot.offset + slot.numel] = param.detach().reshape(-1).float()
-        comm.broadcast(flat, src=0)
+        in_scratch = scratch is not None and stage == 3 and unit.index not in persistent
+        if in_scratch:
+            flat = scratch[: unit.padded_numel].zero_()
+        else:
+            flat = torch.zeros(unit.padded_numel, dtype=torch.float32, device=device)
+        if initializer is not None:
+            initializer.fill(unit, params, flat)
+        else:
+            for slot, param in zip(unit.params, params):
+                flat[slot.offset : slot.offset + slot.numel] = param.detach().reshape(-1).float()
+            comm.broadcast(flat, src=0)
         lo, _ = layout.owned_range(unit)
         opt = slice(unit.optimizer_offset, unit.optimizer_offset + unit.optimizer_numel)
         master[opt] = flat[lo : lo + unit.optimizer_numel]
@@ -239,6 +250,8 @@ def build_workspace(
             if param_shard is not master:
                 param_shard[span] = flat
             param_flats.append(param_shard[span])
+        elif in_scratch:  # released below: its memory is never touched
+            param_flats.append(torch.empty(unit.padded_numel, dtype=compute_dtype, device=device))
         else:
             param_flats.append(flat.to(compute_dtype))
         if standing_stage3:
@@ -259,6 +272,7 @@ def build_workspace(
         if stage == 3 and unit.index not in persistent:
             free_storage(param_flats[-1])
             mark_released(params)
+    del scratch
     if stage >= 1 or ordered:  # alive only from a step's first reduction to its optimizer step
         free_storage(grad_shard)
     workspace = Workspace(
@@ -273,3 +287,17 @@ def build_workspace(
         host_buffers,
     )
     return workspace, master
+
+
+def _init_scratch(layout, stage, persistent, device) -> torch.Tensor | None:
+    """One fp32 buffer, as long as the largest stage-3 unit that is released, in which every
+    such unit of a meta-device model is initialised in turn. A buffer of its own per unit, freed
+    right after, costs no more in principle, but the host allocator keeps freed blocks of a size
+    it has seen in its heap (glibc's adaptive mmap threshold), so the resident set would grow by
+    a unit per unit, to the size of the model."""
+    if stage != 3:
+        return None
+    released = [u.padded_numel for u in layout.units if u.index not in persistent]
+    if not released:
+        return None
+    return torch.empty(max(released), dtype=torch.float32, device=device)

@@ -136,10 +136,13 @@ class FlatLayout:
 
 
 def find_unit_modules(model: nn.Module, embeddings: bool = False) -> list[tuple[str, nn.Module]]:
-    """The default units: the modules the model repeats, that is elements of a
+    """The default units: the model's own hint when it gives one (Hugging Face's
+    ``_no_split_modules``, class names of the blocks that FSDP and DeepSpeed wrap: every module
+    of such a class is a unit), else the modules the model repeats, that is elements of a
     ModuleList/Sequential holding two or more modules of one class (transformer blocks); with
     ``embeddings`` (``fzero.embedding_units``) also every ``nn.Embedding`` outside them.
-    Searched top-down; a unit's insides are not searched further.
+    Searched top-down; a unit's insides are not searched further. A hint that names no module
+    of the model (or only modules without parameters) falls back to the repeated blocks.
 
     An embedding's table is large (vocabulary x width) and only its forward reads it: its
     backward needs the indices alone. In the root unit it stays gathered from the start of
@@ -147,6 +150,16 @@ def find_unit_modules(model: nn.Module, embeddings: bool = False) -> list[tuple[
     right after its forward. An embedding whose weight is tied to a parameter of another unit
     (an output head) gives that parameter to the root unit, as any tie across units does, and
     is then no unit at all."""
+    hinted = frozenset(getattr(model, "_no_split_modules", None) or ())
+    found = _search_units(model, embeddings, hinted)
+    if hinted and not any(type(m).__name__ in hinted for _, m in found):
+        return _search_units(model, embeddings, frozenset())
+    return found
+
+
+def _search_units(
+    model: nn.Module, embeddings: bool, hinted: frozenset[str]
+) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -154,6 +167,12 @@ def find_unit_modules(model: nn.Module, embeddings: bool = False) -> list[tuple[
             path = f"{prefix}{child_name}"
             if embeddings and isinstance(child, nn.Embedding):
                 found.append((path, child))
+                continue
+            if type(child).__name__ in hinted and any(True for _ in child.parameters()):
+                found.append((path, child))
+                continue
+            if hinted:  # the hint decides: no fallback to repetition inside a hinted model
+                visit(f"{path}.", child)
                 continue
             if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) >= 2:
                 kinds = {type(m) for m in child}
