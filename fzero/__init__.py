@@ -17,3 +17,7 @@ __version__ = "0.1.0"
 from fzero.checkpoint import load, save  # noqa: E402 - appended: sharded checkpoints
 
 __all__ += ["load", "save"]
+
+from fzero.integrations.arguments import add_config_arguments  # noqa: E402 - DeepSpeed's flags
+
+__all__ += ["add_config_arguments"]

@@ -104,3 +104,25 @@ class CheckpointCorruptError(CheckpointError):
 class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint was written for a different model: parameter names, shapes or which
     parameters are trainable differ (the message lists the first differences)."""
+
+
+class LauncherError(ValueError):
+    """The ``fzero`` launcher (or a launcher's environment) cannot run the job as asked; the
+    message names the flag or variable and the fix."""
+
+
+class AutoConfigMismatchError(ConfigError):
+    """An explicit DeepSpeed config value contradicts the ``TrainingArguments`` value it must
+    equal. ``mismatches`` lists every ``(config key, config value, argument, argument value)``."""
+
+    def __init__(self, mismatches: list[tuple[str, object, str, object]]):
+        self.mismatches = mismatches
+        lines = "\n".join(
+            f"- config {key}={value!r} vs TrainingArguments {argument}={given!r}"
+            for key, value, argument, given in mismatches
+        )
+        super().__init__(
+            mismatches[0][0],
+            "the DeepSpeed config contradicts the TrainingArguments:\n"
+            f'{lines}\nset these config values to "auto" (or change the arguments to match)',
+        )
