@@ -11,13 +11,16 @@ from torch import nn
 
 from fzero.collectives import FakeWorld, make_communicator
 from fzero.config import Config
-from fzero.cross_rank import check_same_on_all_ranks, layout_summary
 from fzero.errors import ShardError
-from fzero.executor import Executor, OptimizerBuffers
-from fzero.hooks import HookDriver
 from fzero.loss_scale import LossScaler
 from fzero.runtime import Runtime
-from fzero.schedule import UnitInfo, presumed_trace
+from fzero.runtime.cross_rank import check_same_on_all_ranks, layout_summary
+from fzero.runtime.executor import Executor, ExecutorParts
+from fzero.runtime.hooks import HookDriver
+from fzero.runtime.plan import make_plan
+from fzero.runtime.step_phase import OptimizerBuffers
+from fzero.runtime.timeline import MeasuredTimeline
+from fzero.schedule import UnitInfo
 from fzero.state.buffers import build_workspace
 from fzero.state.layout import (
     FlatLayout,
@@ -26,8 +29,8 @@ from fzero.state.layout import (
     dtype_from_name,
     find_unit_modules,
 )
+from fzero.state.progress import Progress
 from fzero.state.zero_state import ZeroState
-from fzero.timeline import MeasuredTimeline
 
 
 def shard(
@@ -55,7 +58,8 @@ def shard(
     ``simulate_world_size=N`` runs as rank 0 of N ranks that do not exist: collectives only
     shape their outputs, so the memory (and compute time) of one rank of N can be measured on
     one device; the values trained are meaningless. ``record_timeline`` records device times of
-    every trigger and gather into ``state.runtime.executor.timeline`` (see ``fzero.timeline``).
+    every trigger and gather into ``state.runtime.executor.timeline`` (see
+    ``fzero.runtime.timeline``).
     The model's parameters become views into fzero's buffers; keep using the same model object.
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
@@ -141,14 +145,19 @@ def shard(
     optimizer = OptimizerBuffers(
         master, zeros(), zeros(), torch.zeros((), dtype=torch.float32, device=device)
     )
-    # The schedule is compiled below, once the runtime that compiles it exists.
-    executor = Executor(layout, None, workspace, comm, layout.decay_ranges(), record_ops)
-    executor.configure(reduce_dtype)
-    executor.optimizer = optimizer
-    executor.unit_params = params_per_unit
-    if record_timeline:
-        executor.timeline = MeasuredTimeline(device)
-    executor.norm_order = _norm_order(model, layout)
+    plan = make_plan(layout, infos, cfg, comm.world_size)
+    parts = ExecutorParts(
+        layout,
+        workspace,
+        comm,
+        optimizer,
+        params_per_unit,
+        reduce_dtype,
+        layout.decay_ranges(),
+        _norm_order(model, layout),
+    )
+    timeline = MeasuredTimeline(device) if record_timeline else None
+    executor = Executor(plan.schedule, parts, record_ops=record_ops, timeline=timeline)
     if cfg.fzero.compile_units:
         # Only the blocks' own computation: the module hooks that raise the triggers run
         # around the compiled forward, never inside it.
@@ -156,21 +165,9 @@ def shard(
             if module is not model:
                 module.forward = torch.compile(module.forward)
     hooks = HookDriver(model, modules, params_per_unit, executor, comm)
-    runtime = Runtime(model, cfg, layout, comm, executor, hooks, loss_fn, infos)
-    runtime.loss_scaler = LossScaler.from_fp16(cfg.fp16)
-    executor.schedule = runtime.compile(presumed_trace(infos), traced=False)
-    executor.on_trace = lambda trace: runtime.compile(trace, traced=True)
+    runtime = Runtime(model, cfg, comm, plan, executor, hooks, loss_fn)
     model._fzero_runtime = runtime  # marks the model as sharded
-    state = ZeroState(
-        master,
-        optimizer.exp_avg,
-        optimizer.exp_avg_sq,
-        optimizer.step,
-        workspace.state_leaves(),
-        runtime,
-    )
-    runtime.live_state = state
-    return state
+    return runtime.new_state(Progress.start(LossScaler.from_fp16(cfg.fp16)))
 
 
 def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
@@ -178,6 +175,7 @@ def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
     model's own ``state_dict`` names, gathered from all ranks. Every rank gets the result."""
     state.check_live()
     runtime: Runtime = state.runtime
+    runtime.install(state)
     layout, comm, workspace = runtime.layout, runtime.comm, runtime.executor.workspace
     full: dict[str, torch.Tensor] = {}
     for unit in layout.units:

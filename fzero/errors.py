@@ -106,6 +106,40 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     parameters are trainable differ (the message lists the first differences)."""
 
 
+class HostMemoryError(ShardError):
+    """The host memory an offload needs exceeds what this machine (or its cgroup) has available.
+
+    Raised at ``shard`` time, before anything is allocated, instead of an out-of-memory kill
+    later. ``needed_nbytes`` and ``available_nbytes`` are per host.
+    """
+
+    def __init__(self, message: str, needed_nbytes: int, available_nbytes: int):
+        self.needed_nbytes = needed_nbytes
+        self.available_nbytes = available_nbytes
+        super().__init__(message)
+
+
+class PinnedMemoryWarning(UserWarning):
+    """Host buffers could not be pinned (page-locked) and are pageable instead: copies to and
+    from the device still work, but cannot overlap compute and run at a fraction of the speed."""
+
+
+class SwapPathError(ConfigError):
+    """``nvme_path`` cannot hold the swap files: missing, not a directory, not writable, or on a
+    filesystem with less free space than they need. ``path`` is the config key, ``directory``
+    the directory named there."""
+
+    def __init__(self, key: str, directory: str, message: str):
+        self.directory = directory
+        super().__init__(key, message)
+
+
+class SwapIOError(RuntimeError):
+    """A swap file could not be read or written (the disk filled, the file vanished, the device
+    failed). A failed write never touches the copy it was replacing, so the state the step
+    started from is still readable; ``__cause__`` holds the OS error."""
+
+
 class LauncherError(ValueError):
     """The ``fzero`` launcher (or a launcher's environment) cannot run the job as asked; the
     message names the flag or variable and the fix."""

@@ -13,6 +13,11 @@ reduction to its optimizer step: stage 1 holds it beside its full gradients duri
 phase, (2 + 2) Psi + (2 + K) Psi / N at the optimizer step, and between steps stages 2 and 3
 hold 2 Psi + K Psi / N and K Psi / N.
 
+With ``offload_optimizer``/``offload_param`` set to ``"cpu"`` or ``"nvme"`` the same states are
+split by residence: GPU, host and file bytes per rank (``fzero.schedule.offload_memory`` has
+the formulas), which is what DeepSpeed's ``estimate_zero3_model_states_mem_needs_all_live``
+reports too (it counts per node and adds a 1.5x buffer factor; fzero counts per rank, exactly).
+
 Activations, temporary buffers and gathered parameters in flight are not included; for those,
 compile the schedule and ``fzero.schedule.simulate`` it (its model states match
 ``layout="fzero"``).
@@ -25,30 +30,59 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from fzero.schedule.memory_model import BytesPerParam, ModelStates, dtype_nbytes, model_states
+from fzero.schedule.offload_memory import offload_states
 
 GB = 1e9  # the paper's gigabyte
 
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryEstimate(ModelStates):
-    """Bytes per rank of parameters, gradients and optimizer state at the optimizer step
-    (``ModelStates``: ``total``, ``between_steps``), with what they were computed for."""
+    """Bytes per rank of parameters, gradients and optimizer state on the GPU at the optimizer
+    step (``ModelStates``: ``total``, ``between_steps``), with what they were computed for.
+
+    Under offload, ``host`` and ``file`` hold the states that moved there and
+    ``host_staging_nbytes`` the NVMe swap buffers; ``gpu_nbytes``, ``host_nbytes`` and
+    ``file_nbytes`` are the three totals per rank."""
 
     stage: int
     world_size: int
     numel: int
     trainable_numel: int
     layout: str = "paper"
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    host: ModelStates = ModelStates(0, 0, 0)
+    file: ModelStates = ModelStates(0, 0, 0)
+    host_staging_nbytes: int = 0
+
+    @property
+    def gpu_nbytes(self) -> int:
+        return self.total
+
+    @property
+    def host_nbytes(self) -> int:
+        return self.host.total + self.host_staging_nbytes
+
+    @property
+    def file_nbytes(self) -> int:
+        return self.file.total
 
     def __str__(self) -> str:
         between = (
             f", {self.between_steps / GB:.2f} GB between steps" if self.transient_gradients else ""
         )
+        offload = ""
+        if self.offload_optimizer != "none" or self.offload_param != "none":
+            offload = (
+                f"; offload_optimizer {self.offload_optimizer}, offload_param "
+                f"{self.offload_param}: host {self.host_nbytes / GB:.2f} GB, file "
+                f"{self.file_nbytes / GB:.2f} GB per rank"
+            )
         return (
             f"ZeRO stage {self.stage} ({self.layout}), {self.numel / 1e9:.3g}B parameters on "
             f"{self.world_size} rank(s): {self.total / GB:.2f} GB per rank{between} (parameters "
             f"{self.parameters / GB:.2f} GB, gradients {self.gradients / GB:.2f} GB, optimizer "
-            f"state {self.optimizer_state / GB:.2f} GB)"
+            f"state {self.optimizer_state / GB:.2f} GB){offload}"
         )
 
 
@@ -69,7 +103,13 @@ def estimate_memory(
     master_dtype: str = "fp32",
     grad_accum_dtype: str | None = None,
     optimizer_state_bytes: int | None = None,
-    layout: str = "paper",
+    layout: str | None = None,
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+    largest_unit_numel: int | None = None,
+    optimizer_buffer_count: int = 4,
+    param_buffer_count: int = 5,
+    param_buffer_size: int = 100_000_000,
 ) -> MemoryEstimate:
     """Per-rank model-state bytes of ``model_or_param_count`` (an ``nn.Module`` or an element
     count) on ``world_size`` ranks at ZeRO ``stage``, at the optimizer step.
@@ -79,8 +119,20 @@ def estimate_memory(
     fzero's own default config accumulates in fp32, pass ``"fp32"`` to match it).
     ``optimizer_state_bytes`` overrides K. Frozen parameters of a module cost no gradients and
     no optimizer state. ``layout``: ``"paper"`` for the ZeRO paper's formulas, ``"fzero"`` for
-    the buffers fzero keeps (see the module docstring).
+    the buffers fzero keeps (see the module docstring); None: ``"paper"`` without offload,
+    ``"fzero"`` with it (offload is fzero's). ``offload_optimizer``, ``offload_param``:
+    ``"none"``, ``"cpu"`` or ``"nvme"``; the buffer counts and ``param_buffer_size`` are the
+    config's ``offload_optimizer.buffer_count``, ``offload_param.buffer_count`` and
+    ``offload_param.buffer_size``, which size NVMe staging; ``largest_unit_numel`` sizes the
+    optimizer's (None: the whole model as one unit, an upper bound).
     """
+    offloaded = offload_optimizer != "none" or offload_param != "none"
+    if layout is None:
+        layout = "fzero" if offloaded else "paper"
+    if offloaded and layout != "fzero":
+        raise ValueError(
+            f'offload estimates use layout="fzero" (the paper has none), got {layout!r}'
+        )
     if isinstance(model_or_param_count, nn.Module):
         numel, trainable = count_parameters(model_or_param_count)
     elif isinstance(model_or_param_count, int) and not isinstance(model_or_param_count, bool):
@@ -103,14 +155,34 @@ def estimate_memory(
     states = model_states(
         numel, world_size, stage, bytes_per_param, trainable_numel=trainable, layout=layout
     )
+    split = offload_states(
+        states,
+        numel=numel,
+        trainable_numel=trainable,
+        world_size=world_size,
+        stage=stage,
+        bytes_per_param=bytes_per_param,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        largest_unit_numel=largest_unit_numel,
+        optimizer_buffer_count=optimizer_buffer_count,
+        param_buffer_count=param_buffer_count,
+        param_buffer_size=param_buffer_size,
+    )
+    device = split.device
     return MemoryEstimate(
-        parameters=states.parameters,
-        gradients=states.gradients,
-        optimizer_state=states.optimizer_state,
-        transient_gradients=states.transient_gradients,
+        parameters=device.parameters,
+        gradients=device.gradients,
+        optimizer_state=device.optimizer_state,
+        transient_gradients=device.transient_gradients,
         stage=stage,
         world_size=world_size,
         numel=numel,
         trainable_numel=trainable,
         layout=layout,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        host=split.host,
+        file=split.file,
+        host_staging_nbytes=split.host_staging_nbytes,
     )

@@ -1,17 +1,27 @@
-"""``train_step``: one optimizer step of a sharded model, micro-batches to metrics."""
+"""``train_step``: one optimizer step of a sharded model, micro-batches to metrics.
+
+It is the composition of two steps that the integrations (the DeepSpeed-style engine, the
+Trainer) also use on their own:
+
+- ``micro_step(state, micro_batch, index=, count=)``: forward and backward of one micro-batch,
+  with the gradient collectives the schedule keys into backward. Its pieces, for callers that
+  run the forward themselves: ``begin_micro_step``, ``compute_loss`` (or the caller's own
+  forward while the micro-step is armed), ``backward``; ``abort_micro_steps`` after an error.
+- ``apply_step(state, count)``: the step phase (the remaining reductions, the global norm,
+  clipping, AdamW on this rank's shard); it returns the new state and the metrics.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from fzero.errors import BatchError, LossError, NonFiniteGradientError, ScheduleError
-from fzero.executor import Hyper
 from fzero.loss_scale import update
 from fzero.runtime import Runtime
+from fzero.runtime.step_phase import Hyper
 from fzero.state.zero_state import ZeroState
 
 
@@ -21,7 +31,8 @@ def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]
 
     ``batch`` is one micro-batch or a list of micro-batches accumulated into one step. The
     state's buffers are donated: they may be updated in place, and ``state`` must not be used
-    again; use the returned one. Metric values ``loss`` and ``grad_norm`` are 0-dim tensors
+    again; use the returned one. Any state of this model is accepted, a ``tree_map`` copy
+    included (``Runtime.install``). Metric values ``loss`` and ``grad_norm`` are 0-dim tensors
     (reading them syncs with the device), averaged over micro-batches and ranks; ``grad_norm``
     is the unscaled gradient's.
 
@@ -36,65 +47,122 @@ def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]
     ``skipped_steps`` (so far), ``loss_scale`` (for the next step), ``step`` (steps run, skipped
     ones included).
     """
-    state.check_live()
-    runtime: Runtime = state.runtime
-    cfg, executor, hooks = runtime.config, runtime.executor, runtime.hooks
+    micro_batches = micro_batches_of(state, batch)
+    count = len(micro_batches)
+    for index, micro_batch in enumerate(micro_batches):
+        micro_step(state, micro_batch, index=index, count=count)
+    return apply_step(state, count)
+
+
+def micro_batches_of(state: ZeroState, batch: Any) -> list[Any]:
+    """``batch`` as the list of micro-batches one step runs, checked against the config."""
     micro_batches = batch if isinstance(batch, list) else [batch]
     if not micro_batches:
         raise BatchError("batch is an empty list; give at least one micro-batch")
-    expected = cfg.gradient_accumulation_steps
+    expected = state.runtime.config.gradient_accumulation_steps
     if expected is not None and len(micro_batches) != expected:
         raise BatchError(
             f"got {len(micro_batches)} micro-batches but gradient_accumulation_steps is "
             f"{expected}; pass a list of {expected} micro-batches (or fix the config)"
         )
-    opt, scale = cfg.optimizer, runtime.loss_scaler.scale
-    applied = runtime.step_count - runtime.skipped_steps  # skipped steps keep the lr schedule
-    executor.hyper = Hyper(
-        cfg.lr_at(applied),
+    return micro_batches
+
+
+def micro_step(
+    state: ZeroState, micro_batch: Any, *, index: int = 0, count: int = 1
+) -> torch.Tensor:
+    """Forward and backward of micro-batch ``index`` of ``count`` in this step; returns its
+    loss, detached. On an error the micro-step is aborted (``abort_micro_steps``) and the state
+    stays usable."""
+    begin_micro_step(state, last=index == count - 1)
+    try:
+        loss = compute_loss(state, micro_batch, index)
+        backward(state, loss, count=count)
+    except BaseException:
+        abort_micro_steps(state)
+        raise
+    return loss.detach()
+
+
+def begin_micro_step(state: ZeroState, *, last: bool) -> None:
+    """Install ``state`` and arm the hooks for one micro-batch; ``last``: the last one before
+    the optimizer step (it may run other ops). The model's forward may then run, by
+    ``compute_loss`` or by the caller."""
+    runtime: Runtime = state.runtime
+    runtime.install(state)
+    runtime.hooks.begin_micro_step(last=last)
+
+
+def compute_loss(state: ZeroState, micro_batch: Any, index: int = 0) -> torch.Tensor:
+    """The loss of one micro-batch: ``loss_fn(model, batch)`` when given to ``shard``, else
+    the model called on it (see ``train_step``)."""
+    return _forward(state.runtime, micro_batch, index)
+
+
+def backward(state: ZeroState, loss: torch.Tensor, *, count: int) -> None:
+    """Backward of one micro-batch's ``loss`` (divided by ``count``, multiplied by the fp16
+    loss scale), with the gradient collectives the schedule keys into it; ends the micro-step.
+    The first micro-step traces the model's order and installs the compiled schedule."""
+    loss = _loss_of(loss)
+    runtime: Runtime = state.runtime
+    hooks, executor = runtime.hooks, runtime.executor
+    scale = float(state.progress.loss_scale)
+    executor.add_loss(loss)
+    hooks.begin_backward()
+    scaled = loss / count if count > 1 else loss
+    (scaled * scale if scale != 1.0 else scaled).backward()
+    trace = hooks.end_backward()
+    if trace is not None:
+        runtime.retrace(trace)
+
+
+def abort_micro_steps(state: ZeroState) -> None:
+    """After an error in a micro-step: disarm the hooks, wait for collectives in flight and
+    drop this step's partial gradients. Parameters, master weights and moments are untouched."""
+    runtime: Runtime = state.runtime
+    runtime.hooks.deactivate()
+    runtime.executor.abort()
+
+
+def apply_step(state: ZeroState, count: int) -> tuple[ZeroState, dict[str, Any]]:
+    """The step phase after ``count`` micro-steps: reductions left, global loss and gradient
+    norm, clipping, AdamW. Donates ``state``; returns the new state and ``train_step``'s
+    metrics."""
+    runtime: Runtime = state.runtime
+    runtime.install(state)
+    cfg, opt, progress = runtime.config, runtime.config.optimizer, state.progress
+    hyper = Hyper(
+        cfg.lr_at(progress.applied_steps),  # skipped steps keep the lr schedule where it was
         opt.betas[0],
         opt.betas[1],
         opt.eps,
         cfg.gradient_clipping,
-        loss_scale=scale,
+        loss_scale=float(progress.loss_scale),
         check_finite=runtime.check_finite,
     )
-    count = len(micro_batches)
-    try:
-        for index, micro_batch in enumerate(micro_batches):
-            hooks.begin_micro_step(last=index == count - 1)
-            loss = _forward(runtime, micro_batch, index)
-            executor.add_loss(loss)
-            hooks.begin_backward()
-            scaled = loss / count if count > 1 else loss
-            (scaled * scale if scale != 1.0 else scaled).backward()
-            hooks.end_backward()
-    except BaseException:
-        hooks.deactivate()
-        executor.abort()
-        raise
-    result = executor.run_step(count)
-    runtime.step_count += 1
+    result = runtime.executor.run_step(count, hyper)
     # The step's one host read: whether any rank's gradients were not finite.
     skipped = result.found_inf is not None and bool(result.found_inf.item())
-    runtime.skipped_steps += skipped
-    # Both errors come before the state is donated: nothing changed, ``state`` stays usable.
-    runtime.loss_scaler = update(runtime.loss_scaler, skipped)
+    # A LossScaleError comes before the state is donated: ``state`` stays usable.
+    scaler = update(progress.scaler(runtime.loss_scale_rule), skipped)
+    progress = progress.after_step(skipped, scaler)
     if skipped and cfg.fzero.nonfinite_grads == "error":
+        # Nothing but the counters changed: ``state`` stays usable and counts the skip.
+        state.progress.assign(progress)
         raise NonFiniteGradientError(
-            f"step {runtime.step_count}: the gradients hold Inf or NaN on some rank; the step was "
-            'skipped on every rank (fzero.nonfinite_grads is "error")'
+            f"step {progress.step_count}: the gradients hold Inf or NaN on some rank; the step "
+            'was skipped on every rank (fzero.nonfinite_grads is "error")'
         )
-    new_state = dataclasses.replace(state)
-    runtime.live_state = new_state
+    runtime.donate(state)
+    new_state = runtime.new_state(progress)
     metrics = {
         "loss": result.loss,
         "grad_norm": result.grad_norm,
-        "lr": executor.hyper.lr,
-        "loss_scale": runtime.loss_scaler.scale,
+        "lr": hyper.lr,
+        "loss_scale": scaler.scale,
         "skipped": skipped,
-        "skipped_steps": runtime.skipped_steps,
-        "step": runtime.step_count,
+        "skipped_steps": progress.skipped_count,
+        "step": progress.step_count,
     }
     return new_state, metrics
 

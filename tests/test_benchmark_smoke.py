@@ -70,3 +70,36 @@ def test_profile_busy_time_counts_overlapping_kernels_once():
 
     assert busy_seconds([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (5.5, 5.7)]) == 4.0
     assert busy_seconds([]) == 0.0
+
+
+def test_cpu_adamw_benchmark_cpu_smoke_runs_every_variant(tmp_path):
+    """Every variant steps once; deepspeed is a row either way (timed, or skipped with why)."""
+    script = SCRIPT.parent / "cpu_adamw.py"
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--cpu-smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"fzero", "fzero:bf16", "fzero:torch-ops", "torch", "deepspeed"}
+    assert all(rows[v]["gb_per_s"] > 0 for v in rows if v != "deepspeed")
+    assert "| fzero:bf16 |" in done.stdout
+
+
+def test_nvme_swap_benchmark_cpu_smoke_measures_both_directions_against_dd(tmp_path):
+    out = tmp_path / "swap.json"
+    script = SCRIPT.parent / "nvme_swap.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--cpu-smoke", "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["round_trip_exact"] and result["nbytes"] == 16 << 20
+    assert result["write_gb_per_s"] > 0 and result["read_gb_per_s"] > 0
+    assert "| write |" in done.stdout and "| read |" in done.stdout

@@ -292,7 +292,7 @@ def test_load_restores_step_count_rng_and_learning_rate_schedule(tmp_path):
     torch.manual_seed(0)
     loaded = fzero.load(directory, ToyLM(SPEC))
     assert torch.equal(torch.rand(3), expected)
-    assert loaded.runtime.step_count == 2 and float(loaded.step) == 2.0
+    assert loaded.progress.step_count == 2 and float(loaded.step) == 2.0
     assert loaded.runtime.config.fingerprint() == state.runtime.config.fingerprint()
 
 

@@ -50,7 +50,7 @@ def test_executed_ops_equal_compiled_schedule(stage, overlap):
         schedule = executor.schedule
         assert schedule.traced
         trace = tuple(entry.trigger for entry in schedule.micro_step)
-        first = _ops(on_demand(schedule.units, stage, trace, executor.grad_shard_nbytes))
+        first = _ops(on_demand(schedule.units, stage, 2, trace, executor.grad_shard_nbytes))
         expected = first + _ops(schedule.micro_step) * (micro - 1) + _ops(schedule.step)
         assert executor.executed == expected
         models_per_step.append(full)

@@ -168,6 +168,7 @@ def test_other_reductions_train_like_the_reference_and_run_their_schedule(stage,
         traced = on_demand(
             schedule.units,
             stage,
+            case.world_size,
             trace,
             executor.grad_shard_nbytes,
             reduction="ordered" if ordered else "",

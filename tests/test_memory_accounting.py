@@ -7,6 +7,7 @@ import torch
 
 import fzero
 from fzero.collectives import run_ranks
+from fzero.schedule.ops import OptimizerStep
 from tests.harness import Case
 from tests.models import ToyLM, ToySpec
 
@@ -68,13 +69,13 @@ def test_bytes_per_parameter_match_zero_formulas(stage, world_size):
         model = models[comm.rank]
         state = fzero.shard(model, stage=stage, config=case.config(), process_group=comm)
         executor = state.runtime.executor
-        optimizer_step = executor._op_OptimizerStep
+        optimizer_step = executor.handlers[OptimizerStep]
 
         def recording(op):  # the bytes held when the optimizer runs: every gradient reduced
             at_optimizer[comm.rank].append(persistent_nbytes(state))
             optimizer_step(op)
 
-        executor._op_OptimizerStep = recording
+        executor.handlers[OptimizerStep] = recording
         batches = case.batches()
         for step in range(case.steps):
             state, _ = fzero.train_step(state, batches[step][comm.rank][0])

@@ -52,7 +52,7 @@ def gather(unit: int) -> tuple[O.Op, ...]:
 def reduce(unit: int) -> tuple[O.Op, ...]:
     name = BLOCKS[unit].name
     return (
-        O.ReduceScatter(unit, name, 2000),
+        O.ReduceScatter(unit, name, 2000, packs=True),
         O.WaitReduce(unit, name, 1000),
         O.Release(unit, name, 1000),
     )
@@ -69,14 +69,14 @@ def stage3(prefetch: bool) -> Schedule:
     nothing."""
     ag0, wait0 = gather(0)
     ag1, wait1 = gather(1)
-    z0, z1 = O.ZeroGrad(0, "blocks.0", 1000), O.ZeroGrad(1, "blocks.1", 1000)
+    z0, z1 = O.DropGrads(0, "blocks.0", 1000), O.DropGrads(1, "blocks.1", 1000)
     micro = (
         entry(O.PRE_FORWARD, 0, ag0, wait0, *((ag1,) if prefetch else ())),
         entry(O.POST_FORWARD, 0, O.Release(0, "blocks.0", 1000)),
         entry(O.PRE_FORWARD, 1, *((wait1,) if prefetch else (ag1, wait1))),
         entry(O.POST_FORWARD, 1, O.Release(1, "blocks.1", 1000)),
         entry(O.PRE_BACKWARD, 1, ag1, wait1, z1, *((ag0,) if prefetch else ())),
-        entry(O.POST_BACKWARD, 1, O.ZeroGradShard(GRAD_SHARD_NBYTES), *reduce(1)),
+        entry(O.POST_BACKWARD, 1, O.AllocGradShard(GRAD_SHARD_NBYTES), *reduce(1)),
         entry(O.PRE_BACKWARD, 0, *((wait0,) if prefetch else (ag0, wait0)), z0),
         entry(O.POST_BACKWARD, 0, *reduce(0)),
         entry(O.BACKWARD_END, -1),
@@ -197,7 +197,7 @@ def test_memory_by_hand():
 
 
 def test_gradient_shard_is_counted_once_per_step():
-    """The micro-step's ZeroGradShard finds the shard alive on micro-batches 2 and 3 and the
+    """The micro-step's AllocGradShard finds the shard alive on micro-batches 2 and 3 and the
     step's finds it alive too: the shard's 1000 bytes are counted once, and only until the
     FreeGradShard."""
     schedule = stage3(prefetch=False)

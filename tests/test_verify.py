@@ -314,8 +314,8 @@ def test_max_live_bytes():
 
 
 def test_zero_grad_missing_before_backward():
-    schedule = remove(compiled(3), O.ZeroGrad, 2)
-    broken(schedule, "zero-grad-before-backward", "@pre_backward(2)", "ZeroGrad is missing", unit=2)
+    schedule = remove(compiled(3), O.DropGrads, 2)
+    broken(schedule, "zero-grad-before-backward", "@pre_backward(2)", "DropGrads", unit=2)
 
 
 def test_zero_grad_that_discards_an_unreduced_gradient():
@@ -366,7 +366,7 @@ def test_reduce_before_backward_finished():
 
 
 def test_backward_after_the_reduction():
-    schedule = move(compiled(3), O.ZeroGrad, 1, "pre_backward(0)")
+    schedule = move(compiled(3), O.DropGrads, 1, "pre_backward(0)")
     for kind in (O.ReduceScatter, O.WaitReduce):
         schedule = move(schedule, kind, 1, "post_backward(2)")
     broken(schedule, "reduce-after-backward", "@pre_backward(1)", "would be lost", unit=1)
@@ -421,7 +421,7 @@ def test_gradient_shard_lifecycle():
     broken(remove(compiled(1), O.FreeGradShard), "end-of-step", "FreeGradShard missing")
     # Stages 2 and 3 allocate it in the micro-step, right before the first ReduceScatter.
     for stage in (2, 3):
-        schedule = remove(compiled(stage), O.ZeroGradShard)  # the micro-step's
+        schedule = remove(compiled(stage), O.AllocGradShard)  # the micro-step's
         broken(schedule, "grad-shard", "step 1, micro-batch 1", "not allocated")
         schedule = remove(compiled(stage), O.FreeGradShard)
         broken(schedule, "end-of-step", f"stage {stage} keeps", "FreeGradShard missing")

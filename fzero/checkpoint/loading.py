@@ -24,6 +24,7 @@ from fzero.checkpoint.sources import OPTIMIZER_KINDS, ShardReader
 from fzero.config import Config
 from fzero.errors import CheckpointError
 from fzero.loss_scale import LossScaler
+from fzero.state.progress import Progress
 from fzero.state.zero_state import ZeroState
 
 RNG_NAMES = ("rng.cpu", "rng.cuda")
@@ -83,9 +84,9 @@ def load(
             raise _error_from(rank, *outcome)
 
     refresh_parameters(state)
-    runtime.step_count = checkpoint.step
-    runtime.skipped_steps = checkpoint.manifest.get("skipped_steps", 0)
-    runtime.loss_scaler = restored_loss_scaler(runtime.loss_scaler, checkpoint.manifest)
+    scaler = restored_loss_scaler(runtime.loss_scale_rule, checkpoint.manifest)
+    skipped = checkpoint.manifest.get("skipped_steps", 0)
+    state = runtime.new_state(Progress.of(checkpoint.step, skipped, scaler))
     if "rng.cpu" in rng:
         torch.set_rng_state(rng["rng.cpu"])
     if "rng.cuda" in rng and state.master.is_cuda:

@@ -67,7 +67,7 @@ def save(
     runtime = state.runtime
     comm = runtime.comm
     root = Path(path)
-    name = step_dir_name(runtime.step_count)
+    name = step_dir_name(state.progress.step_count)
     staging, final = root / f".{name}.tmp", root / name
 
     entry: dict[str, Any] | None = None
@@ -131,7 +131,7 @@ def load_data_state(path: str | os.PathLike, rank: int = 0) -> dict[str, Any] | 
 def _write_rank_file(state: ZeroState, staging: Path, data_state: Any) -> dict[str, Any]:
     runtime = state.runtime
     rank = runtime.comm.rank
-    metadata = {"format": FORMAT, "rank": str(rank), "step": str(runtime.step_count)}
+    metadata = {"format": FORMAT, "rank": str(rank), "step": str(state.progress.step_count)}
     if data_state is not None:
         if not isinstance(data_state, dict):
             raise TypeError(f"data_state must be a dict, got {type(data_state).__name__}")
@@ -192,9 +192,9 @@ def _manifest(state: ZeroState, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "version": VERSION,
         "fzero_version": fzero.__version__,
         "torch_version": torch.__version__,
-        "step": runtime.step_count,
-        "skipped_steps": runtime.skipped_steps,
-        "loss_scaler": runtime.loss_scaler.state_dict(),
+        "step": state.progress.step_count,
+        "skipped_steps": state.progress.skipped_count,
+        "loss_scaler": state.progress.scaler(runtime.loss_scale_rule).state_dict(),
         "world_size": runtime.comm.world_size,
         "stage": config.stage,
         "shard_world": layout.shard_world,

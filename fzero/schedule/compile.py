@@ -49,7 +49,9 @@ from fzero.schedule.ops import (
     STEP,
     AllGather,
     AllocGrad,
+    AllocGradShard,
     AllReduce,
+    DropGrads,
     Entry,
     FreeGradShard,
     Op,
@@ -62,6 +64,7 @@ from fzero.schedule.ops import (
     Trigger,
     WaitGather,
     WaitReduce,
+    WriteGradShard,
     ZeroGrad,
     ZeroGradShard,
 )
@@ -93,6 +96,7 @@ class Knobs:
     gather_bucket_numel: int = 1 << 62
     gradient_reduction: str = ""
     grad_gather_nbytes: int = 0
+    grad_shard_itemsize: int = 4  # the gradient-accumulation dtype's
 
 
 def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
@@ -132,7 +136,9 @@ def compile_schedule(
         raise ValueError(f"stage {stage} frees gradients after each unit: it cannot reduce by step")
 
     def micro_pass(reduce: bool) -> tuple[Entry, ...]:
-        entries = on_demand(units, stage, trace, grad_shard_nbytes, reduction, reduce)
+        entries = on_demand(units, stage, world_size, trace, grad_shard_nbytes, reduction, reduce)
+        if not traced:  # the on-demand ops the first, tracing micro-batch runs
+            return tuple(with_live_nbytes(units, stage, entries))
         if stage == 3 and knobs.max_reuse_numel > 0:
             entries = keep_for_reuse(units, entries, knobs.max_reuse_numel, knobs.max_live_nbytes)
         if stage == 3 and knobs.prefetch:
@@ -144,7 +150,8 @@ def compile_schedule(
         carried = carried if reduction == "last_micro_batch" else set()
         return tuple(with_live_nbytes(units, stage, entries, carried))
 
-    last = reduction == "last_micro_batch"
+    # A tracing micro-batch reduces its gradients whether it is the last or not.
+    last = reduction == "last_micro_batch" and traced
     micro = micro_pass(reduce=not last)
     ops = step_ops(
         units,
@@ -177,19 +184,22 @@ def compile_schedule(
 def on_demand(
     units: tuple[UnitInfo, ...],
     stage: int,
+    world_size: int,
     trace: tuple[Trigger, ...],
     grad_shard_nbytes: int = 0,
     reduction: str = "",
     reduce: bool = True,
 ) -> list[Entry]:
-    planner = OnDemand(units, stage, grad_shard_nbytes, reduction, reduce)
+    planner = OnDemand(units, stage, world_size, grad_shard_nbytes, reduction, reduce)
     return [Entry(trigger, planner.ops(trigger)) for trigger in trace]
 
 
 class OnDemand:
     """Emits, trigger by trigger, the ops that need no knowledge of what comes next. The
     executor uses it directly while it traces the first micro-batch (then with ``reduce`` true:
-    a traced micro-batch reduces its gradients whether it is the last one or not).
+    a traced micro-batch reduces its gradients whether it is the last one or not). Before the
+    first step, ``state.schedule`` is these ops over the presumed order (``presumed_trace``):
+    what the tracing micro-batch runs when the model runs in module order.
 
     ``reduce`` false (``last_micro_batch``'s micro-batches before the last) keeps gradients."""
 
@@ -197,12 +207,14 @@ class OnDemand:
         self,
         units: tuple[UnitInfo, ...],
         stage: int,
+        world_size: int,
         grad_shard_nbytes: int = 0,
         reduction: str = "",
         reduce: bool = True,
     ):
         self.by_index = {u.index: u for u in units}
         self.stage = stage
+        self.world_size = world_size
         self.grad_shard_nbytes = grad_shard_nbytes
         self.reduction = reduction or ("step" if stage < 2 else "micro_batch")
         self.reduce = reduce
@@ -232,7 +244,8 @@ class OnDemand:
             and unit.index not in self.grad_live
             and unit.index not in self.reduced
         ):
-            zero = AllocGrad if self.reduction == "last_micro_batch" else ZeroGrad
+            zero = ZeroGrad if stage < 2 else DropGrads
+            zero = AllocGrad if self.reduction == "last_micro_batch" else zero
             ops.append(zero(unit.index, unit.name, unit.grad_nbytes))
             self.grad_live.add(unit.index)
         # The root unit is used at both ends of forward and backward: keep it for the step.
@@ -244,14 +257,17 @@ class OnDemand:
                 if not self.shard_ready:
                     # Stages 2 and 3 keep the gradient shard only from the first reduction to
                     # the optimizer step, so it is not alive while activations peak.
-                    ops.append(ZeroGradShard(self.grad_shard_nbytes))
+                    ops.append(AllocGradShard(self.grad_shard_nbytes))
                     self.shard_ready = True
+                packs = stage >= 2  # the gradients are the parameters' own .grad
                 if ordered:
                     reduction = ReduceInOrder(
-                        unit.index, unit.name, unit.reduce_nbytes, whole_unit=stage == 0
+                        unit.index, unit.name, unit.reduce_nbytes, stage == 0, packs
                     )
+                elif packs and self.world_size == 1:
+                    reduction = WriteGradShard(unit.index, unit.name, unit.reduce_nbytes)
                 else:
-                    reduction = ReduceScatter(unit.index, unit.name, unit.reduce_nbytes)
+                    reduction = ReduceScatter(unit.index, unit.name, unit.reduce_nbytes, packs)
                 frees = unit.grad_nbytes if stage >= 2 else 0  # stages 0, 1 keep full gradients
                 ops += [reduction, WaitReduce(unit.index, unit.name, frees)]
                 self.grad_live.discard(unit.index)
@@ -302,7 +318,7 @@ def with_live_nbytes(
                 params.add(op.unit)
             elif isinstance(op, Release):
                 params.discard(op.unit)
-            elif isinstance(op, (ZeroGrad, AllocGrad)) and stage >= 2:
+            elif isinstance(op, (DropGrads, AllocGrad)) and stage >= 2:
                 grads.add(op.unit)
             elif isinstance(op, WaitReduce) and op.frees_nbytes:
                 grads.discard(op.unit)
@@ -331,7 +347,7 @@ def step_ops(
     if stage == 1 and once:
         ops += [ReduceScatter(u.index, u.name, u.reduce_nbytes) for u in trainable]
         ops += [WaitReduce(u.index, u.name, 0) for u in trainable]
-    ops += [ReduceScalars(), OptimizerStep(optimizer_numel)]
+    ops += [ReduceScalars(replicated_gradient=stage == 0), OptimizerStep(optimizer_numel)]
     if stage >= 1 or not once:  # stage 0's all-reduced full gradient persists
         ops.append(FreeGradShard(grad_shard_nbytes))
     # Refresh the full parameters from the updated shards: every unit in stages 1 and 2, the

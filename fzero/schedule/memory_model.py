@@ -151,9 +151,9 @@ class MemoryModel:
     stages 1 and 2 view their shard inside the full parameters, and stage 3 gathers from the
     master; only stage 3's frozen parameters keep their shard). ``gradient_shard_nbytes``: the
     accumulated gradient when it lives across steps (stage 0, unless it is the gradient buffers
-    themselves); stages 1-3 allocate theirs with ``ZeroGradShard`` and free it with
-    ``FreeGradShard``, so ``simulate`` counts it from those ops. ``optimizer_state_nbytes``:
-    master weights and moments of this rank's shard.
+    themselves); stages 1-3 allocate theirs with ``AllocGradShard`` (or the step's
+    ``ZeroGradShard``) and free it with ``FreeGradShard``, so ``simulate`` counts it from those
+    ops. ``optimizer_state_nbytes``: master weights and moments of this rank's shard.
     """
 
     parameter_shard_nbytes: int = 0

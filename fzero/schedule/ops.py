@@ -105,10 +105,8 @@ class Release(Op):
 
 @dataclass(frozen=True)
 class ZeroGrad(Op):
-    """Start unit ``unit``'s gradients from zero. Stages 0 and 1: zero its persistent flat
-    gradient buffer, which its parameters' ``.grad`` are views into, so autograd accumulates
-    straight into it. Stages 2 and 3: clear the parameters' ``.grad``, so autograd hands each a
-    fresh gradient (``nbytes`` of them at most) that the unit's reduction packs and frees."""
+    """Zero unit ``unit``'s persistent flat gradient buffer (stages 0 and 1), which its
+    parameters' ``.grad`` are views into, so autograd accumulates straight into it."""
 
     unit: int
     name: str
@@ -116,6 +114,19 @@ class ZeroGrad(Op):
 
     def __str__(self) -> str:
         return f"ZeroGrad     {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class DropGrads(Op):
+    """Clear unit ``unit``'s parameters' ``.grad`` (stages 2 and 3), so autograd hands each a
+    fresh gradient (``nbytes`` of them at most) that the unit's reduction packs and frees."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"DropGrads    {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
 
 
 @dataclass(frozen=True)
@@ -133,21 +144,42 @@ class AllocGrad(Op):
         return f"AllocGrad    {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
 
 
+_PACKS = "  (packs .grad)"
+
+
 @dataclass(frozen=True)
 class ReduceScatter(Op):
     """Sum unit ``unit``'s gradient over ranks; each rank adds its shard of the sum into its
-    gradient shard. ``nbytes`` is the size of the reduced buffer, in the reduce dtype."""
+    gradient shard. ``nbytes`` is the size of the reduced buffer, in the reduce dtype.
+    ``packs``: the gradient is the parameters' ``.grad`` (stages 2 and 3), packed into a flat
+    buffer and let go; otherwise it is the unit's persistent flat gradient (stage 1)."""
 
     unit: int
     name: str
     nbytes: int
+    packs: bool = False
 
     @property
     def stream(self) -> str:
         return REDUCE
 
     def __str__(self) -> str:
-        return f"ReduceScatter {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+        packs = _PACKS if self.packs else ""
+        return f"ReduceScatter {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}{packs}"
+
+
+@dataclass(frozen=True)
+class WriteGradShard(Op):
+    """World size 1, stages 2 and 3: the sum over one rank is the gradient itself, so each
+    parameter's ``.grad`` is written (the first time in a step) or added into its place in the
+    gradient shard, the cast folded in, and let go. No buffer, no collective."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"WriteGradShard {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
 
 
 @dataclass(frozen=True)
@@ -178,6 +210,7 @@ class ReduceInOrder(Op):
     name: str
     nbytes: int
     whole_unit: bool = False  # stage 0: every rank receives every rank's whole gradient
+    packs: bool = False  # as ReduceScatter's: the gradient is the parameters' .grad
 
     @property
     def stream(self) -> str:
@@ -185,7 +218,9 @@ class ReduceInOrder(Op):
 
     def __str__(self) -> str:
         how = "all-gather" if self.whole_unit else "all-to-all"
-        return f"ReduceInOrder {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}  ({how})"
+        packs = _PACKS if self.packs else ""
+        label = _unit_label(self.unit, self.name)
+        return f"ReduceInOrder {label}  {_size(self.nbytes)}  ({how}){packs}"
 
 
 @dataclass(frozen=True)
@@ -202,10 +237,22 @@ class WaitReduce(Op):
 
 
 @dataclass(frozen=True)
-class ZeroGradShard(Op):
-    """Materialise this rank's gradient shard as zeros, unless it is already alive (then it
-    holds this step's earlier reductions and nothing happens). Stages 1-3 keep the shard only
+class AllocGradShard(Op):
+    """Materialise this rank's gradient shard, unless it is already alive (then it holds this
+    step's earlier reductions and nothing happens). Nothing is zeroed: each reduction writes its
+    unit's slice the first time in a step and adds after that. Stages 1-3 keep the shard only
     from a step's first reduction to its optimizer step."""
+
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"AllocGradShard {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class ZeroGradShard(Op):
+    """Step phase: materialise the gradient shard if no reduction did, and zero every unit's
+    slice that no reduction wrote this step, so the optimizer never reads stale memory."""
 
     nbytes: int
 
@@ -226,10 +273,15 @@ class FreeGradShard(Op):
 @dataclass(frozen=True)
 class ReduceScalars(Op):
     """One tiny all-reduce of (loss, squared gradient norm) so every rank sees global values.
-    A non-finite norm on any rank makes the global one non-finite: that is the overflow check."""
+    A non-finite norm on any rank makes the global one non-finite: that is the overflow check.
+    ``replicated_gradient``: every rank holds the same whole gradient (stage 0), so only rank
+    0 contributes its squared norm."""
+
+    replicated_gradient: bool = False
 
     def __str__(self) -> str:
-        return "ReduceScalars loss, grad_norm^2  8 B"
+        once = "  (rank 0's norm: the gradient is replicated)" if self.replicated_gradient else ""
+        return f"ReduceScalars loss, grad_norm^2  8 B{once}"
 
 
 @dataclass(frozen=True)

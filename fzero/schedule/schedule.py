@@ -89,7 +89,12 @@ class Schedule:
         return max((e.live_nbytes for e in entries), default=0)
 
     def __str__(self) -> str:
-        order = "traced" if self.traced else "presumed from module order (traced on first step)"
+        order = "traced"
+        if not self.traced:
+            order = (
+                "presumed from module order: on-demand ops, which the first micro-batch runs "
+                "for the order it traces before the compiled schedule replaces them"
+            )
         total = sum(u.param_nbytes for u in self.units)
         lines = [
             f"Schedule: ZeRO stage {self.stage}, world size {self.world_size}, "

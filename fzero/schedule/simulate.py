@@ -40,6 +40,13 @@ class CostModel:
     ``bandwidth_bytes_per_second`` (per-rank link bandwidth). The optimizer streams
     ``optimizer_bytes_per_element`` (master, moments, gradient, parameter) per shard element
     at ``optimizer_bytes_per_second``.
+
+    Offload: copies between host and device run at ``host_to_device_bytes_per_second`` and
+    ``device_to_host_bytes_per_second`` (PCIe 5 x16 moves about 53 GB/s each way, measured on
+    the H200), the CPU AdamW step streams ``cpu_optimizer_bytes_per_element`` per element at
+    ``cpu_optimizer_bytes_per_second`` (torch's fused CPU AdamW, 16 cores: 122 GB/s at 28 B per
+    element), and swap files are read and written at ``file_read_bytes_per_second`` and
+    ``file_write_bytes_per_second`` (calibrate them with ``benchmarks/nvme_swap.py``).
     """
 
     forward_seconds: UnitSeconds = None
@@ -50,6 +57,12 @@ class CostModel:
     latency_seconds: float = 10e-6
     optimizer_bytes_per_second: float = 1e12
     optimizer_bytes_per_element: float = 30.0
+    host_to_device_bytes_per_second: float = 53e9
+    device_to_host_bytes_per_second: float = 53e9
+    cpu_optimizer_bytes_per_second: float = 122e9
+    cpu_optimizer_bytes_per_element: float = 28.0
+    file_read_bytes_per_second: float = 6e9
+    file_write_bytes_per_second: float = 4e9
 
     def forward(self, unit: UnitInfo) -> float:
         default = 2.0 * unit.numel * self.tokens_per_micro_batch / self.flops_per_second
@@ -77,6 +90,26 @@ class CostModel:
 
     def optimizer(self, shard_numel: int) -> float:
         return shard_numel * self.optimizer_bytes_per_element / self.optimizer_bytes_per_second
+
+    def upload(self, nbytes: int) -> float:
+        """A host-to-device copy of ``nbytes`` (pinned host memory)."""
+        return nbytes / self.host_to_device_bytes_per_second
+
+    def download(self, nbytes: int) -> float:
+        """A device-to-host copy of ``nbytes`` (pinned host memory)."""
+        return nbytes / self.device_to_host_bytes_per_second
+
+    def cpu_optimizer(self, shard_numel: int) -> float:
+        """The CPU AdamW step over ``shard_numel`` elements of a host shard."""
+        return (
+            shard_numel * self.cpu_optimizer_bytes_per_element / self.cpu_optimizer_bytes_per_second
+        )
+
+    def file_read(self, nbytes: int) -> float:
+        return nbytes / self.file_read_bytes_per_second
+
+    def file_write(self, nbytes: int) -> float:
+        return nbytes / self.file_write_bytes_per_second
 
 
 def _lookup(table: UnitSeconds, unit: UnitInfo, default: float) -> float:
@@ -297,6 +330,9 @@ class _Replay:
                 else:  # an all-to-all of shard slices moves what a reduce-scatter moves
                     seconds = self.cost.reduce_scatter(op.nbytes, n)
                 self.in_flight[(O.REDUCE, op.unit)] = self.collective(op, O.REDUCE, seconds, micro)
+            elif isinstance(op, O.WriteGradShard):  # one rank: a local write, no collective
+                self.in_flight[(O.REDUCE, op.unit)] = self.now
+                self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
             elif isinstance(op, (O.WaitGather, O.WaitReduce)):
                 stream = O.GATHER if isinstance(op, O.WaitGather) else O.REDUCE
                 self.wait(op, self.in_flight.pop((stream, op.unit), self.now), micro)
@@ -311,7 +347,16 @@ class _Replay:
             elif isinstance(op, O.OptimizerStep):
                 self.compute(_op_text(op), self.cost.optimizer(op.shard_numel), micro)
             elif isinstance(
-                op, (O.Release, O.ZeroGrad, O.AllocGrad, O.ZeroGradShard, O.FreeGradShard)
+                op,
+                (
+                    O.Release,
+                    O.ZeroGrad,
+                    O.DropGrads,
+                    O.AllocGrad,
+                    O.AllocGradShard,
+                    O.ZeroGradShard,
+                    O.FreeGradShard,
+                ),
             ):
                 self.bookkeeping(op)
                 self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
@@ -322,9 +367,9 @@ class _Replay:
     def bookkeeping(self, op: O.Op) -> None:
         if isinstance(op, O.Release):
             self.gathered.discard(op.unit)
-        elif isinstance(op, (O.ZeroGrad, O.AllocGrad)):  # on a live buffer: nothing new
+        elif isinstance(op, (O.ZeroGrad, O.DropGrads, O.AllocGrad)):  # live: nothing new
             self.grads[op.unit] = op.nbytes
-        elif isinstance(op, O.ZeroGradShard) and self.grad_shard_nbytes is None:
+        elif isinstance(op, (O.AllocGradShard, O.ZeroGradShard)) and self.grad_shard_nbytes is None:
             self.grad_shard_nbytes = op.nbytes  # on a live shard it does nothing
         elif isinstance(op, O.FreeGradShard):
             self.grad_shard_nbytes = None

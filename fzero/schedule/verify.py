@@ -15,7 +15,7 @@ and 1) or once per step in ``last_micro_step`` (``reduce_every_micro_batch: fals
 backward, and before the optimizer reads the gradient shard. The gradient shard: stage 0 keeps
 it across steps (except in deterministic mode); otherwise it is held only from a step's first
 reduction to its optimizer step, so it must be allocated
-(``ZeroGradShard``, which does nothing to a live shard) before a reduction lands in it, freed
+(``AllocGradShard``, which does nothing to a live shard) before a reduction lands in it, freed
 (``FreeGradShard``) only after ``OptimizerStep`` read it, and freed before the step ends.
 
 Whether all ranks run the same collectives in the same order is checked across ranks, by
@@ -100,6 +100,7 @@ class _Checker(GradientRules):
 
     def __init__(self, schedule: Schedule, max_live_nbytes: int | None):
         stage = self.stage = schedule.stage
+        self.world_size = schedule.world_size
         self.units = {u.index: u for u in schedule.units}
         self.trainable = {u.index for u in schedule.units if u.has_trainable}
         self.max_live_nbytes = max_live_nbytes

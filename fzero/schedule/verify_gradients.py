@@ -26,14 +26,16 @@ class GradientRules:
             self.fail(
                 "zero-grad-before-backward",
                 unit,
-                "backward runs with no gradient buffer: ZeroGrad is missing before it",
+                "backward runs with no gradient buffer: ZeroGrad (DropGrads in stages 2 "
+                "and 3) is missing before it",
             )
         if unit in self.grad_stale:
             self.fail(
                 "zero-grad-before-backward",
                 unit,
                 "backward adds onto a gradient that "
-                "was already reduced: ZeroGrad is missing after the reduction",
+                "was already reduced: ZeroGrad (DropGrads in stages 2 and 3) is missing after "
+                "the reduction",
             )
         if unit in self.reducing:
             self.fail(
@@ -45,24 +47,27 @@ class GradientRules:
 
     # -- gradient ops -----------------------------------------------------------------------
 
-    def op_ZeroGrad(self, op: O.ZeroGrad) -> None:
-        unit = op.unit
+    def op_ZeroGrad(self, op: O.ZeroGrad | O.DropGrads) -> None:
+        unit, name = op.unit, type(op).__name__
         if unit not in self.trainable:
-            self.fail("zero-grad-before-backward", unit, "ZeroGrad, but no trainable parameters")
+            self.fail("zero-grad-before-backward", unit, f"{name}, but no trainable parameters")
         if unit in self.reducing:
             self.fail(
                 "zero-grad-before-backward",
                 unit,
-                "ZeroGrad while the reduction reading the gradient is in flight",
+                f"{name} while the reduction reading the gradient is in flight",
             )
         if unit in self.grad_dirty:
             self.fail(
                 "zero-grad-before-backward",
                 unit,
-                "ZeroGrad discards a gradient that was never reduced",
+                f"{name} discards a gradient that was never reduced",
             )
         self.grad_alive.add(unit)
         self.grad_stale.discard(unit)
+
+    # Stages 2 and 3 start a unit's gradients by dropping .grad: the same rules.
+    op_DropGrads = op_ZeroGrad
 
     def op_AllocGrad(self, op: O.AllocGrad) -> None:
         # Materialises the buffer as zeros unless it is alive (holding this step's earlier
@@ -81,6 +86,9 @@ class GradientRules:
     def op_ReduceScatter(self, op: O.ReduceScatter) -> None:
         self.reduce(op)
 
+    def op_WriteGradShard(self, op: O.WriteGradShard) -> None:
+        self.reduce(op)
+
     def op_ReduceInOrder(self, op: O.ReduceInOrder) -> None:
         if op.whole_unit != (self.stage == 0):
             self.fail(
@@ -94,9 +102,13 @@ class GradientRules:
     def op_AllReduce(self, op: O.AllReduce) -> None:
         self.reduce(op)
 
-    def reduce(self, op: O.ReduceScatter | O.AllReduce | O.ReduceInOrder) -> None:
+    def reduce(
+        self, op: O.ReduceScatter | O.AllReduce | O.ReduceInOrder | O.WriteGradShard
+    ) -> None:
         unit, name = op.unit, type(op).__name__
         expected = "AllReduce" if self.stage == 0 else "ReduceScatter"
+        if self.stage >= 2 and self.world_size == 1:
+            expected = "WriteGradShard"
         if self.mode == "ordered":
             expected = "ReduceInOrder"
         if name != expected:
@@ -157,13 +169,20 @@ class GradientRules:
             self.grad_alive.discard(unit)
             self.grad_stale.discard(unit)
 
-    def op_ZeroGradShard(self, op: O.ZeroGradShard) -> None:
-        # Materialises the shard as zeros; on a shard that is alive (it holds this step's
-        # earlier reductions) it does nothing.
+    def op_AllocGradShard(self, op: O.AllocGradShard) -> None:
+        # Materialises the shard; on a shard that is alive (it holds this step's earlier
+        # reductions) it does nothing.
         if self.shard_alive:
             return
         self.shard_alive, self.shard_consumed = True, False
         self.shard_holds.clear()
+
+    def op_ZeroGradShard(self, op: O.ZeroGradShard) -> None:
+        # The step phase's: materialises the shard if needed and zeroes the slices no
+        # reduction wrote; what reductions wrote stays.
+        if self.phase != "step":
+            self.fail("grad-shard", -1, "ZeroGradShard outside the step phase (AllocGradShard?)")
+        self.op_AllocGradShard(op)
 
     def op_FreeGradShard(self, op: O.FreeGradShard) -> None:
         if not self.shard_alive:

@@ -124,6 +124,12 @@ class Workspace:
             return None
         return shard[: self.layout.units[index].optimizer_numel]
 
+    @property
+    def gathers_params(self) -> bool:
+        """Whether the full unit buffers are gathered copies of sharded parameters (stage 3)
+        rather than this rank's standing parameters (stages 0-2)."""
+        return self.stage == 3
+
     def state_leaves(self) -> tuple[torch.Tensor, ...]:
         """Parameter values a checkpoint needs beyond the master: the compute-dtype shards
         (stages 0-2, unless they are the master) or the frozen tails (stage 3)."""

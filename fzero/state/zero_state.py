@@ -1,9 +1,12 @@
 """ZeroState: the training state, a pytree of flat sharded buffers plus static structure.
 
-The leaves are this rank's buffers (fp32 master shard, AdamW moments, the step count, and the
-compute-dtype parameter shards when they are not the master itself). Everything static (layout,
-schedule, config, the model and the executor that drives it) is the pytree's metadata, so
-``optree.tree_map(f, state, namespace="fzero")`` touches exactly the tensors a checkpoint must hold.
+The leaves are all of training progress: this rank's buffers (fp32 master shard, AdamW
+moments, the optimizer's step count, and the compute-dtype parameter shards when they are not
+the master itself) and ``progress`` (steps, skipped steps, the loss scaler's position; the
+learning-rate schedule reads the applied-step count). Everything static (layout, schedule,
+config, the model and the runtime that drives it) is the pytree's metadata, so
+``optree.tree_map(f, state, namespace="fzero")`` touches exactly the tensors a checkpoint must
+hold, and a ``tree_map`` copy of a state is a state: ``train_step`` accepts it and trains from it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import optree
 import torch
 
 from fzero.errors import DonatedStateError
+from fzero.state.progress import Progress
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,6 +30,7 @@ class ZeroState:
     # Per unit, this rank's compute-dtype slice (views into the workspace); empty when those
     # are the fp32 master itself (fp32 stages 0 and 3 with no frozen parameters).
     param_shards: tuple[torch.Tensor, ...]
+    progress: Progress
     runtime: Any  # fzero.runtime.Runtime: static, never a leaf
 
     @property
@@ -60,21 +65,23 @@ class ZeroState:
 
         return (
             f"ZeroState(stage {self.runtime.config.stage}, rank {self.rank}/{self.world_size}, "
-            f"step {self.runtime.step_count}, master {describe(self.master)}, "
+            f"step {self.progress.step_count}, master {describe(self.master)}, "
             f"moments 2 x {describe(self.exp_avg)}, {len(self.param_shards)} parameter shards)"
         )
 
     def check_live(self) -> None:
-        if self.runtime.live_state is not self:
+        if self.runtime.is_donated(self):
             raise DonatedStateError(
                 "this state was donated to fzero.train_step, which may have changed its buffers "
                 "in place; use the state train_step returned"
             )
 
 
+LEAF_NAMES = ("master", "exp_avg", "exp_avg_sq", "step", "param_shards", "progress")
+
+
 def _flatten(state: ZeroState):
-    children = (state.master, state.exp_avg, state.exp_avg_sq, state.step, state.param_shards)
-    return children, state.runtime, ("master", "exp_avg", "exp_avg_sq", "step", "param_shards")
+    return tuple(getattr(state, n) for n in LEAF_NAMES), state.runtime, LEAF_NAMES
 
 
 def _unflatten(runtime: Any, children: Any) -> ZeroState:

@@ -4,12 +4,12 @@
   (the root unit's module is the model itself).
 - ``pre_backward(u)``: the unit's outputs pass through an identity autograd function whose
   backward fires first, before any of the unit's own backward work. The root unit's is raised
-  by ``train_step`` just before it calls ``backward``.
+  by ``fzero.train.backward`` just before it calls ``backward``.
 - ``post_backward(u)``: a post-accumulate-grad hook on each trainable parameter counts the
   unit's parameters; the last one fires the trigger. Units whose parameters got no gradient in
   this pass (unused, frozen) fire at the end of backward, in descending unit order.
 
-Outside ``train_step`` (evaluation, ``torch.no_grad()``) the hooks only gather a stage-3 unit
+Outside a step (evaluation, ``torch.no_grad()``) the hooks only gather a stage-3 unit
 for its forward and free it afterwards, so ``model(x)`` keeps working.
 """
 
@@ -100,13 +100,16 @@ class HookDriver:
         for unit in self.root_units:
             self.fire(Trigger(PRE_BACKWARD, unit))
 
-    def end_backward(self) -> None:
+    def end_backward(self) -> tuple[Trigger, ...] | None:
+        """Raise the triggers that end a micro-batch; returns the order it ran in when it was
+        the tracing one (see ``Executor.end_micro_step``)."""
         for unit in sorted(set(self.started) - self.done, reverse=True):
             self.done.add(unit)
             self.fire(Trigger(POST_BACKWARD, unit))
         self.fire(Trigger(BACKWARD_END))
-        self.executor.end_micro_step()
+        trace = self.executor.end_micro_step()
         self.active = False
+        return trace
 
     def deactivate(self) -> None:
         self.active = False

@@ -1,0 +1,244 @@
+"""The executor: runs the ops a Schedule keys to each trigger, through one table of handlers.
+
+It is driven by triggers (``fire``), which the module hooks in ``hooks.py`` raise as the model
+runs. At each trigger it runs the ops the schedule keys there, in order, and checks that the
+model reached the trigger the schedule expected next: a model that runs in another order than
+it was traced gets a ``ScheduleError`` instead of a wrong gather. While the first micro-batch is
+traced it runs the on-demand ops of ``schedule.OnDemand`` for the triggers as they come (the
+ops ``print(state.schedule)`` shows before the first step, when the model runs in module
+order), and ``end_micro_step`` hands the recorded order back so a compiled schedule can be
+installed (``install``).
+
+``HANDLERS`` maps each op type to the component method that runs it: gathers
+(``gathers.py``), gradient reduction (``reductions.py``) and the step phase
+(``step_phase.py``). No handler asks which ZeRO stage it is in: the compiler emits a different
+op where behaviour differs. Nothing the executor does to buffers happens outside an op, so the
+ops it records (``record_ops=True``) are exactly ``schedule.ops(micro_batches)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fzero.collectives import Communicator
+from fzero.errors import ScheduleError
+from fzero.runtime.gathers import Gathers
+from fzero.runtime.reductions import GradientReduction
+from fzero.runtime.step_phase import Hyper, OptimizerBuffers, StepPhase, StepResult
+from fzero.runtime.timeline import MeasuredTimeline
+from fzero.schedule import OnDemand, Schedule, Trigger
+from fzero.schedule import ops as O
+from fzero.state.buffers import Workspace, free_storage
+from fzero.state.layout import FlatLayout
+
+
+@dataclass(frozen=True)
+class ExecutorParts:
+    """What an executor is built from, besides its schedule: the rank's buffers and the
+    model's parameters per unit, and the step phase's fixed inputs."""
+
+    layout: FlatLayout
+    workspace: Workspace
+    comm: Communicator
+    optimizer: OptimizerBuffers
+    unit_params: list[list[torch.nn.Parameter]]
+    reduce_dtype: torch.dtype
+    decay_ranges: tuple[tuple[int, int, float], ...]
+    norm_order: tuple[tuple[int, int, tuple[int, ...]], ...]
+
+
+class Executor:
+    def __init__(
+        self,
+        schedule: Schedule,
+        parts: ExecutorParts,
+        *,
+        record_ops: bool = False,
+        timeline: MeasuredTimeline | None = None,
+    ):
+        self.layout, self.workspace, self.comm = parts.layout, parts.workspace, parts.comm
+        self.optimizer = parts.optimizer
+        self.unit_params = parts.unit_params
+        self.record_ops = record_ops
+        self.timeline = timeline  # when set: device times of triggers and gathers
+        self.gathers = Gathers(parts.workspace, parts.comm, timeline)
+        self.reduction = GradientReduction(
+            parts.layout, parts.workspace, parts.comm, parts.unit_params, parts.reduce_dtype
+        )
+        self.step_phase = StepPhase(
+            parts.layout,
+            parts.workspace,
+            parts.comm,
+            parts.optimizer,
+            parts.decay_ranges,
+            parts.norm_order,
+        )
+        g, r, s = self.gathers, self.reduction, self.step_phase
+        self.handlers: dict[type[O.Op], Callable] = {
+            O.AllGather: g.all_gather,
+            O.WaitGather: g.wait_gather,
+            O.Release: g.release,
+            O.ZeroGrad: r.zero_grad,
+            O.DropGrads: r.drop_grads,
+            O.AllocGrad: r.alloc_grad,
+            O.ReduceScatter: r.reduce_scatter,
+            O.WriteGradShard: r.write_grad_shard,
+            O.AllReduce: r.all_reduce,
+            O.ReduceInOrder: r.reduce_in_order,
+            O.WaitReduce: r.wait_reduce,
+            O.AllocGradShard: r.alloc_grad_shard,
+            O.ZeroGradShard: r.zero_grad_shard,
+            O.FreeGradShard: r.free_grad_shard,
+            O.ReduceScalars: s.reduce_scalars,
+            O.ReduceScalarsInOrder: s.reduce_scalars_in_order,
+            O.OptimizerStep: s.optimizer_step,
+        }
+        self.executed: list[O.Op] = []
+        # With record_ops: (trigger, gathered parameter bytes, gradient bytes) after its ops.
+        self.live_log: list[tuple[Trigger, int, int]] = []
+        # Host time inside ops, summed over steps: wall time, and the calling threads' CPU
+        # time. Both include kernel launches and any wait for a full launch queue (a GPU-bound
+        # step fills it); CPU time leaves out time the thread was descheduled.
+        self.host_seconds = 0.0
+        self.host_cpu_seconds = 0.0
+        self.steps_run = 0
+        self._cursor = 0
+        self._entries: tuple[O.Entry, ...] = ()
+        self._tracing: OnDemand | None = None
+        self._trace: list[Trigger] = []
+        self.install(schedule)
+
+    def install(self, schedule: Schedule) -> None:
+        """Run ``schedule`` from the next micro-batch on."""
+        self.schedule = schedule
+        ops = schedule.ops(1)
+        # Units some op releases (stage 3, less the persistent ones): gathered only in use.
+        self.released_units = frozenset(op.unit for op in ops if isinstance(op, O.Release))
+        # Stage 0 keeps its all-reduced gradient across steps; the others free it each step.
+        self.shard_persists = not any(isinstance(op, O.FreeGradShard) for op in ops)
+
+    # -- triggers -------------------------------------------------------------------------------
+
+    def begin_micro_step(self, last: bool = True) -> None:
+        """Start a micro-batch; ``last``: the step's last, which may run other ops."""
+        self._cursor = 0
+        self._entries = self.schedule.micro_entries(last)
+        if not self.schedule.traced:
+            # A traced micro-batch reduces its gradients (in order, in deterministic mode)
+            # whether it is the last or not: the sum comes out the same.
+            ordered = self.schedule.gradient_reduction == "ordered"
+            self._tracing = OnDemand(
+                self.schedule.units,
+                self.schedule.stage,
+                self.schedule.world_size,
+                self.grad_shard_nbytes,
+                reduction="ordered" if ordered else "",
+            )
+            self._trace = []
+
+    def fire(self, trigger: Trigger) -> None:
+        if self._tracing is not None:
+            self._trace.append(trigger)
+            self._run(self._tracing.ops(trigger))
+            self._log_live(trigger)
+            return
+        entries = self._entries
+        if self._cursor >= len(entries) or entries[self._cursor].trigger != trigger:
+            expected = entries[self._cursor].trigger if self._cursor < len(entries) else "nothing"
+            raise ScheduleError(
+                f"the model reached {trigger} where the schedule expects {expected} (entry "
+                f"{self._cursor}): its execution order differs from the traced one. fzero needs "
+                "the same unit order every micro-batch."
+            )
+        self._cursor += 1
+        self._run(entries[self._cursor - 1].ops)
+        if self.timeline is not None:
+            self.timeline.mark(str(trigger))
+        self._log_live(trigger)
+
+    def end_micro_step(self) -> tuple[Trigger, ...] | None:
+        """Finish a micro-batch; returns the order it ran in when it was the tracing one (the
+        caller compiles a schedule for it and installs it), else None."""
+        if self._tracing is not None:
+            self._tracing = None
+            return tuple(self._trace)
+        if self._cursor != len(self._entries):
+            missing = self._entries[self._cursor].trigger
+            raise ScheduleError(f"the micro-batch ended before the schedule's {missing}")
+        return None
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.step_phase.add_loss(loss)
+
+    def run_step(self, micro_batches: int, hyper: Hyper) -> StepResult:
+        self.step_phase.begin(micro_batches, hyper)
+        if self.timeline is not None:
+            self.timeline.mark("step")
+        for entry in self.schedule.step:
+            self._run(entry.ops)
+        if self.timeline is not None:
+            self.timeline.mark("step_end")
+        self.steps_run += 1
+        return self.step_phase.finish()
+
+    def _run(self, ops: tuple[O.Op, ...]) -> None:
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        handlers = self.handlers
+        for op in ops:
+            if self.record_ops:
+                self.executed.append(op)
+            handlers[type(op)](op)
+        self.host_seconds += time.perf_counter() - start
+        self.host_cpu_seconds += time.thread_time() - start_cpu
+
+    def gather(self, unit: int):
+        """Gather one unit outside the schedule's ops (evaluation, checkpoint refresh)."""
+        return self.gathers.gather(unit)
+
+    # -- measuring ------------------------------------------------------------------------------
+
+    def _log_live(self, trigger: Trigger) -> None:
+        if self.record_ops:
+            self.live_log.append(
+                (trigger, self.measured_param_nbytes(), self.measured_grad_nbytes())
+            )
+
+    def measured_live_nbytes(self) -> int:
+        """Bytes of gathered (stage 3) parameters and of transient (stage 2, 3) gradients alive
+        now: parameter gradients autograd produced and reduce buffers in flight. The schedule's
+        ``live_nbytes`` bounds it (gradients appear during a unit's backward)."""
+        return self.measured_param_nbytes() + self.measured_grad_nbytes()
+
+    def measured_param_nbytes(self) -> int:
+        """Bytes of gathered copies of sharded parameters alive now (stage 3, persistent units
+        included, as the schedule counts them); 0 where the full parameters are the rank's own
+        standing buffers (stages 0-2)."""
+        if not self.workspace.gathers_params:
+            return 0
+        return sum(f.untyped_storage().size() for f in self.workspace.param_flats)
+
+    def measured_grad_nbytes(self) -> int:
+        return self.reduction.transient_grad_nbytes()
+
+    @property
+    def grad_shard_nbytes(self) -> int:
+        shard = self.workspace.grad_shard
+        return shard.numel() * shard.element_size()
+
+    # -- failure --------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Return to the between-steps state after a failed micro-batch: wait for collectives
+        in flight, release units gathered only in use, clear partial gradients. Parameters,
+        master weights and moments are untouched, so the state given to ``train_step`` stays
+        valid."""
+        self.gathers.abort()
+        self._tracing = None
+        self.step_phase.loss_sum = None
+        for unit in self.released_units:
+            free_storage(self.workspace.param_flats[unit])
+        self.reduction.abort(self.shard_persists)

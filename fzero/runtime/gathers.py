@@ -1,0 +1,93 @@
+"""Parameter gathers: the handlers of ``AllGather``, ``WaitGather`` and ``Release``.
+
+A gather fills a unit's full flat buffer (which the model's parameters are views into) from
+every rank's shard. On one rank it is a cast-and-copy of the shard; on CUDA that copy runs on a
+stream of its own so that a prefetched unit overlaps the compute before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from fzero.collectives import Communicator, DoneWork, Work
+from fzero.errors import ScheduleError
+from fzero.runtime.timeline import MeasuredTimeline
+from fzero.schedule import ops as O
+from fzero.state.buffers import Workspace, alloc_storage, free_storage
+
+
+class InFlightGather(NamedTuple):
+    """A gather issued and not yet waited on; ``send`` must live until the wait."""
+
+    work: Work
+    send: torch.Tensor | None
+
+
+class Gathers:
+    """Issues, waits for and releases unit gathers; owns the gathers in flight."""
+
+    def __init__(self, workspace: Workspace, comm: Communicator, timeline: MeasuredTimeline | None):
+        self.workspace = workspace
+        self.comm = comm
+        self.timeline = timeline
+        self.in_flight: dict[int, InFlightGather] = {}
+        self._stream: Any = None
+
+    def all_gather(self, op: O.AllGather) -> None:
+        self.in_flight[op.unit] = self.gather(op.unit)
+
+    def wait_gather(self, op: O.WaitGather) -> None:
+        pending = self.in_flight.pop(op.unit, None)
+        if pending is None:
+            raise ScheduleError(
+                f"WaitGather for unit {op.unit} ({op.name!r}) with no gather issued"
+            )
+        pending.work.wait()
+
+    def release(self, op: O.Release) -> None:
+        free_storage(self.workspace.param_flats[op.unit])
+
+    def gather(self, unit: int) -> InFlightGather:
+        """Fill unit ``unit``'s full buffer from every rank's shard."""
+        flat = self.workspace.param_flats[unit]
+        alloc_storage(flat)
+        if self.comm.world_size == 1:  # the shard is the whole unit: write it, cast included
+            if flat.is_cuda:
+                return InFlightGather(self._copy_on_gather_stream(unit, flat), None)
+            self.workspace.write_shard(unit, flat)
+            return InFlightGather(DoneWork(), None)
+        source = self.workspace.gather_source(unit)
+        return InFlightGather(self.comm.all_gather(flat, source), source)
+
+    def _copy_on_gather_stream(self, unit: int, flat: torch.Tensor) -> Work:
+        """One rank on CUDA: the side stream waits for the compute stream (the master may just
+        have been updated); WaitGather makes the compute stream wait for the copy, and the
+        buffer is only released after that wait."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=flat.device)
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(flat.device))
+        start = self.timeline.begin(stream) if self.timeline is not None else None
+        with torch.cuda.stream(stream):
+            self.workspace.write_shard(unit, flat)
+        if self.timeline is not None:
+            self.timeline.end("gather", f"gather {unit}", start, stream)
+        return StreamWork(stream)
+
+    def abort(self) -> None:
+        for pending in self.in_flight.values():
+            pending.work.wait()
+        self.in_flight.clear()
+
+
+class StreamWork:
+    """Work queued on a CUDA stream: waiting makes the current stream wait for it."""
+
+    def __init__(self, stream: Any):
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)

@@ -1,0 +1,115 @@
+"""Where the model states of one rank live under offload: device, host and file bytes.
+
+Offload moves buffers off the device; it does not change what a rank holds, only where. With
+P = trainable elements / N (the optimizer shard) and F = all elements / N (the parameter shard),
+K the optimizer bytes per element, g the gradient-shard bytes and c the compute-dtype bytes:
+
+- ``offload_optimizer`` ``"cpu"`` (stages 1-3): the K P of master weights and moments move to
+  the host, beside the g P the gradient shard is copied down into and a c P staging buffer the
+  CPU step writes the updated parameters into for the upload. At stage 3 the device now keeps a
+  c F parameter shard to gather from (without offload it casts the master on the fly).
+- ``offload_optimizer`` ``"nvme"``: the K P go to files; the host keeps the g P and c P buffers
+  and ``optimizer_buffer_count`` staging buffers of one state (4 bytes) of the largest unit's
+  shard, through which units' states are read, stepped and written back.
+- ``offload_param`` ``"cpu"`` (stage 3): the device's compute-dtype shard lives on the host
+  between uses; each gather uploads it first. With optimizer offload that is the c F shard, and
+  the CPU step writes straight into it, so it is the upload staging buffer, not a second one.
+  Without optimizer offload only frozen parameters have such a shard: trainable ones are
+  gathered from the master, which stays on the device with the optimizer.
+- ``offload_param`` ``"nvme"``: the c F go to a file, read through ``param_buffer_count``
+  host buffers of ``param_buffer_size`` elements (DeepSpeed's ``buffer_count``/``buffer_size``).
+
+On the device the gradient shard stays transient, as without offload: a unit's part is reduced
+there and copied down. Files count their bytes before the 4096-byte padding of each swap file
+and without the extra copy a write-then-replace holds while it is in flight (``swap_nbytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fzero.schedule.memory_model import BytesPerParam, ModelStates
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+STATE_ELEMENT_NBYTES = 4  # one fp32 optimizer state (master, exp_avg or exp_avg_sq) per element
+
+
+@dataclass(frozen=True)
+class OffloadStates:
+    """Per-rank bytes by residence. ``device`` keeps the ``ModelStates`` meaning (at the
+    optimizer step; ``transient_gradients`` the part alive only around it); ``host`` and
+    ``file`` hold what moved there; ``host_staging_nbytes`` the swap buffers of NVMe offload."""
+
+    device: ModelStates
+    host: ModelStates
+    file: ModelStates
+    host_staging_nbytes: int = 0
+
+    @property
+    def host_nbytes(self) -> int:
+        return self.host.total + self.host_staging_nbytes
+
+    @property
+    def file_nbytes(self) -> int:
+        return self.file.total
+
+
+def offload_states(
+    without_offload: ModelStates,
+    *,
+    numel: int,
+    trainable_numel: int,
+    world_size: int,
+    stage: int,
+    bytes_per_param: BytesPerParam,
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+    largest_unit_numel: int | None = None,
+    optimizer_buffer_count: int = 4,
+    param_buffer_count: int = 5,
+    param_buffer_size: int = 100_000_000,
+) -> OffloadStates:
+    """Split ``without_offload`` (fzero's layout, ``model_states(..., layout="fzero")``) by
+    residence; see the module docstring for each formula. ``largest_unit_numel`` sizes NVMe
+    optimizer staging (None: the whole model as one unit, an upper bound)."""
+    for key, device in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
+        if device not in OFFLOAD_DEVICES:
+            raise ValueError(f"{key} must be one of {OFFLOAD_DEVICES}, got {device!r}")
+    if offload_optimizer != "none" and stage == 0:
+        raise ValueError("offload_optimizer needs stage 1, 2 or 3 (stage 0 keeps no shard)")
+    if offload_param != "none" and stage != 3:
+        raise ValueError(f"offload_param needs stage 3, got stage {stage}")
+    b = bytes_per_param
+    optimizer_numel = -(-trainable_numel // world_size)
+    shard_numel = -(-numel // world_size)
+    device = without_offload
+    zero = ModelStates(0, 0, 0)
+    host, file, staging = zero, zero, 0
+    if offload_optimizer != "none":
+        gradient_copy = optimizer_numel * b.gradient_shard
+        upload = optimizer_numel * b.parameter
+        parameters = device.parameters
+        if stage == 3:  # a compute-dtype shard to gather from, where the master was
+            parameters = shard_numel * b.parameter
+        device = ModelStates(parameters, device.gradients, 0, device.transient_gradients)
+        state = optimizer_numel * b.optimizer_state
+        if offload_optimizer == "cpu":
+            host = ModelStates(upload, gradient_copy, state)
+        else:
+            host = ModelStates(upload, gradient_copy, 0)
+            file = ModelStates(0, 0, state)
+            unit = -(-(largest_unit_numel or trainable_numel) // world_size)
+            staging += max(optimizer_buffer_count, 1) * STATE_ELEMENT_NBYTES * unit
+    if offload_param != "none":
+        # The device's compute-dtype shard moves (without optimizer offload that is only the
+        # frozen parameters': trainable ones are gathered from the master, which stays with
+        # the optimizer). On the host it also takes the place of the upload staging buffer.
+        moved = device.parameters
+        device = replace(device, parameters=0)
+        if offload_param == "cpu":
+            host = replace(host, parameters=moved)
+        else:
+            host = replace(host, parameters=0)
+            file = replace(file, parameters=moved)
+            staging += max(param_buffer_count, 1) * param_buffer_size * b.parameter
+    return OffloadStates(device, host, file, staging)
