@@ -10,7 +10,7 @@ See docs/checkpoints.md.
 from __future__ import annotations
 
 from fzero.checkpoint.consolidate import consolidate, describe
-from fzero.checkpoint.loading import load
+from fzero.checkpoint.loading import load, load_into
 from fzero.checkpoint.manifest import Checkpoint, open_checkpoint
 from fzero.checkpoint.refresh import refresh_parameters
 from fzero.checkpoint.saving import load_data_state, save
@@ -21,6 +21,7 @@ __all__ = [
     "describe",
     "load",
     "load_data_state",
+    "load_into",
     "open_checkpoint",
     "refresh_parameters",
     "save",
