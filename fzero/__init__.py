@@ -19,5 +19,6 @@ from fzero.checkpoint import load, save  # noqa: E402 - appended: sharded checkp
 __all__ += ["load", "save"]
 
 from fzero.integrations.arguments import add_config_arguments  # noqa: E402 - DeepSpeed's flags
+from fzero.integrations.initialize import initialize  # noqa: E402 - DeepSpeed's engine loop
 
-__all__ += ["add_config_arguments"]
+__all__ += ["add_config_arguments", "initialize"]

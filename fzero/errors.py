@@ -160,3 +160,13 @@ class AutoConfigMismatchError(ConfigError):
             "the DeepSpeed config contradicts the TrainingArguments:\n"
             f'{lines}\nset these config values to "auto" (or change the arguments to match)',
         )
+
+
+class EngineError(RuntimeError):
+    """An ``fzero.initialize`` engine was driven out of order (say ``backward`` without a
+    forward through the engine); the message gives the loop that works."""
+
+
+class UnsupportedArgumentError(ValueError):
+    """``fzero.initialize`` (or the fzero Trainer) was handed an object fzero does not take,
+    such as a torch optimizer or lr scheduler; the message says what to put in the config."""

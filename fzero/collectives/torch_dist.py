@@ -92,6 +92,8 @@ def init_from_env() -> tuple[int, int, torch.device]:
     launch = read_launch_environment(os.environ)
     if launch is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if is_initialized():  # a group the caller joined itself
+            return dist.get_rank(), dist.get_world_size(), device
         return 0, 1, device
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank)
