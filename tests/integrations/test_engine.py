@@ -18,7 +18,7 @@ from tests.integrations.engine_cases import (  # noqa: E402
 )
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 2])  # 1 and 3: on two ranks below
 def test_engine_loop_equals_train_step_one_rank(stage):
     engine_losses, step_losses, same, counters, last_lr, group_lr = engine_equals_train_step(
         0, 1, stage

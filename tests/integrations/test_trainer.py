@@ -42,7 +42,7 @@ def test_trainer_matches_plain_pytorch(tmp_path, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])
 def test_trainer_matches_plain_pytorch_two_ranks(gloo2, tmp_path, stage):
     results = gloo2.run(train_summary, str(tmp_path / f"stage{stage}"), stage)
     (logs, seen0, full), (logs1, seen1, _) = results
