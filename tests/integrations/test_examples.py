@@ -91,6 +91,26 @@ def test_hf_trainer_example_under_torchrun():
     assert (Path("/tmp/fzero-hf-example") / "model.safetensors").is_file()
 
 
+def test_shard_joins_the_launchers_group(tmp_path):
+    """Under the fzero launcher a script that only calls fzero.shard trains on 2 ranks, and gets
+    --local_rank=N as under deepspeed."""
+    script = tmp_path / "shard.py"
+    script.write_text(
+        "import sys, torch, fzero\n"
+        "state = fzero.shard(torch.nn.Linear(4, 4), stage=1)\n"
+        "comm = state.runtime.comm\n"
+        "print(f'RANK_SEEN {comm.rank} {comm.world_size} {sys.argv[1:]}')\n"
+    )
+    launcher = [sys.executable, "-m", "fzero.integrations.launcher", "--num_procs", "2"]
+    process = _run([*launcher, "--master_port", _port(), str(script), "--flag"], timeout_s=120)
+    assert process.returncode == 0, process.stderr[-3000:]
+    seen = sorted(line for line in process.stdout.splitlines() if line.startswith("RANK_SEEN"))
+    assert seen == [
+        "RANK_SEEN 0 2 ['--local_rank=0', '--flag']",
+        "RANK_SEEN 1 2 ['--local_rank=1', '--flag']",
+    ]
+
+
 def test_console_script_is_the_launcher():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["fzero"].partition(":")
