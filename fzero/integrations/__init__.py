@@ -1,5 +1,7 @@
-"""Thin shells over ``fzero/train.py`` for people coming from DeepSpeed: the ``fzero``
-launcher, DeepSpeed's command-line config flags, and Hugging Face's "auto" config values."""
+"""Thin shells over ``fzero/train.py`` for people coming from DeepSpeed: the ``fzero`` launcher
+(``launcher.py``), DeepSpeed's command-line config flags (``arguments.py``), ``fzero.initialize``
+and its engine (``initialize.py``, ``engine.py``), and the Hugging Face Trainer
+(``transformers.py``, with "auto" filling in ``hf_config.py``). See docs/deepspeed.md."""
 
 from __future__ import annotations
 

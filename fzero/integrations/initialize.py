@@ -112,13 +112,13 @@ def _refuse_optimizer(optimizer: Any, config: Config) -> None:
         else:
             block += (
                 f" ({type(optimizer).__name__} with {len(groups)} group(s) has no fzero "
-                "equivalent: fzero runs AdamW, with weight decay off for biases and norms by "
-                "fzero.no_weight_decay)"
+                "equivalent: fzero runs AdamW; fzero.no_weight_decay turns weight decay off for "
+                "the parameters whose names match its patterns)"
             )
     raise UnsupportedArgumentError(
         f"fzero.initialize(optimizer=...): fzero runs its own fused AdamW on the sharded master "
-        f"weights, so it cannot step a {type(optimizer).__name__}. Drop optimizer= and put this "
-        f'in the config: "optimizer": {block}'
+        f"weights, so it does not step the {type(optimizer).__name__} given. Drop optimizer= and "
+        f'put this in the config: "optimizer": {block}'
     )
 
 
@@ -126,8 +126,8 @@ def _refuse_scheduler(lr_scheduler: Any) -> None:
     if lr_scheduler is None:
         return
     raise UnsupportedArgumentError(
-        f"fzero.initialize(lr_scheduler=...): a {type(lr_scheduler).__name__} would step a torch "
-        "optimizer that fzero does not use. Drop lr_scheduler= and put the schedule in the "
+        f"fzero.initialize(lr_scheduler=...): the {type(lr_scheduler).__name__} given would step a "
+        "torch optimizer that fzero does not use. Drop lr_scheduler= and put the schedule in the "
         'config: "scheduler": {"type": "WarmupLR" | "WarmupDecayLR" | "WarmupCosineLR" | '
         '"OneCycle" | "LRRangeTest", "params": {...}} (DeepSpeed\'s schedules and keys)'
     )
@@ -141,7 +141,7 @@ def _check_model_parameters(model: nn.Module, model_parameters: Iterable[Any] | 
         raise UnsupportedArgumentError(
             "fzero.initialize(model_parameters=[{...}, ...]): parameter groups with their own "
             "settings are not supported; fzero applies the config's optimizer to every "
-            "trainable parameter (weight decay off for biases and norms: fzero.no_weight_decay)"
+            "trainable parameter (fzero.no_weight_decay turns weight decay off by name pattern)"
         )
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     listed = {id(p) for p in given}

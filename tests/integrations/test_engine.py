@@ -129,7 +129,7 @@ def test_other_refusals(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
     config = engine_config(2, 1)
-    with pytest.raises(UnsupportedArgumentError, match="StepLR would step a torch optimizer"):
+    with pytest.raises(UnsupportedArgumentError, match="StepLR given would step a torch optimizer"):
         fzero.initialize(model=model, lr_scheduler=scheduler, config=config)
     with pytest.raises(UnsupportedArgumentError, match="leaves out trainable parameters"):
         fzero.initialize(model=model, model_parameters=[model.lm_head.weight], config=config)
