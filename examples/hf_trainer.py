@@ -38,7 +38,7 @@ def main() -> None:
         num_train_epochs=3,
         learning_rate=3e-3,  # not the guide's: a tiny model learns faster than the default 5e-5
         bf16=True,
-        fzero=str(Path(__file__).with_name("ds_config_hf.json")),
+        deepspeed=str(Path(__file__).with_name("ds_config_hf.json")),  # read as fzero=
         gradient_checkpointing=True,
         logging_steps=10,
         save_strategy="steps",

@@ -50,8 +50,12 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self) -> None:
         if self.deepspeed is not None:
-            if self.fzero is not None:
-                raise ConfigError("", "give fzero= or deepspeed=, not both (they mean the same)")
+            if self.fzero is not None and self.fzero != self.deepspeed:
+                raise ConfigError(
+                    "",
+                    f"fzero={self.fzero!r} and deepspeed={self.deepspeed!r} name different "
+                    "configs; give one of them (they mean the same)",
+                )
             # The guide's scripts pass deepspeed=...; transformers would start DeepSpeed for it.
             self.fzero, self.deepspeed = self.deepspeed, None
         if self.fsdp:

@@ -1,6 +1,6 @@
-"""The examples run under the three launchers the guide uses, in real processes on CPU gloo:
-``fzero`` (DeepSpeed's flags), ``accelerate launch`` and ``torchrun``. Each launch has a timeout
-enforced here; the two-process runs must agree exactly, launcher for launcher."""
+"""The examples run under the launchers the guide uses, in real processes on CPU gloo: ``fzero``
+(DeepSpeed's flags, the guide's commands) and ``accelerate launch``; plain ``torchrun`` too.
+Each launch has a timeout enforced here; two-process runs must agree exactly across launchers."""
 
 from __future__ import annotations
 
@@ -69,31 +69,20 @@ def test_accelerate_single_process_launch_is_refused(tmp_path):
     assert "accelerate launch --multi_gpu --num_processes N" in process.stderr
 
 
-def test_hf_trainer_example_under_torchrun():
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    torchrun += ["--master-port", _port()]
-    process = _run(
-        [
-            *torchrun,
-            "examples/hf_trainer.py",
-            "--max_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            "--gradient_accumulation_steps",
-            "2",
-            "--output_dir",
-            "/tmp/fzero-hf-example",
-        ]
-    )
-    result = _result(process)
+def test_hf_trainer_example_with_the_guides_command():
+    """`deepspeed --num_gpus=4 train.py --deepspeed ds_config.json ...` with fzero for deepspeed."""
+    launcher = [sys.executable, "-m", "fzero.integrations.launcher", "--num_procs", "2"]
+    launcher += ["--master_port", _port(), "examples/hf_trainer.py"]
+    guide = ["--deepspeed", "examples/ds_config_hf.json", "--per_device_train_batch_size", "2"]
+    guide += ["--gradient_accumulation_steps", "2"]
+    ours = ["--max_steps", "2", "--logging_steps", "1", "--output_dir", "/tmp/fzero-hf-example"]
+    result = _result(_run([*launcher, *guide, *ours]))
     assert result["steps"] == 2 and len(result["losses"]) == 2
     assert (Path("/tmp/fzero-hf-example") / "model.safetensors").is_file()
 
 
 def test_shard_joins_the_launchers_group(tmp_path):
-    """Under the fzero launcher a script that only calls fzero.shard trains on 2 ranks, and gets
-    --local_rank=N as under deepspeed."""
+    """Under torchrun a script that only calls fzero.shard trains on 2 ranks."""
     script = tmp_path / "shard.py"
     script.write_text(
         "import sys, torch, fzero\n"
@@ -101,13 +90,13 @@ def test_shard_joins_the_launchers_group(tmp_path):
         "comm = state.runtime.comm\n"
         "print(f'RANK_SEEN {comm.rank} {comm.world_size} {sys.argv[1:]}')\n"
     )
-    launcher = [sys.executable, "-m", "fzero.integrations.launcher", "--num_procs", "2"]
-    process = _run([*launcher, "--master_port", _port(), str(script), "--flag"], timeout_s=120)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    process = _run([*torchrun, "--master-port", _port(), str(script), "--flag"], timeout_s=120)
     assert process.returncode == 0, process.stderr[-3000:]
     seen = sorted(line for line in process.stdout.splitlines() if line.startswith("RANK_SEEN"))
     assert seen == [
-        "RANK_SEEN 0 2 ['--local_rank=0', '--flag']",
-        "RANK_SEEN 1 2 ['--local_rank=1', '--flag']",
+        "RANK_SEEN 0 2 ['--flag']",
+        "RANK_SEEN 1 2 ['--flag']",
     ]
 
 

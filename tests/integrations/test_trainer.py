@@ -9,7 +9,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fzero.errors import AutoConfigMismatchError, UnsupportedArgumentError  # noqa: E402
+from fzero.errors import (  # noqa: E402
+    AutoConfigMismatchError,
+    ConfigError,
+    UnsupportedArgumentError,
+)
 from fzero.integrations.transformers import Trainer, TrainingArguments  # noqa: E402
 from tests.integrations.engine_cases import tiny_gpt2  # noqa: E402
 from tests.integrations.trainer_cases import (  # noqa: E402
@@ -124,7 +128,7 @@ def test_misuse_is_refused(tmp_path):
             eval_strategy="steps",
             save_strategy="steps",
         )
-    with pytest.raises(Exception, match="fzero= or deepspeed=, not both"):
+    with pytest.raises(ConfigError, match="name different configs; give one of them"):
         arguments(str(tmp_path), 2, deepspeed={"zero_optimization": {"stage": 2}})
     contradicting = auto_config(2, gradient_clipping=2.0)
     with pytest.raises(
