@@ -2,7 +2,7 @@
 # One batched GPU session on the lent device: environment, GPU tests, the example, benchmarks.
 #   bash benchmarks/device_run.sh [tests] [example] [step255] [step1.4b] [fakeworld] [adamw]
 #        [timeline] [mempeak255] [mempeak1.4b] [fp16curve] [scaling] [profile255]
-#        [stepds255] [stepds1.4b]
+#        [stepds255] [stepds1.4b] [offload1.4b] [offloadquick] [step14]
 # DeepSpeed joins the step benchmark when its wheel is in .whl/, made here with CPU torch:
 #   pip download --no-deps --no-binary :all: deepspeed && DS_BUILD_OPS=0 pip wheel --no-deps \
 #     --no-build-isolation deepspeed-*.tar.gz -w .whl
@@ -37,6 +37,9 @@ for task in "$@"; do
     stepds255) python3 benchmarks/step.py --models 255m --impls fsdp2 fzero:3 deepspeed:3 --steps 20 --warmup 5 --json "$OUT/step_255m_ds.json" 2>&1 | tee "$OUT/step_255m_ds.log" ;;
     scaling) python3 benchmarks/scaling.py --model 1.4b --worlds 1 2 4 8 --out "$OUT" --json "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log" ;;
     profile255) python3 benchmarks/profile_step.py --model 255m --impls fsdp2 fzero:3 2>&1 | tee "$OUT/profile_255m.log" ;;
+    offload1.4b) python3 benchmarks/offload.py --model 1.4b --json "$OUT/offload_1.4b.json" 2>&1 | tee "$OUT/offload_1.4b.log" ;;
+    offloadquick) python3 benchmarks/offload.py --model 1.4b --impls fzero:3 fzero:2+opt fzero:3+opt fzero:3+opt+param deepspeed:2+opt --json "$OUT/offload_1.4b.json" 2>&1 | tee "$OUT/offload_1.4b.log" ;;
+    step14) python3 benchmarks/step.py --models 1.4b --impls fsdp2 torch fzero:3 --steps 10 --warmup 3 --json "$OUT/step_1.4b.json" 2>&1 | tee "$OUT/step_1.4b.log" ;;
     fp16curve) for lr in 1e-3 3e-3; do python3 benchmarks/precision.py --fp16-curve --with-plain --lr $lr --lr-warmup 20 2>&1 | tee "$OUT/fp16_curve_lr${lr}_warmup20.log"; done ;;
   esac
 done

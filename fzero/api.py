@@ -13,12 +13,12 @@ from fzero.collectives import FakeWorld, make_communicator
 from fzero.config import Config
 from fzero.errors import ShardError
 from fzero.loss_scale import LossScaler
+from fzero.offload.plan import OffloadPlan
 from fzero.runtime import Runtime
 from fzero.runtime.cross_rank import check_same_on_all_ranks, layout_summary
 from fzero.runtime.executor import Executor, ExecutorParts
 from fzero.runtime.hooks import HookDriver
 from fzero.runtime.plan import make_plan
-from fzero.runtime.step_phase import OptimizerBuffers
 from fzero.runtime.timeline import MeasuredTimeline
 from fzero.schedule import UnitInfo
 from fzero.state.buffers import build_workspace
@@ -44,6 +44,7 @@ def shard(
     record_ops: bool = False,
     simulate_world_size: int | None = None,
     record_timeline: bool = False,
+    total_num_steps: int | None = None,
 ) -> ZeroState:
     """Partition ``model``'s parameters into flat buffers, keep this rank's shard, build AdamW
     state for it and compile the step schedule.
@@ -59,7 +60,8 @@ def shard(
     shape their outputs, so the memory (and compute time) of one rank of N can be measured on
     one device; the values trained are meaningless. ``record_timeline`` records device times of
     every trigger and gather into ``state.runtime.executor.timeline`` (see
-    ``fzero.runtime.timeline``).
+    ``fzero.runtime.timeline``). ``total_num_steps`` fills a scheduler's
+    ``"total_num_steps": "auto"`` (the run's length, which only the caller knows).
     The model's parameters become views into fzero's buffers; keep using the same model object.
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
@@ -87,6 +89,7 @@ def shard(
         world_size=comm.world_size,
         hidden_size=_hidden_size(model),
         param_numel=sum(p.numel() for p in params),
+        total_num_steps=total_num_steps,
     )
     unit_modules = _resolve_units(model, units, cfg.fzero.embedding_units)
     layout, params_per_unit = build_layout(
@@ -109,6 +112,8 @@ def shard(
         for buffer in model.buffers():
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(compute_dtype)
+    offload = OffloadPlan.from_config(cfg)
+    offload.check_host_memory(layout, compute_dtype, accum_dtype)
     # Stage 3 units below the persistence threshold (elements) stay gathered for good.
     threshold = cfg.zero_optimization.stage3_param_persistence_threshold
     persistent = {u.index for u in layout.units if cfg.stage == 3 and u.numel < threshold}
@@ -122,6 +127,9 @@ def shard(
         accum_dtype,
         ordered=cfg.fzero.deterministic,
         persistent=persistent,
+        host_master=offload.optimizer_on_host,
+        host_shards=offload.params_on_host,
+        pin_memory=offload.pin_memory,
     )
 
     modules = {
@@ -138,13 +146,13 @@ def shard(
             u.has_trainable,
             persistent=u.index in persistent,
             backward_reads_params=backward_reads_params(modules[u.index]),
+            optimizer_numel=u.optimizer_numel,
+            shard_nbytes=u.shard_numel * compute_dtype.itemsize,
+            param_itemsize=compute_dtype.itemsize,
         )
         for u in layout.units
     )
-    zeros = lambda: torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)  # noqa: E731
-    optimizer = OptimizerBuffers(
-        master, zeros(), zeros(), torch.zeros((), dtype=torch.float32, device=device)
-    )
+    optimizer = offload.optimizer_buffers(master, layout.optimizer_numel, device, workspace)
     plan = make_plan(layout, infos, cfg, comm.world_size)
     parts = ExecutorParts(
         layout,
@@ -155,6 +163,7 @@ def shard(
         reduce_dtype,
         layout.decay_ranges(),
         _norm_order(model, layout),
+        host_optimizer=offload.host_optimizer_settings(compute_dtype),
     )
     timeline = MeasuredTimeline(device) if record_timeline else None
     executor = Executor(plan.schedule, parts, record_ops=record_ops, timeline=timeline)
@@ -179,7 +188,8 @@ def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
     layout, comm, workspace = runtime.layout, runtime.comm, runtime.executor.workspace
     full: dict[str, torch.Tensor] = {}
     for unit in layout.units:
-        owned = workspace.owned_fp32(unit.index)
+        # Offloaded masters are on the host: gather where the communicator works.
+        owned = workspace.owned_fp32(unit.index).to(workspace.grad_shard.device)
         gathered = owned
         if layout.shard_world > 1:
             gathered = torch.empty(unit.padded_numel, dtype=torch.float32, device=owned.device)

@@ -93,12 +93,14 @@ class CheckpointWriteError(CheckpointError):
 
 
 class CheckpointIncompleteError(CheckpointError):
-    """The directory holds no finished checkpoint: its manifest is missing, so the save that
-    wrote it was interrupted (or it is not an fzero checkpoint)."""
+    """The directory holds no finished checkpoint: its commit record (``commit.json``) is
+    missing, so the save that wrote it was interrupted (or it is not an fzero checkpoint)."""
 
 
 class CheckpointCorruptError(CheckpointError):
-    """A file the manifest lists is missing, has the wrong size or fails its sha256 checksum."""
+    """A checkpoint changed after its save committed it: the manifest no longer matches the
+    sha256 its commit record holds, the commit record is unreadable, or a file the manifest
+    lists is missing, has the wrong size or fails its sha256 checksum. The message names it."""
 
 
 class CheckpointMismatchError(CheckpointError, ValueError):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fzero.errors import BatchError, LossError, NonFiniteGradientError, ScheduleError
+from fzero.inputs import cast_floating_inputs, check_batch_kind, input_cast_dtype
 from fzero.loss_scale import update
 from fzero.runtime import Runtime
 from fzero.runtime.step_phase import Hyper
@@ -56,6 +57,7 @@ def train_step(state: ZeroState, batch: Any) -> tuple[ZeroState, dict[str, Any]]
 
 def micro_batches_of(state: ZeroState, batch: Any) -> list[Any]:
     """``batch`` as the list of micro-batches one step runs, checked against the config."""
+    check_batch_kind(batch, state.runtime.loss_fn is not None)
     micro_batches = batch if isinstance(batch, list) else [batch]
     if not micro_batches:
         raise BatchError("batch is an empty list; give at least one micro-batch")
@@ -96,7 +98,9 @@ def begin_micro_step(state: ZeroState, *, last: bool) -> None:
 def compute_loss(state: ZeroState, micro_batch: Any, index: int = 0) -> torch.Tensor:
     """The loss of one micro-batch: ``loss_fn(model, batch)`` when given to ``shard``, else
     the model called on it (see ``train_step``)."""
-    return _forward(state.runtime, micro_batch, index)
+    runtime: Runtime = state.runtime
+    micro_batch = cast_floating_inputs(micro_batch, input_cast_dtype(runtime.config))
+    return _forward(runtime, micro_batch, index)
 
 
 def backward(state: ZeroState, loss: torch.Tensor, *, count: int) -> None:
@@ -139,6 +143,7 @@ def apply_step(state: ZeroState, count: int) -> tuple[ZeroState, dict[str, Any]]
         cfg.gradient_clipping,
         loss_scale=float(progress.loss_scale),
         check_finite=runtime.check_finite,
+        bias_correction=opt.bias_correction,
     )
     result = runtime.executor.run_step(count, hyper)
     # The step's one host read: whether any rank's gradients were not finite.

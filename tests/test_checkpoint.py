@@ -333,22 +333,31 @@ def test_disk_full_on_one_rank_keeps_the_previous_checkpoint(tmp_path, monkeypat
 
 
 def test_failure_while_publishing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    """The disk fills while rank 0 writes the manifest: nothing is published."""
-    from fzero.checkpoint import saving
+    """The disk fills while rank 0 writes the manifest: nothing is published. When it fills
+    later, once the commit record is written, the new checkpoint is complete and is loaded."""
+    from fzero.checkpoint import publish
 
     directory, state = _save_one(tmp_path)
     state, _ = fzero.train_step(state, Case(SPEC, 1, 2, 1).batches()[0][0][0])
-    real_write = saving.write_text_atomic
+    real_write = publish.write_text_atomic
+    full_at = "manifest.json"
 
     def full_disk(path, text):
-        if path.name == "manifest.json":
+        if path.name == full_at:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(path, text)
 
-    monkeypatch.setattr(saving, "write_text_atomic", full_disk)
+    monkeypatch.setattr(publish, "write_text_atomic", full_disk)
     with pytest.raises(CheckpointWriteError, match="while publishing.*previous checkpoint is"):
         fzero.save(state, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", directory.name]
+    full_at = "latest"
+    with pytest.raises(CheckpointWriteError, match="was committed: it is complete and fzero.load"):
+        fzero.save(state, tmp_path)
+    assert open_checkpoint(tmp_path).directory == tmp_path / ".step-000002.tmp"
+    monkeypatch.undo()
+    assert fzero.save(state, tmp_path, keep_last=1) == tmp_path / "step-000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000002"]
 
 
 def test_unwritable_directory_is_named(tmp_path):
@@ -362,6 +371,31 @@ def test_unwritable_directory_is_named(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(CheckpointWriteError, match="PermissionError"):
             fzero.save(state, locked)
+
+
+def test_ranks_at_different_steps_are_refused_before_anything_is_written(tmp_path):
+    """Rank 0 resumed from step 1, rank 1 from step 2: the save's first collective names each
+    rank's step on both ranks, and the root is left as it was."""
+    torch.set_num_threads(1)
+    case = Case(SPEC, 2, 1, 1, steps=2)
+    _run(case, tmp_path, range(2), save_at=1)
+    _run(case, tmp_path, range(1, 2), save_at=2, load=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    models = [ToyLM(SPEC) for _ in range(2)]
+    errors = []
+
+    def body(comm):
+        directory = tmp_path / f"step-00000{comm.rank + 1}"
+        state = fzero.load(directory, models[comm.rank], process_group=comm)
+        with pytest.raises(CheckpointWriteError) as caught:
+            fzero.save(state, tmp_path)
+        errors.append(str(caught.value))
+
+    run_ranks(2, body)
+    assert len(errors) == 2
+    for text in errors:
+        assert "ranks are at different steps (rank 0: step 1, rank 1: step 2)" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 class _Killed(BaseException):
@@ -384,12 +418,17 @@ def test_interrupted_save_is_ignored_and_refused_as_incomplete(tmp_path, monkeyp
     assert open_checkpoint(tmp_path).directory == directory
     with pytest.raises(CheckpointIncompleteError, match="incomplete"):
         fzero.load(partial, ToyLM(SPEC))
-    # A checkpoint directory whose manifest never came is refused the same way.
-    copy = tmp_path / "copy"
+    # A checkpoint directory whose commit record never came is refused the same way; one that
+    # lost its manifest after the commit is damaged, and refused naming the file.
+    copy, damaged = tmp_path / "copy", tmp_path / "damaged"
     shutil.copytree(directory, copy)
-    (copy / "manifest.json").unlink()
+    (copy / "commit.json").unlink()
     with pytest.raises(CheckpointIncompleteError, match=re.escape(f"{copy} is an incomplete")):
         fzero.load(copy, ToyLM(SPEC))
+    shutil.copytree(directory, damaged)
+    (damaged / "manifest.json").unlink()
+    with pytest.raises(CheckpointCorruptError, match=re.escape(f"{damaged}/manifest.json is mis")):
+        fzero.load(damaged, ToyLM(SPEC))
     # The next finished save clears what the interrupted one left.
     fzero.save(state, tmp_path)
     assert not partial.exists()

@@ -240,13 +240,14 @@ def test_seed_config_loads_and_resolves_when_offload_is_supported(offload_suppor
     assert (resolved.train_batch_size, resolved.gradient_accumulation_steps) == (64, 8)
 
 
-def test_seed_config_is_rejected_at_the_offload_device_while_offload_is_not_implemented():
-    error = raises_at("zero_optimization.offload_optimizer.device", SEED)
+def test_seed_config_loads_cpu_offload_and_rejects_nvme_while_it_is_not_implemented():
+    config = Config.from_dict(SEED)
+    assert config.zero_optimization.offload_optimizer.device == "cpu"
+    assert config.zero_optimization.offload_param.device == "cpu"
+    nvme = {"device": "nvme", "nvme_path": "/local_nvme"}
+    data = with_key(SEED, "zero_optimization.offload_optimizer", nvme)
+    error = raises_at("zero_optimization.offload_optimizer.device", data)
     assert "not implemented" in str(error)
-    data = with_key(SEED, "zero_optimization.offload_optimizer", {"device": "none"})
-    raises_at("zero_optimization.offload_param.device", data)
-    data = with_key(data, "zero_optimization.offload_param.device", "none")
-    assert Config.from_dict(data).zero_optimization.offload_param.device == "none"
 
 
 @pytest.mark.parametrize("data", [STAGE1, STAGE2, STAGE3], ids=["stage1", "stage2", "stage3"])
@@ -287,9 +288,27 @@ def test_hf_all_auto_config_loads_and_resolves(caplog):
     assert resolved.scheduler.warmup_max_lr == resolved.optimizer.lr
     assert resolved.scheduler.total_num_steps == 5000
     assert resolved.train_batch_size is None
-    [record] = [r for r in caplog.records if r.name == "fzero"]
-    assert "DeepSpeed's default" in record.getMessage()
-    assert "total_num_steps=5000" in record.getMessage()
+    info, warning = (
+        [r for r in caplog.records if r.name == "fzero" and r.levelno == level]
+        for level in (logging.INFO, logging.WARNING)
+    )
+    [info], [warning] = info, warning
+    assert "DeepSpeed's default" in info.getMessage()
+    assert "total_num_steps=5000" in info.getMessage()
+    # The values only a trainer fills: one WARNING naming each key and the value it got.
+    for text in (
+        "optimizer.params.lr=0.001",
+        "optimizer.params.betas=(0.9, 0.999)",
+        "optimizer.params.eps=1e-08",
+        "optimizer.params.weight_decay=0.0",
+        "gradient_clipping=0.0",
+        "bf16.enabled=False",
+        "fp16.enabled=False",
+        "scheduler.params.warmup_num_steps=1000",
+        "scheduler.params.warmup_max_lr=0.001",
+    ):
+        assert text in warning.getMessage()
+    assert '"bf16": {"enabled": true}' in warning.getMessage()
 
 
 def test_auto_total_num_steps_needs_the_number_of_training_steps():
@@ -297,6 +316,33 @@ def test_auto_total_num_steps_needs_the_number_of_training_steps():
     with pytest.raises(ConfigError) as info:
         config.resolve(world_size=1, hidden_size=64, param_numel=10**6)
     assert info.value.path == "scheduler.params.total_num_steps"
+    assert "fzero.shard(..., total_num_steps=N)" in str(info.value)
+
+
+def test_optimizer_defaults_are_deepspeeds_for_the_same_type():
+    """FusedAdam (weight_decay 0) unless torch_adam picks torch's AdamW (0.01); bias_correction
+    and adam_w_mode default true (deepspeed/ops/adam/fused_adam.py, runtime/engine.py)."""
+    for kind in ("Adam", "AdamW"):
+        optimizer = Config.from_dict(
+            {"optimizer": {"type": kind, "params": {"lr": 1e-4}}}
+        ).optimizer
+        assert (optimizer.weight_decay, optimizer.betas, optimizer.eps) == (0.0, (0.9, 0.999), 1e-8)
+        assert optimizer.bias_correction is True and optimizer.adam_w_mode is True
+        params = {"lr": 1e-4, "torch_adam": True}
+        optimizer = Config.from_dict({"optimizer": {"type": kind, "params": params}}).optimizer
+        assert optimizer.weight_decay == 0.01
+    assert Config().optimizer.weight_decay == 0.0
+    auto = {"optimizer": {"type": "AdamW", "params": {"weight_decay": "auto", "torch_adam": True}}}
+    resolved = Config.from_dict(auto).resolve(world_size=1, hidden_size=None, param_numel=10)
+    assert resolved.optimizer.weight_decay == 0.01
+
+
+def test_max_grad_norm_in_optimizer_params_is_refused_as_deepspeed_refuses_it():
+    error = raises_at(
+        "optimizer.params.max_grad_norm", {"optimizer": {"params": {"max_grad_norm": 1.0}}}
+    )
+    assert "not supported as an optimizer parameter" in str(error)
+    assert "gradient_clipping" in str(error)
 
 
 def test_auto_bucket_sizes_are_capped_at_the_model_size():
@@ -396,7 +442,8 @@ BAD_INPUTS = [  # (the key named in the error, its bad value, other keys of the 
     ("fp16.min_loss_scale", 0, {}),
     ("gradient_clipping", -1.0, {}),
     ("gradient_clipping", "max", {}),
-    ("gradient_clip", 1.0, {}),
+    ("fp16.enable", True, {}),
+    ("optimizer.params.max_grad_norm", 1.0, {}),
     ("gradient_accumulation_steps", 0, {}),
     ("train_batch_size", 10, {"train_micro_batch_size_per_gpu": 4,
                               "gradient_accumulation_steps": 1}),
@@ -441,8 +488,28 @@ def test_unknown_keys_get_a_did_you_mean_suggestion():
         "zero_optimization": {"stage3_prefetch_bucket_sizes": 1}
     })  # fmt: skip
     assert "did you mean 'stage3_prefetch_bucket_size'" in str(error)
-    error = raises_at("wall_clock_breakdwn", {"wall_clock_breakdwn": True})
-    assert "did you mean 'wall_clock_breakdown'" in str(error)
+
+
+def test_unknown_top_level_keys_are_ignored_with_one_warning_naming_them():
+    """DeepSpeed reads the top-level keys it knows and ignores the rest; fzero warns once, with
+    "did you mean" only for a close match of a known key."""
+    data = {
+        "_comment": "from a real config",
+        "log": {"level": "info"},
+        "comms_config": {"verbose": False},
+        "cuda_visible_devices": "0,1",
+        "wall_clock_breakdwn": True,
+        "zero_optimization": {"stage": 2},
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = Config.from_dict(data)
+    assert config.stage == 2
+    [message] = [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
+    for key in ("_comment", "log", "comms_config", "cuda_visible_devices"):
+        assert f"{key}," in message or f"{key} " in message
+    assert "wall_clock_breakdwn (did you mean 'wall_clock_breakdown'?)" in message
+    assert message.count("did you mean") == 1
 
 
 def test_fp16_and_bf16_both_enabled_names_both_keys():
@@ -492,12 +559,99 @@ def test_indivisible_batch_size_cannot_derive_the_micro_batch():
 def test_warned_keys_warn_once_with_the_reason():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        Config.from_dict({"zero_optimization": {"contiguous_gradients": True}})
+        Config.from_dict({"zero_optimization": {"contiguous_gradients": False}})
         Config.from_dict({"zero_optimization": {"contiguous_gradients": False}})
     messages = [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
     assert len(messages) == 1
     assert messages[0].startswith("zero_optimization.contiguous_gradients: ")
     assert "no effect" in messages[0] and "flat buffers" in messages[0]
+
+
+QUIET = {
+    "wall_clock_breakdown": False,
+    "prescale_gradients": False,
+    "memory_breakdown": False,
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 2000,
+    "zero_optimization": {
+        "stage": 3,
+        "contiguous_gradients": True,
+        "allgather_partitions": True,
+        "reduce_scatter": True,
+        "sub_group_size": 1e9,
+        "stage3_gather_16bit_weights_on_model_save": True,
+        "round_robin_gradients": False,
+    },
+    "activation_checkpointing": {"partition_activations": False, "cpu_checkpointing": False},
+    "tensorboard": {"enabled": False, "output_path": "logs/"},
+    "flops_profiler": {"enabled": False, "profile_step": 1},
+}
+
+
+def test_values_that_ask_for_what_fzero_does_anyway_are_silent_and_listed_once_at_info(caplog):
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="fzero"):
+        warnings.simplefilter("error", ConfigWarning)
+        Config.from_dict(QUIET)
+    [record] = [r for r in caplog.records if "accepted without effect" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    for key in ("wall_clock_breakdown", "zero_optimization.reduce_scatter", "tensorboard"):
+        assert key in record.getMessage()
+    for path, value in [
+        ("wall_clock_breakdown", True),
+        ("prescale_gradients", True),
+        ("zero_optimization.reduce_scatter", False),
+        ("activation_checkpointing.cpu_checkpointing", True),
+    ]:  # asking for what fzero does not do is a warning
+        with pytest.warns(ConfigWarning, match=path.split(".")[0]):
+            Config.from_dict(with_key(QUIET, path, value))
+
+
+def test_a_block_present_with_every_technique_off_is_accepted():
+    """As "enabled": false is: DeepSpeed's compression block with no technique enabled."""
+    off = {"shared_parameters": {"enabled": False, "quantizer_kernel": False}}
+    data = {
+        "compression_training": {
+            "weight_quantization": off | {"different_groups": {"wq1": {"params": {}}}},
+            "activation_quantization": off,
+            "sparse_pruning": off,
+            "row_pruning": off,
+            "head_pruning": off,
+            "channel_pruning": off,
+            "layer_reduction": {"enabled": False, "keep_number_layer": 5},
+        }
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        Config.from_dict(data)
+    on = with_key(data, "compression_training.row_pruning.shared_parameters.enabled", True)
+    raises_at("compression_training", on)
+
+
+def test_current_deepspeed_key_names_and_their_old_spellings_are_accepted():
+    for key in ("seq_parallel_communication_data_type", "seq_parallel_comm_data_type"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConfigWarning)
+            Config.from_dict({key: "fp32"})
+    assert ALIASES["seq_parallel_comm_data_type"] == "seq_parallel_communication_data_type"
+
+
+def test_auto_where_deepspeed_drops_it_takes_deepspeeds_default_and_is_logged(caplog):
+    """DeepSpeed's pydantic blocks drop "auto" values, so the field keeps its default
+    (deepspeed/runtime/config_utils.py); RLHF frameworks write it for these keys."""
+    data = {
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_max_live_parameters": "auto",
+            "stage3_max_reuse_distance": "auto",
+            "allgather_bucket_size": "auto",
+        }
+    }
+    with caplog.at_level(logging.INFO, logger="fzero"):
+        zero = Config.from_dict(data).zero_optimization
+    assert (zero.stage3_max_live_parameters, zero.stage3_max_reuse_distance) == (10**9, 10**9)
+    assert zero.allgather_bucket_size == 500_000_000
+    [record] = [r for r in caplog.records if "DeepSpeed's default" in r.getMessage()]
+    assert "zero_optimization.stage3_max_reuse_distance=1000000000" in record.getMessage()
 
 
 def test_onecycle_momentum_warns_unless_switched_off():
@@ -686,10 +840,10 @@ VALID = {
 INVALID = {
     "zero_optimization.stage": [4, -1, "3", True, 2.5],
     "zero_optimization.reduce_bucket_size": [-1, "big", 1.5, None],
-    "zero_optimization.allgather_bucket_size": [-3, "auto", False],
+    "zero_optimization.allgather_bucket_size": [-3, "big", False],
     "zero_optimization.overlap_comm": ["true", 1, None],
-    "zero_optimization.stage3_max_live_parameters": [-1.0, "auto"],
-    "zero_optimization.offload_optimizer.device": ["gpu", "cpu", 0],
+    "zero_optimization.stage3_max_live_parameters": [-1.0, "all"],
+    "zero_optimization.offload_optimizer.device": ["gpu", "disk", 0],
     "zero_optimization.offload_param.buffer_count": [-1, "4"],
     "zero_optimization.zero_quantized_gradients": [True],
     "optimizer.type": ["SGD", "Lion", 3],
@@ -769,8 +923,14 @@ def test_every_one_key_mutation_is_reported_at_that_key(data, path, pick):
 @settings(max_examples=100, deadline=None)
 @given(data=valid_configs(), path=st.sampled_from(sorted(VALID)), cut=st.integers(1, 3))
 def test_a_misspelt_key_is_reported_at_the_misspelling(data, path, cut):
+    """Inside a block a typo is an error at its path; at the top level, where DeepSpeed ignores
+    keys it does not know, it is a warning naming it."""
     *parents, last = path.split(".")
     typo = ".".join([*parents, last[:-cut] + "x"])
+    if not parents:
+        with pytest.warns(ConfigWarning, match=f"ignored top-level keys.*{typo}"):
+            Config.from_dict(with_key(data, typo, 1))
+        return
     with pytest.raises(ConfigError) as info:
         Config.from_dict(with_key(data, typo, 1))
     assert info.value.path == typo

@@ -1,8 +1,10 @@
 """Sharded checkpoints: every rank writes its own shard, and any world size and stage reads it.
 
-``save(state, root)`` writes ``root/step-<n>/`` (one safetensors file per rank and a manifest,
-written last) and points ``root/latest`` at it; ``load(root, model)`` shards a fresh model and
-fills it, resharding when the world size or stage changed. ``python -m fzero.checkpoint
+``save(state, root)`` writes ``root/step-<n>/`` (one safetensors file per rank, a manifest, and
+last a commit record holding the manifest's sha256) and points ``root/latest`` at it;
+``load(root, model)`` shards a fresh model and fills it from the newest complete checkpoint,
+resharding when the world size or stage changed. A save that dies in any window leaves the
+newest complete checkpoint loadable (``publish.py``, ``locate.py``). ``python -m fzero.checkpoint
 consolidate CKPT OUT`` writes the full model; ``info CKPT`` says what a checkpoint holds.
 See docs/checkpoints.md.
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 from fzero.checkpoint.consolidate import consolidate, describe
 from fzero.checkpoint.loading import load, load_into
-from fzero.checkpoint.manifest import Checkpoint, open_checkpoint
+from fzero.checkpoint.locate import open_checkpoint
+from fzero.checkpoint.manifest import Checkpoint
 from fzero.checkpoint.refresh import refresh_parameters
 from fzero.checkpoint.saving import load_data_state, save
 

@@ -22,9 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print what a checkpoint holds")
-    info.add_argument("checkpoint", help="a step-* directory, or a root (follows 'latest')")
+    info.add_argument(
+        "checkpoint", help="a step-* directory, or a root (its newest complete checkpoint)"
+    )
     merge = commands.add_parser("consolidate", help="write the full model as safetensors")
-    merge.add_argument("checkpoint", help="a step-* directory, or a root (follows 'latest')")
+    merge.add_argument(
+        "checkpoint", help="a step-* directory, or a root (its newest complete checkpoint)"
+    )
     merge.add_argument("out", help="a new directory for the safetensors files")
     merge.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameters' dtype")
     merge.add_argument(

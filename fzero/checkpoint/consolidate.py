@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from fzero.checkpoint.files import fsync_dir, write_safetensors
-from fzero.checkpoint.manifest import LATEST, Checkpoint, open_checkpoint
+from fzero.checkpoint.locate import open_checkpoint
+from fzero.checkpoint.manifest import LATEST, Checkpoint
 from fzero.checkpoint.sources import ShardReader
 from fzero.errors import CheckpointError
 
@@ -93,7 +94,8 @@ def describe(path: str | os.PathLike) -> str:
     lines = [f"checkpoint {checkpoint.directory}"]
     pointer = Path(path) / LATEST
     if pointer.is_file():
-        lines.append(f"  (followed {pointer} -> {pointer.read_text().strip()})")
+        named = pointer.read_text().strip()
+        lines.append(f"  (the newest complete checkpoint under {path}; {pointer} names {named})")
     lines += [
         f"step {m['step']}, world size {m['world_size']}, stage {m['stage']}, "
         f"compute dtype {m['compute_dtype']}, saved on {m['device']}",

@@ -10,6 +10,7 @@ resumes bitwise where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -18,16 +19,19 @@ from torch import nn
 
 import fzero.errors as errors_module
 from fzero.api import shard
-from fzero.checkpoint.manifest import Checkpoint, check_layout, check_model, open_checkpoint
+from fzero.checkpoint.locate import open_checkpoint
+from fzero.checkpoint.manifest import Checkpoint, check_layout, check_model
 from fzero.checkpoint.refresh import refresh_parameters
 from fzero.checkpoint.sources import OPTIMIZER_KINDS, ShardReader
-from fzero.config import Config
+from fzero.config import Config, names_stage
 from fzero.errors import CheckpointError
 from fzero.loss_scale import LossScaler
 from fzero.state.progress import Progress
 from fzero.state.zero_state import ZeroState
 
 RNG_NAMES = ("rng.cpu", "rng.cuda")
+
+logger = logging.getLogger("fzero")
 
 
 def load(
@@ -46,13 +50,17 @@ def load(
     rank. Returns the state, ready for ``train_step``.
 
     ``config``: None uses the saved config (the batch size re-derived for this world size);
-    ``stage``: None uses the config's. Any world size and stage can load any checkpoint of the
-    same model. ``units``: as given to ``shard`` when the checkpoint was written (the grouping
-    must match; the sizes need not). ``verify`` checks the sha256 of every file this rank reads.
-    On an error the model is left sharded but unfilled: build a fresh one to try again.
+    ``stage``: None uses the config's, or the checkpoint's when the config names none. A change
+    of stage or world size is logged at WARNING with both values. Any world size and stage can
+    load any checkpoint of the same model. ``units``: as given to ``shard`` when the checkpoint
+    was written (the grouping must match; the sizes need not). ``verify`` checks the sha256 of
+    every file this rank reads. On an error the model is left sharded but unfilled: build a
+    fresh one to try again.
     """
     checkpoint = open_checkpoint(path)
     check_model(checkpoint, model)
+    if stage is None and config is not None and not names_stage(config):
+        stage = checkpoint.stage  # an exact resume unless a stage is asked for
     state = shard(
         model,
         stage,
@@ -83,6 +91,17 @@ def _fill_from(state: ZeroState, checkpoint: Checkpoint, verify: bool) -> ZeroSt
     runtime = state.runtime
     comm = runtime.comm
     check_layout(checkpoint, runtime.layout)
+    if (runtime.config.stage, comm.world_size) != (checkpoint.stage, checkpoint.world_size):
+        logger.warning(
+            "loading %s: saved at stage %d on %d rank(s), loaded at stage %d on %d rank(s); "
+            "the shards are re-cut, so training continues from the same values but is not "
+            "bitwise the run that saved it",
+            checkpoint.directory,
+            checkpoint.stage,
+            checkpoint.world_size,
+            runtime.config.stage,
+            comm.world_size,
+        )
 
     reader = ShardReader(checkpoint, prefer=comm.rank, verify=verify)
     failure: BaseException | None = None

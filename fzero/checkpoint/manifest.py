@@ -1,18 +1,19 @@
 """The manifest: what a checkpoint holds, written last, so that its presence means "complete".
 
 A checkpoint is a directory ``step-000123/`` with one safetensors file per rank
-(``rank00003.safetensors``) and ``manifest.json``: the world size, stage, config, the layout
-(units with their parameters' names, shapes and offsets in the unit's flat buffer), where each
-rank's shard of each unit lies in its file, and every file's size and sha256. Directories
-without a manifest are interrupted saves and are never loaded.
+(``rank00003.safetensors``), ``manifest.json`` (the world size, stage, config, the layout: units
+with their parameters' names, shapes and offsets in the unit's flat buffer; where each rank's
+shard of each unit lies in its file, and every file's size and sha256) and ``commit.json``,
+written after the manifest, holding the manifest's own sha256 (``commit.py``). Directories
+without a commit record are interrupted saves and are never loaded.
 
-A checkpoint root holds such directories and a ``latest`` file naming the newest one.
+A checkpoint root holds such directories and a ``latest`` file naming the newest one
+(``locate.py`` says how a root is read, ``publish.py`` how a save makes one appear).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +22,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from fzero.errors import CheckpointError, CheckpointIncompleteError, CheckpointMismatchError
+from fzero.checkpoint.commit import COMMIT, check_manifest_bytes, read_commit
+from fzero.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 
 FORMAT = "fzero-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the manifest has a commit record (commit.json) and a save sequence number
 MANIFEST = "manifest.json"
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STAGING_DIR = re.compile(r"^\.step-(\d+)\.tmp$")  # where a save writes before it publishes
-logger = logging.getLogger("fzero")
+ASIDE_DIR = re.compile(r"^\.step-(\d+)\.old$")  # the earlier copy, while a step is saved again
+REMOVING_PREFIX = ".removing."  # a directory renamed out of the way, then deleted
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def staging_dir_name(step: int) -> str:
+    return f".{step_dir_name(step)}.tmp"
+
+
+def aside_dir_name(step: int) -> str:
+    return f".{step_dir_name(step)}.old"
 
 
 def rank_file_name(rank: int) -> str:
@@ -91,7 +102,7 @@ def state_dict_entries(model: nn.Module, param_names: set[str]) -> list[dict[str
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A finished checkpoint: its directory and parsed manifest."""
+    """A complete checkpoint: its directory and its parsed, verified manifest."""
 
     directory: Path
     manifest: dict[str, Any]
@@ -123,58 +134,43 @@ class Checkpoint:
         return self.directory / self.rank_entry(rank)["file"]
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """The checkpoint at ``path``: a ``step-*`` directory, or a root whose ``latest`` names one
-    (falling back to the newest finished one when ``latest`` is stale)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: no such directory")
-    if (path / MANIFEST).is_file():
-        return _read(path)
-    pointer = path / LATEST
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if (target / MANIFEST).is_file():
-            return _read(target)
-        logger.warning("%s names %s, which is not a finished checkpoint", pointer, target)
-    finished = finished_checkpoints(path)
-    if finished:
-        return _read(finished[-1][1])
-    staging = STAGING_DIR.match(path.name)
-    if staging or any(path.glob("rank*.safetensors")) or any(path.glob(".rank*.partial")):
-        raise CheckpointIncompleteError(
-            f"{path} is an incomplete checkpoint: it has no {MANIFEST}, so the save that wrote it "
-            "did not finish. Load the previous checkpoint (pass the checkpoint root to follow "
-            f"its '{LATEST}' pointer)."
-        )
-    raise CheckpointIncompleteError(
-        f"no finished checkpoint in {path}: no {MANIFEST} here and no step-* directory with one"
-    )
-
-
-def finished_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """``(step, directory)`` of every finished checkpoint under ``root``, oldest step first."""
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and (child / MANIFEST).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def _read(directory: Path) -> Checkpoint:
+def read_checkpoint(directory: Path) -> Checkpoint:
+    """The checkpoint in ``directory``, once its commit record says it is complete and its
+    manifest matches the digest that record holds."""
+    if not (directory / COMMIT).exists() and (directory / MANIFEST).is_file():
+        version = _peek_version(directory / MANIFEST)
+        if version is not None and version != VERSION:
+            raise CheckpointError(
+                f"{directory / MANIFEST} has format version {version}; this fzero reads version "
+                f"{VERSION} (checkpoints with a {COMMIT} record)"
+            )
+    record = read_commit(directory)
+    path = directory / MANIFEST
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {directory / MANIFEST}: {error}") from error
+        manifest = json.loads(check_manifest_bytes(directory, MANIFEST, record))
+    except ValueError as error:
+        raise CheckpointCorruptError(f"cannot read {path}: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / MANIFEST} is not an fzero checkpoint manifest")
+        raise CheckpointError(f"{path} is not an fzero checkpoint manifest")
     if manifest.get("version") != VERSION:
         raise CheckpointError(
-            f"{directory / MANIFEST} has format version {manifest.get('version')}; this fzero "
+            f"{path} has format version {manifest.get('version')}; this fzero "
             f"reads version {VERSION}"
         )
+    if (manifest.get("step"), manifest.get("sequence")) != (record.step, record.sequence):
+        raise CheckpointCorruptError(
+            f"{directory / COMMIT} says step {record.step}, save {record.sequence}, but {path} "
+            f"says step {manifest.get('step')}, save {manifest.get('sequence')}: the commit "
+            "record was changed after the save wrote it"
+        )
     return Checkpoint(directory, manifest)
+
+
+def _peek_version(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # -- model comparison ---------------------------------------------------------------------------

@@ -1,40 +1,45 @@
-"""``fzero.save``: every rank writes its own shard, in parallel; rank 0 publishes atomically.
+"""``fzero.save``: every rank writes its own shard, in parallel; rank 0 commits and publishes.
 
-1. Every rank writes ``rank<r>.safetensors`` (master, moments, step, compute-dtype shards,
-   buffers, RNG state, the user's ``data_state``) into ``root/.step-<n>.tmp/``, under a
-   temporary name that it renames once the file is fsynced.
-2. One ``all_gather_object`` brings every rank's file size and sha256 (or its error) to all.
+1. Rank 0 settles what an interrupted earlier save left (``publish.recover``) and makes a fresh
+   ``root/.step-<n>.tmp/``. One ``all_gather_object`` checks that every rank saves the same step
+   and that this went well.
+2. Every rank writes ``rank<r>.safetensors`` (master, moments, step, compute-dtype shards,
+   buffers, RNG state, the user's ``data_state``) into it, under a temporary name that it
+   renames once the file is fsynced.
+3. A second ``all_gather_object`` brings every rank's file size and sha256 (or its error) to all.
    If any rank failed, every rank raises ``CheckpointWriteError`` and rank 0 removes the
    partial directory.
-3. Rank 0 writes ``manifest.json`` last, renames the directory to ``root/step-<n>/``, fsyncs,
-   points ``root/latest`` at it, then drops old checkpoints beyond ``keep_last`` and leftovers of
-   interrupted saves. A second ``all_gather_object`` tells every rank how that went.
+4. Rank 0 writes ``manifest.json``, then ``commit.json`` (the manifest's sha256: from here on the
+   checkpoint is complete), points ``latest`` at it, renames the directory to ``step-<n>/`` and
+   drops checkpoints beyond ``keep_last`` (``publish.py``). A third ``all_gather_object`` tells
+   every rank how that went.
 
-A save that dies anywhere before the rename leaves only a ``.tmp`` directory, which ``load``
-never picks; the previous checkpoint and ``latest`` are untouched until the new one is complete.
+A save that dies anywhere leaves a root from which ``fzero.load`` takes the newest complete
+checkpoint: the previous one before the commit, the new one after it (``locate.py``;
+docs/checkpoints.md lists every window). ``crash_points`` names the points tests stop a rank at.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fzero.checkpoint.files import fsync_dir, write_safetensors, write_text_atomic
+from fzero.checkpoint import publish
+from fzero.checkpoint.crash_points import reach
+from fzero.checkpoint.files import fsync_dir, write_safetensors
+from fzero.checkpoint.locate import open_checkpoint
 from fzero.checkpoint.manifest import (
     FORMAT,
     LATEST,
-    MANIFEST,
     VERSION,
     describe_units,
-    finished_checkpoints,
-    open_checkpoint,
     rank_file_name,
     rank_units,
+    staging_dir_name,
     state_dict_entries,
     step_dir_name,
 )
@@ -67,23 +72,41 @@ def save(
     runtime = state.runtime
     comm = runtime.comm
     root = Path(path)
-    name = step_dir_name(state.progress.step_count)
-    staging, final = root / f".{name}.tmp", root / name
+    step = state.progress.step_count
+    staging, final = root / staging_dir_name(step), root / step_dir_name(step)
+
+    failure: BaseException | None = None
+    if comm.rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            publish.recover(root)
+            staging.mkdir()
+        except Exception as error:  # noqa: BLE001 - every rank must reach the collective below
+            failure = error
+        reach("recovered")
+    reach("collective.begin")
+    begun = comm.all_gather_object({"step": step, **(_describe(failure) if failure else {})})
+    try:
+        _check_begun(begun, final, failure)
+    except CheckpointWriteError:
+        if comm.rank == 0:
+            publish.discard(staging)
+        raise
 
     entry: dict[str, Any] | None = None
-    failure: BaseException | None = None
     try:
-        staging.mkdir(parents=True, exist_ok=True)
-        if comm.rank == 0:  # left by a save that died between its manifest and its rename
-            (staging / MANIFEST).unlink(missing_ok=True)
+        staging.mkdir(parents=True, exist_ok=True)  # made by rank 0; here for a local disk
+        reach("staging_ready")
         entry = _write_rank_file(state, staging, data_state)
+        reach("rank_file_renamed")
     except Exception as error:  # noqa: BLE001 - every rank must reach the collective below
         failure = error
+    reach("collective.files")
     outcomes = comm.all_gather_object(entry if failure is None else _describe(failure))
     failed = [(rank, o) for rank, o in enumerate(outcomes) if "error" in o]
     if failed:
         if comm.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
+            publish.discard(staging)
         rank, outcome = failed[0]
         raise CheckpointWriteError(
             f"saving {final} failed on rank {rank}: {outcome['error']}. Nothing was published: "
@@ -93,18 +116,24 @@ def save(
     failure, report = None, None
     if comm.rank == 0:
         try:
-            _publish(root, staging, final, _manifest(state, outcomes), keep_last)
+            publish.commit(staging, _manifest(state, outcomes), publish.next_sequence(root))
+            publish.publish(root, step)
+            if keep_last is not None:
+                publish.rotate(root, keep_last, final)
+            reach("cleaned")
         except Exception as error:  # noqa: BLE001 - reported to every rank below
             failure = error
             report = _describe(error)
-            if staging.exists():  # not renamed: nothing was published
-                shutil.rmtree(staging, ignore_errors=True)
-                report["after"] = "The previous checkpoint is untouched"
+            if publish.uncommitted(staging):  # nothing was published
+                publish.discard(staging)
+                report["after"] = "Nothing was published: the previous checkpoint is untouched"
             else:
                 report["after"] = (
-                    f"{final} itself is complete and loads, but '{LATEST}' or the removal of "
-                    "older checkpoints may be behind"
+                    f"The new checkpoint was committed: it is complete and fzero.load takes it, "
+                    f"but moving it to {final}, '{LATEST}' or the removal of older checkpoints "
+                    "may be behind (the next save finishes them)"
                 )
+    reach("collective.published")
     report = comm.all_gather_object(report)[0]
     if report is not None:
         raise CheckpointWriteError(
@@ -112,6 +141,22 @@ def save(
             f"{report['after']}"
         ) from failure
     return final
+
+
+def _check_begun(begun: list[dict[str, Any]], final: Path, failure: BaseException | None) -> None:
+    """Every rank saves the same step, and rank 0 made the staging directory."""
+    steps = [outcome["step"] for outcome in begun]
+    if len(set(steps)) > 1:
+        listed = ", ".join(f"rank {rank}: step {s}" for rank, s in enumerate(steps))
+        raise CheckpointWriteError(
+            f"saving {final}: the ranks are at different steps ({listed}); call fzero.save on "
+            "every rank at the same step. Nothing was written"
+        )
+    if "error" in begun[0]:
+        raise CheckpointWriteError(
+            f"saving {final} failed on rank 0: {begun[0]['error']}. Nothing was published: "
+            "the previous checkpoint is untouched"
+        ) from failure
 
 
 def load_data_state(path: str | os.PathLike, rank: int = 0) -> dict[str, Any] | None:
@@ -158,8 +203,9 @@ def _write_rank_file(state: ZeroState, staging: Path, data_state: Any) -> dict[s
     partial = staging / f".{file_name}.partial"
     try:
         sha256, nbytes = write_safetensors(partial, tensors, metadata)
+        reach("rank_file_partial")
         os.replace(partial, staging / file_name)
-    except BaseException:
+    except Exception:
         partial.unlink(missing_ok=True)
         raise
     fsync_dir(staging)
@@ -209,47 +255,6 @@ def _manifest(state: ZeroState, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "state_dict": state_dict_entries(runtime.model, params),
         "ranks": ranks,
     }
-
-
-def _publish(
-    root: Path, staging: Path, final: Path, manifest: dict[str, Any], keep_last: int | None
-) -> None:
-    """Rank 0, once every rank's file is durable: the manifest, the rename that publishes the
-    checkpoint, then ``latest`` and the removal of older checkpoints."""
-    expected = {entry["file"] for entry in manifest["ranks"]}
-    for stray in staging.iterdir():  # e.g. more rank files, from a bigger earlier attempt
-        if stray.name not in expected:
-            _remove(stray)
-    # Compact: per-rank tables grow with world size x units (``info`` prints it for people).
-    write_text_atomic(staging / MANIFEST, json.dumps(manifest, separators=(",", ":")) + "\n")
-    replaced = None
-    if final.exists():  # the same step saved again: move the old one aside first
-        replaced = root / f".{final.name}.old"
-        _remove(replaced)
-        os.replace(final, replaced)
-    try:
-        os.replace(staging, final)
-    except BaseException:
-        if replaced is not None:
-            os.replace(replaced, final)
-        raise
-    fsync_dir(root)
-    write_text_atomic(root / LATEST, final.name + "\n")
-    if replaced is not None:
-        _remove(replaced)
-    if keep_last is not None:
-        finished = [d for _, d in finished_checkpoints(root) if d != final]
-        for directory in finished[: max(len(finished) - (keep_last - 1), 0)]:
-            _remove(directory)
-    for leftover in root.glob(".step-*.tmp"):  # interrupted saves: no rank is writing there now
-        _remove(leftover)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _describe(error: BaseException) -> dict[str, str]:

@@ -7,6 +7,6 @@ sub-blocks, `resolve` fills "auto", `lr_schedules` the learning-rate schedules, 
 
 from __future__ import annotations
 
-from fzero.config.config import Config
+from fzero.config.config import Config, names_stage
 
-__all__ = ["Config"]
+__all__ = ["Config", "names_stage"]

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from fzero.config.parse import NESTED_PARAMS, Auto, DtypeName
+from fzero.config.parse import DROPS_AUTO, NESTED_PARAMS, Auto, DtypeName
 from fzero.errors import ConfigError
 
 OffloadDevice = Literal["none", "cpu", "nvme"]
@@ -115,21 +115,42 @@ class ZeroConfig:
             self.offload_param.validate(f"{path}.offload_param")
 
 
+# DeepSpeed's optimizer defaults for Adam and AdamW: its engine builds FusedAdam
+# (deepspeed/ops/adam/fused_adam.py: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0,
+# bias_correction true), or with "torch_adam": true torch.optim.AdamW, whose weight_decay
+# default is 0.01 (deepspeed/runtime/engine.py, _configure_basic_optimizer).
+FUSED_ADAM_WEIGHT_DECAY = 0.0
+TORCH_ADAMW_WEIGHT_DECAY = 0.01
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     """The ``optimizer`` block: Adam with decoupled weight decay (AdamW).
 
     As in DeepSpeed, ``"Adam"`` means AdamW unless ``adam_w_mode`` is false (L2-coupled Adam,
     which fzero does not offer); ``"AdamW"`` is AdamW whatever ``adam_w_mode`` says. Type names
-    are case-insensitive. ``weight_decay`` defaults to torch's AdamW default, 0.01.
+    are case-insensitive. Defaults are DeepSpeed's for the same block: ``weight_decay`` 0 (its
+    FusedAdam), or 0.01 with ``torch_adam`` (torch's AdamW). ``torch_adam`` changes nothing else:
+    fzero's fused AdamW computes torch's update. ``bias_correction: false`` drops Adam's
+    ``1 - beta**step`` corrections, as FusedAdam does.
     """
 
     type: str = "AdamW"
     lr: float | Auto = 1e-3
     betas: tuple[float, float] | Auto = (0.9, 0.999)
     eps: float | Auto = 1e-8
-    weight_decay: float | Auto = 0.01
+    weight_decay: float | Auto | None = None  # None: DeepSpeed's default for this block
     adam_w_mode: bool = True
+    torch_adam: bool = False
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", self.default_weight_decay)
+
+    @property
+    def default_weight_decay(self) -> float:
+        return TORCH_ADAMW_WEIGHT_DECAY if self.torch_adam else FUSED_ADAM_WEIGHT_DECAY
 
     def validate(self, path: str = "optimizer") -> None:
         kind = self.type.lower()
@@ -175,6 +196,10 @@ class Fp16Config(PrecisionConfig):
     ``hysteresis`` overflowing steps and doubled after ``loss_scale_window`` clean ones, never below
     ``min_loss_scale`` (the exact rule: ``fzero/loss_scale.py``); ``loss_scale`` > 0 is a static
     scale. Overflowing steps are skipped on every rank either way.
+
+    ``auto_cast``: with fp16 enabled, cast the floating-point tensors of each micro-batch to
+    fp16 before the forward, as DeepSpeed's engine does (``deepspeed/runtime/engine.py``,
+    ``_cast_inputs_half``); ``fzero.cast_forward_inputs`` (on by default) does so already.
     """
 
     auto_cast: bool = False
@@ -245,6 +270,11 @@ class FzeroConfig:
     ``compile_units``: run each block unit's ``forward`` through ``torch.compile`` (the hooks
     that gather, release and reduce stay outside the compiled code). Off by default.
 
+    ``cast_forward_inputs``: with bf16 or fp16 compute, cast the floating-point tensors of each
+    micro-batch to the compute dtype before the forward (as FSDP2's
+    ``MixedPrecisionPolicy(cast_forward_inputs=True)``); integer tensors are left alone. Set it
+    false to pass the batch as given (``fp16.auto_cast`` still casts to fp16, as in DeepSpeed).
+
     ``embedding_units``: besides the repeated blocks, make every ``nn.Embedding`` outside them
     a unit of its own (default units: the blocks plus one for the rest). Stage 3 then gathers an
     embedding for its forward only and releases it right after, instead of holding it with the
@@ -252,9 +282,15 @@ class FzeroConfig:
     """
 
     no_weight_decay: tuple[str, ...] = ()
+    cast_forward_inputs: bool = True
     alignment: int = 16
     nonfinite_grads: Literal["skip", "error", "apply"] = "skip"
     reduce_every_micro_batch: bool | None = None
     deterministic: bool = False
     compile_units: bool = False
     embedding_units: bool = False
+
+
+DROPS_AUTO.update(
+    {ZeroConfig, OffloadParamConfig, OffloadOptimizerConfig, PrecisionConfig, Fp16Config}
+)

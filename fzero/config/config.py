@@ -4,7 +4,7 @@ A config is built from a dict in DeepSpeed's JSON layout (``Config.from_dict``),
 arguments of the same shape (``Config.from_kwargs``), a JSON or HJSON file (``Config.from_any``,
 which reads ``ds_config.json`` files unchanged) or an existing ``Config``. Every DeepSpeed key is
 implemented with DeepSpeed's meaning, accepted with a one-time ``ConfigWarning`` saying why it has
-no effect, or rejected (``fzero/config_keys.py``; the table is ``docs/config.md``). Unknown keys,
+no effect, or rejected (``fzero/config/keys.py``; the table is ``docs/config.md``). Unknown keys,
 wrong types and out-of-range values raise ``ConfigError`` naming the JSON path of the key
 (``zero_optimization.stage``), so a typo never silently falls back to a default.
 
@@ -39,14 +39,15 @@ from fzero.config.blocks import (
     ZeroConfig,
     check_at_least,
 )
-from fzero.config.keys import suggest, warn_no_effect
 from fzero.config.lr_schedules import SCHEDULERS, OneCycle, Scheduler
+from fzero.config.notes import collecting_notes, report, suggest, warn_no_effect
 from fzero.config.parse import Auto, DtypeName, build, flatten, load_file
 from fzero.config.resolve import BATCH_KEYS, resolve_auto
 from fzero.errors import ConfigError, ConfigTypeError
 
 __all__ = [
     "Config",
+    "names_stage",
     "DataTypesConfig",
     "Fp16Config",
     "FzeroConfig",
@@ -62,7 +63,7 @@ logger = logging.getLogger("fzero")
 
 # Offload devices the runtime implements. Any other device in offload_optimizer/offload_param is
 # rejected at config time; the runtime adds "cpu" here when it implements CPU offload.
-SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none",)
+SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu")
 
 _DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -114,9 +115,11 @@ class Config:
         optimizer = data.get("optimizer")
         if isinstance(optimizer, dict) and isinstance(optimizer.get("type"), str):
             OptimizerConfig(type=optimizer["type"]).validate()  # before its params are read
-        scheduler = _build_scheduler(data.pop("scheduler", None))
-        config = dataclasses.replace(build(cls, data, ""), scheduler=scheduler)
+        with collecting_notes() as notes:
+            scheduler = _build_scheduler(data.pop("scheduler", None))
+            config = dataclasses.replace(build(cls, data, ""), scheduler=scheduler)
         config.validate()
+        report(notes)
         return config
 
     @classmethod
@@ -162,16 +165,6 @@ class Config:
                     f'offload to "{block.device}" is not implemented in fzero yet; '
                     'set "device": "none" or remove the block',
                 )
-            if name == "offload_param" and zero.stage != 3:
-                message = f"parameter offload needs stage 3, got stage {zero.stage}"
-                raise ConfigError(f"zero_optimization.{name}.device", message)
-        if (
-            zero.offload_optimizer is not None
-            and zero.offload_optimizer.ratio < 1
-            and zero.stage != 3
-        ):
-            message = f"partial offload (ratio < 1) needs stage 3, got stage {zero.stage}"
-            raise ConfigError("zero_optimization.offload_optimizer.ratio", message)
         self.optimizer.validate()
         if self.scheduler is not None:
             self.scheduler.validate()
@@ -236,7 +229,17 @@ class Config:
     def check_stage_options(self) -> None:
         """Options whose meaning depends on the stage, checked by ``shard`` once the stage is
         final (``shard(stage=...)`` overrides the config's)."""
-        stage = self.zero_optimization.stage
+        zero = self.zero_optimization
+        stage = zero.stage
+        param = zero.offload_param
+        if param is not None and param.device != "none" and stage != 3:
+            message = f"parameter offload needs stage 3, got stage {stage}"
+            raise ConfigError("zero_optimization.offload_param.device", message)
+        optimizer = zero.offload_optimizer
+        partial = optimizer is not None and optimizer.device != "none" and optimizer.ratio < 1
+        if partial and stage != 3:
+            message = f"partial offload (ratio < 1) needs stage 3, got stage {stage}"
+            raise ConfigError("zero_optimization.offload_optimizer.ratio", message)
         if stage < 2 and self.fzero.reduce_every_micro_batch is True:
             raise ConfigError(
                 "fzero.reduce_every_micro_batch",
@@ -358,6 +361,17 @@ class Config:
         """sha256 of the canonical JSON of ``to_dict()``: equal on ranks with equal configs."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def names_stage(config: Config | dict | str | os.PathLike) -> bool:
+    """Whether ``config`` (as given to ``shard`` or ``load``) chooses a ZeRO stage: a dict or
+    file with ``zero_optimization.stage`` set to a number; a ``Config`` always holds one."""
+    if isinstance(config, Config):
+        return True
+    if isinstance(config, (str, os.PathLike)):
+        config = load_file(config)
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    return isinstance(zero, dict) and zero.get("stage") not in (None, "auto")
 
 
 def _build_scheduler(data: Any) -> Scheduler | None:

@@ -20,7 +20,10 @@ import types
 import typing
 from typing import Any, Literal
 
-from fzero.config.keys import ALIASES, apply_rule, known_keys, suggest
+import hjson
+
+from fzero.config.keys import ALIASES, apply_rule, known_keys
+from fzero.config.notes import note, suggest
 from fzero.errors import ConfigError, ConfigTypeError
 
 Auto = Literal["auto"]
@@ -45,6 +48,12 @@ _DTYPE_ALIASES = {
 # module that defines the dataclass: {OptimizerConfig: "params"}.
 NESTED_PARAMS: dict[type, str] = {}
 
+# The blocks that DeepSpeed reads with a pydantic ``DeepSpeedConfigModel``, whose constructor
+# drops every "auto" value so that the field keeps its default (deepspeed/runtime/config_utils.py,
+# ``DeepSpeedConfigModel.__init__``). In these blocks a field that is not typed ``... | Auto``
+# takes its default for "auto" too (noted at INFO). Filled in by ``blocks.py``.
+DROPS_AUTO: set[type] = set()
+
 
 def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
@@ -63,7 +72,7 @@ def build(cls: type, data: Any, path: str) -> Any:
             raise ConfigTypeError(nested_path, f"expected an object, got {nested!r}")
         items = [item for item in items if item[0] != nested_key]
         items += [(key, value, f"{nested_path}.{key}") for key, value in nested.items()]
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for key, value, key_path in items:
@@ -74,11 +83,29 @@ def build(cls: type, data: Any, path: str) -> Any:
             if apply_rule(canonical_path, value):
                 continue
             candidates = {*fields, *known_keys(parent), nested_key} - {None}
+            if path == "":
+                # DeepSpeed reads the top-level keys it knows and ignores the rest
+                # (deepspeed/runtime/config.py, DeepSpeedConfig._initialize_params); inside a
+                # block its pydantic models forbid unknown keys, so there they stay errors.
+                hint = suggest(key, candidates, cutoff=0.8)  # "; did you mean 'x'?" or ""
+                note("ignored", f"{key} ({hint[2:]})" if hint else key)
+                continue
             raise ConfigError(key_path, f"unknown key{suggest(key, candidates)}")
         if name in values:
             raise ConfigError(key_path, f"given twice (also as {name!r})")
+        if value == "auto" and cls in DROPS_AUTO and not accepts_auto(hints[name]):
+            default = fields[name].default
+            note("defaults", f"{canonical_path}={default}")
+            continue
         values[name] = coerce(hints[name], value, key_path)
     return cls(**values)
+
+
+def accepts_auto(hint: Any) -> bool:
+    """Whether a field typed ``hint`` holds "auto" until ``Config.resolve``."""
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and Auto in typing.get_args(
+        hint
+    )
 
 
 def describe(hint: Any) -> str:
@@ -171,11 +198,7 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
         text = f.read()
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as json_error:
-        try:
-            import hjson
-        except ImportError:
-            raise ConfigError("", f"{os.fspath(path)} is not valid JSON: {json_error}") from None
+    except json.JSONDecodeError:
         try:
             return hjson.loads(text, object_pairs_hook=_no_duplicate_keys)
         except hjson.HjsonDecodeError as error:

@@ -74,38 +74,61 @@ def resolve_auto(
 
 
 def _resolve_defaults(config: Config, notes: list[str], total_num_steps: int | None) -> Config:
-    """Replace the "auto" values that do not depend on the model or the world."""
+    """Replace the "auto" values that do not depend on the model or the world.
+
+    These are the values only a trainer can fill (the Hugging Face Trainer writes its own
+    learning rate, betas, clipping, precision and warm-up into them). DeepSpeed itself has no
+    value for them, so here they take DeepSpeed's defaults, and one WARNING names each key with
+    the value it got: a config written for a trainer, given to ``fzero.shard`` as it is, would
+    otherwise train at lr 1e-3 in fp32 without clipping while its author believes otherwise.
+    """
+    filled: list[str] = []
 
     def resolved(block: Any, path: str, values: dict[str, Any]) -> Any:
         changes = {}
         for name, value in values.items():
             if getattr(block, name, None) == "auto":
                 changes[name] = value
-                notes.append(f"{path}{name}={value}")
+                filled.append(f"{path}{name}={value}")
         return dataclasses.replace(block, **changes) if changes else block
 
     defaults = {f.name: f.default for f in dataclasses.fields(OptimizerConfig)}
+    defaults["weight_decay"] = config.optimizer.default_weight_decay
     optimizer = resolved(config.optimizer, "optimizer.params.", defaults)
     scheduler = config.scheduler
     if scheduler is not None:
-        if getattr(scheduler, "total_num_steps", None) == "auto" and total_num_steps is None:
-            raise ConfigError(
-                "scheduler.params.total_num_steps",
-                '"auto" needs the number of training steps: pass resolve(total_num_steps=...)',
-            )
+        if getattr(scheduler, "total_num_steps", None) == "auto":
+            if total_num_steps is None:
+                raise ConfigError(
+                    "scheduler.params.total_num_steps",
+                    '"auto" needs the number of optimizer steps the run will take: pass '
+                    "fzero.shard(..., total_num_steps=N) (or Config.resolve(..., "
+                    "total_num_steps=N)), or write the number in the config",
+                )
+            scheduler = dataclasses.replace(scheduler, total_num_steps=total_num_steps)
+            notes.append(f"scheduler.params.total_num_steps={total_num_steps} (given)")
         values = {f.name: f.default for f in dataclasses.fields(scheduler)}
-        values.update(warmup_max_lr=optimizer.lr, total_num_steps=total_num_steps)
+        values.update(warmup_max_lr=optimizer.lr)
         scheduler = resolved(scheduler, "scheduler.params.", values)
     gradient_clipping = config.gradient_clipping
     if gradient_clipping == "auto":
         gradient_clipping = 0.0
-        notes.append("gradient_clipping=0.0")
+        filled.append("gradient_clipping=0.0 (no clipping)")
+    bf16 = resolved(config.bf16, "bf16.", {"enabled": False})
+    fp16 = resolved(config.fp16, "fp16.", {"enabled": False})
+    if filled:
+        logger.warning(
+            '"auto" values that only a trainer fills took DeepSpeed\'s defaults: %s. Write the '
+            'numbers into the config (bf16: "bf16": {"enabled": true}), or let the Hugging Face '
+            "Trainer fill them",
+            ", ".join(filled),
+        )
     return dataclasses.replace(
         config,
         optimizer=optimizer,
         scheduler=scheduler,
-        bf16=resolved(config.bf16, "bf16.", {"enabled": False}),
-        fp16=resolved(config.fp16, "fp16.", {"enabled": False}),
+        bf16=bf16,
+        fp16=fp16,
         gradient_clipping=gradient_clipping,
     )
 

@@ -216,8 +216,11 @@ def _update(
     step_value: float,
     ranges: list[tuple[int, int, float]] | tuple[tuple[int, int, float], ...],
     grad_scale: torch.Tensor | None,
+    bias_correction: bool = True,
 ) -> None:
-    """One AdamW update in place, op for op as torch's ``_single_tensor_adam`` (non-capturable)."""
+    """One AdamW update in place, op for op as torch's ``_single_tensor_adam`` (non-capturable).
+    ``bias_correction=False`` leaves out Adam's ``1 - beta**step`` divisors, as DeepSpeed's
+    FusedAdam does with ``bias_correction: false`` (``csrc/adam/multi_tensor_adam.cu``)."""
     g = grad if grad.dtype == torch.float32 else grad.float()
     if grad_scale is not None:
         g = g * grad_scale
@@ -229,11 +232,15 @@ def _update(
     v = exp_avg_sq.float() if low_precision else exp_avg_sq
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step_value
-    bias_correction2 = 1 - beta2**step_value
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    if bias_correction:
+        bias_correction1 = 1 - beta1**step_value
+        bias_correction2 = 1 - beta2**step_value
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        step_size = lr
+        denom = v.sqrt().add_(eps)
     master.addcdiv_(m, denom, value=-step_size)
     if low_precision:
         exp_avg.copy_(m)
@@ -255,6 +262,7 @@ def adamw_reference(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     param_out: torch.Tensor | None = None,
+    bias_correction: bool = True,
 ) -> None:
     """The oracle for ``adamw_step``: whole-tensor torch ops, any device.
 
@@ -266,6 +274,7 @@ def adamw_reference(
         master, grad, exp_avg, exp_avg_sq, step, decay, grad_scale, found_inf, param_out
     )
     hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "step_value": step.item()}
+    hyper["bias_correction"] = bias_correction
     if found_inf is None:
         _update(
             master, grad, exp_avg, exp_avg_sq, ranges=decay.ranges, grad_scale=grad_scale, **hyper
@@ -301,6 +310,7 @@ def adamw_step_cpu(
     found_inf: torch.Tensor | None = None,
     param_out: torch.Tensor | None = None,
     chunk_numel: int = CPU_CHUNK_NUMEL,
+    bias_correction: bool = True,
 ) -> None:
     """The reference's ops run chunk by chunk, so temporaries stay in cache and stay small.
 
@@ -314,6 +324,7 @@ def adamw_step_cpu(
     if found_inf is not None and found_inf.item() != 0:
         return
     hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "step_value": step.item()}
+    hyper["bias_correction"] = bias_correction
     for start in range(0, master.numel(), chunk_numel):
         end = min(start + chunk_numel, master.numel())
         chunk = slice(start, end)
@@ -345,6 +356,7 @@ def adamw_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     param_out: torch.Tensor | None = None,
+    bias_correction: bool = True,
 ) -> None:
     """One AdamW update of a flat shard, in place; same math as ``torch.optim.AdamW``.
 
@@ -353,7 +365,7 @@ def adamw_step(
     by ``grad_scale`` first. ``step`` is the 1-based count of this update, already incremented by
     the caller. A nonzero ``found_inf`` skips the update entirely. ``param_out``, if given, receives
     the new master cast to its dtype. On CUDA this is one kernel launch and no host sync; on the CPU
-    it is ``adamw_step_cpu``.
+    it is ``adamw_step_cpu``. ``bias_correction=False``: no ``1 - beta**step`` divisors.
     """
     kwargs = {
         "lr": lr,
@@ -365,6 +377,7 @@ def adamw_step(
         "grad_scale": grad_scale,
         "found_inf": found_inf,
         "param_out": param_out,
+        "bias_correction": bias_correction,
     }
     if master.device.type == "cpu":
         adamw_step_cpu(master, grad, exp_avg, exp_avg_sq, **kwargs)

@@ -56,6 +56,7 @@ def _update_block(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_PARAM_OUT: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr,
 ):
     """AdamW on one block, in fp32, in the op order of torch's single-tensor AdamW."""
     # The four streams are loaded first so that their latency hides the scalar work below. They
@@ -67,12 +68,16 @@ def _update_block(
 
     # Bias corrections in float64: in float32, 1 - beta2**step keeps few digits at small steps.
     # beta = 1 - (1 - beta) is exact in float64, and 1 - beta is what float32 holds accurately.
-    step = tl.load(step_ptr).to(tl.float64)
-    beta1_power = tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta1, tl.float64)))
-    beta2_power = tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta2, tl.float64)))
     lr64 = tl.cast(lr, tl.float64)
-    step_size = (lr64 / (1.0 - beta1_power)).to(tl.float32)
-    bias_correction2_sqrt = tl.sqrt(1.0 - beta2_power).to(tl.float32)
+    if BIAS_CORRECTION:
+        step = tl.load(step_ptr).to(tl.float64)
+        beta1_power = tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta1, tl.float64)))
+        beta2_power = tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta2, tl.float64)))
+        step_size = (lr64 / (1.0 - beta1_power)).to(tl.float32)
+        bias_correction2_sqrt = tl.sqrt(1.0 - beta2_power).to(tl.float32)
+    else:  # FusedAdam's bias_correction: false
+        step_size = lr64.to(tl.float32)
+        bias_correction2_sqrt = tl.full([], 1.0, tl.float32)
 
     if HAS_GRAD_SCALE:
         g = g * tl.load(grad_scale_ptr).to(tl.float32)
@@ -142,6 +147,7 @@ def _adamw_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_PARAM_OUT: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr,
     BLOCK_NUMEL: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -162,6 +168,7 @@ def _adamw_kernel(
             param_out_ptr, step_ptr, grad_scale_ptr, found_inf_ptr, segment_starts_ptr,
             segment_decays_ptr, num_segments, search_steps, block_start, block_end, lr, beta2,
             one_minus_beta1, one_minus_beta2, eps, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_PARAM_OUT,
+            BIAS_CORRECTION,
         )  # fmt: skip
     else:
         _update_block(
@@ -169,7 +176,7 @@ def _adamw_kernel(
             exp_avg_ptr, exp_avg_sq_ptr, param_out_ptr, step_ptr, grad_scale_ptr, found_inf_ptr,
             segment_starts_ptr, segment_decays_ptr, num_segments, search_steps, block_start,
             block_end, lr, beta2, one_minus_beta1, one_minus_beta2, eps, HAS_GRAD_SCALE,
-            HAS_FOUND_INF, HAS_PARAM_OUT,
+            HAS_FOUND_INF, HAS_PARAM_OUT, BIAS_CORRECTION,
         )  # fmt: skip
 
 
@@ -188,6 +195,7 @@ def adamw_step_triton(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     param_out: torch.Tensor | None = None,
+    bias_correction: bool = True,
     block_numel: int = BLOCK_NUMEL,
     num_warps: int = NUM_WARPS,
 ) -> None:
@@ -223,6 +231,7 @@ def adamw_step_triton(
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
         HAS_PARAM_OUT=param_out is not None,
+        BIAS_CORRECTION=bool(bias_correction),
         BLOCK_NUMEL=block_numel,
         num_warps=num_warps,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,6 +50,7 @@ class ExecutorParts:
     reduce_dtype: torch.dtype
     decay_ranges: tuple[tuple[int, int, float], ...]
     norm_order: tuple[tuple[int, int, tuple[int, ...]], ...]
+    host_optimizer: Any = None  # fzero.offload.plan.HostOptimizerSettings under offload
 
 
 class Executor:
@@ -77,9 +79,25 @@ class Executor:
             parts.decay_ranges,
             parts.norm_order,
         )
+        self.host_optimizer = None
+        if parts.host_optimizer is not None:
+            from fzero.offload.optimizer import HostOptimizer
+
+            self.host_optimizer = HostOptimizer(
+                parts.layout,
+                parts.workspace,
+                parts.optimizer,
+                self.step_phase,
+                parts.decay_ranges,
+                pin_memory=parts.host_optimizer.pin_memory,
+                compute_dtype=parts.host_optimizer.compute_dtype,
+                params_on_host=parts.host_optimizer.params_on_host,
+            )
         g, r, s = self.gathers, self.reduction, self.step_phase
+        h = self.host_optimizer or _NoHostOptimizer()
         self.handlers: dict[type[O.Op], Callable] = {
             O.AllGather: g.all_gather,
+            O.UploadShard: g.upload_shard,
             O.WaitGather: g.wait_gather,
             O.Release: g.release,
             O.ZeroGrad: r.zero_grad,
@@ -96,6 +114,11 @@ class Executor:
             O.ReduceScalars: s.reduce_scalars,
             O.ReduceScalarsInOrder: s.reduce_scalars_in_order,
             O.OptimizerStep: s.optimizer_step,
+            O.CopyGradToHost: h.copy_grad_to_host,
+            O.ScalarsToHost: h.scalars_to_host,
+            O.HostOptimizerStep: h.host_optimizer_step,
+            O.CopyParamsToDevice: h.copy_params_to_device,
+            O.WaitUploads: h.wait_uploads,
         }
         self.executed: list[O.Op] = []
         # With record_ops: (trigger, gathered parameter bytes, gradient bytes) after its ops.
@@ -237,8 +260,23 @@ class Executor:
         master weights and moments are untouched, so the state given to ``train_step`` stays
         valid."""
         self.gathers.abort()
+        if self.host_optimizer is not None:
+            self.host_optimizer.abort()
         self._tracing = None
         self.step_phase.loss_sum = None
         for unit in self.released_units:
             free_storage(self.workspace.param_flats[unit])
         self.reduction.abort(self.shard_persists)
+
+
+class _NoHostOptimizer:
+    """Stands for the host optimizer where the optimizer is not offloaded: a schedule with
+    offload ops cannot run here."""
+
+    def __getattr__(self, name: str) -> Callable:
+        def refuse(op: O.Op) -> None:
+            raise ScheduleError(
+                f"{op} needs optimizer offload, which this model was not built with"
+            )
+
+        return refuse

@@ -33,6 +33,7 @@ class Gathers:
         self.comm = comm
         self.timeline = timeline
         self.in_flight: dict[int, InFlightGather] = {}
+        self.uploaded: dict[int, torch.Tensor] = {}  # parameter offload: shards brought up
         self._stream: Any = None
 
     def all_gather(self, op: O.AllGather) -> None:
@@ -49,29 +50,58 @@ class Gathers:
     def release(self, op: O.Release) -> None:
         free_storage(self.workspace.param_flats[op.unit])
 
+    def upload_shard(self, op: O.UploadShard) -> None:
+        """Parameter offload: bring this rank's host shard of the unit up, on the gather stream
+        (so a prefetched gather prefetches its upload), for the gather that follows."""
+        flat = self.workspace.param_flats[op.unit]
+        source = self.workspace.gather_source(op.unit)
+        if not flat.is_cuda:
+            self.uploaded[op.unit] = source
+            return
+        stream = self._gather_stream(flat)
+        stream.wait_stream(torch.cuda.current_stream(flat.device))
+        with torch.cuda.stream(stream):
+            self.uploaded[op.unit] = source.to(flat.device, non_blocking=True)
+
     def gather(self, unit: int) -> InFlightGather:
-        """Fill unit ``unit``'s full buffer from every rank's shard."""
+        """Fill unit ``unit``'s full buffer from every rank's shard (the uploaded copy, when
+        ``UploadShard`` brought it up)."""
         flat = self.workspace.param_flats[unit]
         alloc_storage(flat)
+        source = self.uploaded.pop(unit, None)
+        if source is None and not self.workspace.shards_on_host:
+            source = self.workspace.gather_source(unit) if self.comm.world_size > 1 else None
+        elif source is None:  # outside the schedule (evaluation): bring it up here
+            source = self.workspace.gather_source(unit).to(flat.device)
         if self.comm.world_size == 1:  # the shard is the whole unit: write it, cast included
             if flat.is_cuda:
-                return InFlightGather(self._copy_on_gather_stream(unit, flat), None)
-            self.workspace.write_shard(unit, flat)
-            return InFlightGather(DoneWork(), None)
-        source = self.workspace.gather_source(unit)
+                return InFlightGather(self._copy_on_gather_stream(unit, flat, source), source)
+            if source is None:
+                self.workspace.write_shard(unit, flat)
+            else:
+                flat.copy_(source)
+            return InFlightGather(DoneWork(), source)
         return InFlightGather(self.comm.all_gather(flat, source), source)
 
-    def _copy_on_gather_stream(self, unit: int, flat: torch.Tensor) -> Work:
+    def _gather_stream(self, flat: torch.Tensor) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=flat.device)
+        return self._stream
+
+    def _copy_on_gather_stream(
+        self, unit: int, flat: torch.Tensor, source: torch.Tensor | None
+    ) -> Work:
         """One rank on CUDA: the side stream waits for the compute stream (the master may just
         have been updated); WaitGather makes the compute stream wait for the copy, and the
         buffer is only released after that wait."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=flat.device)
-        stream = self._stream
+        stream = self._gather_stream(flat)
         stream.wait_stream(torch.cuda.current_stream(flat.device))
         start = self.timeline.begin(stream) if self.timeline is not None else None
         with torch.cuda.stream(stream):
-            self.workspace.write_shard(unit, flat)
+            if source is None:
+                self.workspace.write_shard(unit, flat)
+            else:
+                flat.copy_(source)
         if self.timeline is not None:
             self.timeline.end("gather", f"gather {unit}", start, stream)
         return StreamWork(stream)
@@ -80,6 +110,7 @@ class Gathers:
         for pending in self.in_flight.values():
             pending.work.wait()
         self.in_flight.clear()
+        self.uploaded.clear()
 
 
 class StreamWork:

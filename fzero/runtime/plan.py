@@ -84,4 +84,11 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
         gradient_reduction=reduction,
         grad_gather_nbytes=gather_numel * grad_itemsize,
         grad_shard_itemsize=grad_itemsize,
+        offload_optimizer=offload_device(zero.offload_optimizer) != "none",
+        offload_param=offload_device(zero.offload_param) != "none",
     )
+
+
+def offload_device(block) -> str:
+    """``"none"``, ``"cpu"`` or ``"nvme"`` for an offload block that may be absent."""
+    return "none" if block is None else block.device

@@ -32,6 +32,7 @@ class Hyper:
     max_grad_norm: float
     loss_scale: float = 1.0
     check_finite: bool = False
+    bias_correction: bool = True  # Adam's 1 - beta**step divisors (optimizer.params)
 
 
 @dataclass
@@ -189,6 +190,7 @@ class StepPhase:
                 grad_scale=scale,
                 found_inf=found_inf,
                 param_out=param_out,
+                bias_correction=hyper.bias_correction,
             )
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from fzero.schedule.offload import copy_grads_down, host_step_ops, upload_before_gathers
 from fzero.schedule.ops import (
     BACKWARD_END,
     POST_BACKWARD,
@@ -97,6 +98,9 @@ class Knobs:
     gradient_reduction: str = ""
     grad_gather_nbytes: int = 0
     grad_shard_itemsize: int = 4  # the gradient-accumulation dtype's
+    # zero_optimization.offload_optimizer / offload_param device "cpu" (see offload.py)
+    offload_optimizer: bool = False
+    offload_param: bool = False
 
 
 def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
@@ -168,6 +172,23 @@ def compile_schedule(
             else op
             for op in ops
         )
+    last_micro = micro_pass(reduce=True) if last else None
+    if knobs.offload_optimizer:
+        itemsize = knobs.grad_shard_itemsize
+        if reduction != "step" and traced:  # reduced in the micro-step: copy after the last
+            last_micro = copy_grads_down(units, last_micro or micro, itemsize)
+        ops = host_step_ops(
+            units,
+            ops,
+            reduces_in_step=reduction == "step",
+            grad_itemsize=itemsize,
+            param_offload=knobs.offload_param,
+        )
+    if knobs.offload_param:
+        micro = upload_before_gathers(units, micro)
+        last_micro = upload_before_gathers(units, last_micro) if last_micro else None
+        (ops_entry,) = upload_before_gathers(units, (Entry(Trigger(STEP), ops),))
+        ops = ops_entry.ops
     step = Entry(Trigger(STEP), ops)
     return Schedule(
         stage,
@@ -176,7 +197,7 @@ def compile_schedule(
         micro,
         (step,),
         traced,
-        last_micro_step=micro_pass(reduce=True) if last else None,
+        last_micro_step=last_micro,
         gradient_reduction=reduction,
     )
 

@@ -39,6 +39,11 @@ class UnitInfo:
     # False when the unit's backward needs no parameter values (an embedding: its backward
     # reads only the indices), so stage 3 does not gather it for backward.
     backward_reads_params: bool = True
+    # This rank's part (offload sizes its copies by it): trainable elements of its shard, the
+    # shard's bytes in the compute dtype, and that dtype's item size.
+    optimizer_numel: int = 0
+    shard_nbytes: int = 0
+    param_itemsize: int = 2
 
     @property
     def is_root(self) -> bool:

@@ -269,7 +269,12 @@ class _Replay:
         self.world_size = schedule.world_size
         self.units = {u.index: u for u in schedule.units}
         self.now = 0.0
-        self.stream_free = {O.GATHER: 0.0, O.REDUCE: 0.0}
+        self.stream_free = {
+            O.GATHER: 0.0,
+            O.REDUCE: 0.0,
+            O.DEVICE_TO_HOST: 0.0,
+            O.HOST_TO_DEVICE: 0.0,
+        }
         self.in_flight: dict[tuple[str, int], float] = {}  # (stream, unit) -> collective end
         self.spans: list[Span] = []
         self.compute_seconds = self.exposed_seconds = 0.0
@@ -330,6 +335,26 @@ class _Replay:
                 else:  # an all-to-all of shard slices moves what a reduce-scatter moves
                     seconds = self.cost.reduce_scatter(op.nbytes, n)
                 self.in_flight[(O.REDUCE, op.unit)] = self.collective(op, O.REDUCE, seconds, micro)
+            elif isinstance(op, O.UploadShard):  # before its gather, on the gather stream
+                self.collective(op, O.GATHER, self.cost.upload(op.nbytes), micro)
+            elif isinstance(op, O.CopyGradToHost):
+                seconds = self.cost.download(op.nbytes)
+                end = self.collective(op, O.DEVICE_TO_HOST, seconds, micro)
+                self.in_flight[(O.DEVICE_TO_HOST, op.unit)] = end
+            elif isinstance(op, O.HostOptimizerStep):
+                self.host_step(op, micro)
+            elif isinstance(op, O.CopyParamsToDevice):
+                seconds = self.cost.upload(op.nbytes)
+                end = self.collective(op, O.HOST_TO_DEVICE, seconds, micro)
+                self.in_flight[(O.HOST_TO_DEVICE, op.unit)] = end
+            elif isinstance(op, O.WaitUploads):
+                ends = [t for (s, _), t in self.in_flight.items() if s == O.HOST_TO_DEVICE]
+                self.in_flight = {
+                    k: t for k, t in self.in_flight.items() if k[0] != O.HOST_TO_DEVICE
+                }
+                self.wait(op, max(ends, default=self.now), micro)
+            elif isinstance(op, O.ScalarsToHost):  # the host waits for the device: one sync
+                self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
             elif isinstance(op, O.WriteGradShard):  # one rank: a local write, no collective
                 self.in_flight[(O.REDUCE, op.unit)] = self.now
                 self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
@@ -363,6 +388,18 @@ class _Replay:
             else:
                 raise ScheduleError(f"simulate does not know the op {type(op).__name__}")
             self.samples.append(self.sample())
+
+    def host_step(self, op: O.HostOptimizerStep, micro: int) -> None:
+        """The host runs the CPU step once the unit's gradient is down; the thread that issues
+        the device's work is busy meanwhile, so the compute clock waits for it too."""
+        ready = self.in_flight.pop((O.DEVICE_TO_HOST, op.unit), self.now)
+        self.wait(op, ready, micro)
+        seconds = self.cost.cpu_optimizer(op.numel)
+        self.spans.append(
+            Span(_op_text(op), O.HOST, "compute", self.now, self.now + seconds, micro)
+        )
+        self.now += seconds
+        self.compute_seconds += seconds
 
     def bookkeeping(self, op: O.Op) -> None:
         if isinstance(op, O.Release):

@@ -36,6 +36,7 @@ from fzero.errors import ScheduleInvariantError
 from fzero.schedule import ops as O
 from fzero.schedule.schedule import Schedule
 from fzero.schedule.verify_gradients import GradientRules
+from fzero.schedule.verify_offload import OffloadRules
 
 RELEASED, GATHERING, READY = "released", "gathering", "ready"
 COLLECTIVES = (
@@ -48,8 +49,21 @@ COLLECTIVES = (
 )
 
 
+LOCAL_OFFLOAD_OPS = (
+    O.CopyGradToHost,
+    O.ScalarsToHost,
+    O.HostOptimizerStep,
+    O.CopyParamsToDevice,
+    O.WaitUploads,
+    O.UploadShard,
+)
+
+
 def is_collective(op: O.Op) -> bool:
-    """Whether ``op`` talks to the other ranks (they must all issue it, in the same order)."""
+    """Whether ``op`` talks to the other ranks (they must all issue it, in the same order).
+    Offload's copies and CPU steps are this rank's own, sized by its own shard."""
+    if isinstance(op, LOCAL_OFFLOAD_OPS):
+        return False
     return isinstance(op, COLLECTIVES) or op.stream != O.COMPUTE
 
 
@@ -94,7 +108,7 @@ def _op_text(op: O.Op) -> str:
     return " ".join(str(op).split())
 
 
-class _Checker(GradientRules):
+class _Checker(GradientRules, OffloadRules):
     """The replay state: what the ops so far have done to this rank's buffers. Each ``op_X``
     method checks and applies one op of class ``X`` (the gradient ops' in ``GradientRules``)."""
 
@@ -125,6 +139,7 @@ class _Checker(GradientRules):
         self.shard_holds: set[int] = set()  # units whose reduction landed in the gradient shard
         self.shard_consumed = False  # the optimizer read it: it may be freed
         self.scalars_done = self.optimizer_done = False
+        self.reset_offload()
         self.refreshed: set[int] = set()
         self.where = self.phase = ""
 
@@ -185,6 +200,8 @@ class _Checker(GradientRules):
         if self.stage == 0:
             self.fail("gather-once", unit, "stage 0 does not shard parameters: nothing to gather")
         refresh = unit in self.kept and self.phase == "step" and state == READY
+        if refresh:
+            self.require_uploads_waited(unit)
         if refresh and not self.optimizer_done:
             self.fail(
                 "refresh-after-optimizer",
@@ -285,6 +302,7 @@ class _Checker(GradientRules):
         self.reduced.clear()
         self.refreshed.clear()
         self.scalars_done = self.optimizer_done = False
+        self.reset_offload()
 
     def require_quiet(self, invariant: str, phase: str) -> None:
         for unit in sorted(self.reducing):

@@ -10,11 +10,12 @@ also why autograd's saved tensors keep working across a release and a re-gather.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from fzero.offload.host import HostBuffer
 from fzero.state.layout import FlatLayout, Unit
 
 
@@ -51,6 +52,9 @@ class Workspace:
     - Stage 3: no compute-dtype shard is kept. A gather casts the master slice on the fly
       (frozen parameters, which have no master, keep their values in ``frozen_tails``), which
       saves 2 bytes per parameter over keeping a bf16 copy and costs one cast per gather.
+      Under offload the master is on the host, so stage 3 keeps ``param_shard`` as stage 0
+      does (this rank's compute-dtype shards back to back): on the device for optimizer
+      offload, in host memory for parameter offload.
     """
 
     layout: FlatLayout
@@ -63,6 +67,8 @@ class Workspace:
     param_shard: torch.Tensor | None  # stage 0 only
     frozen_tails: list[torch.Tensor]  # stage 3 only: per unit, the shard past the master part
     grad_shard: torch.Tensor  # this rank's optimizer space, gradient-accumulation dtype
+    # Offload: the (pinned) host buffers the tensors above may live in, kept alive here.
+    host_buffers: list[HostBuffer] = field(default_factory=list)
 
     def _master_part(self, index: int) -> torch.Tensor:
         unit = self.layout.units[index]
@@ -125,6 +131,15 @@ class Workspace:
         return shard[: self.layout.units[index].optimizer_numel]
 
     @property
+    def shards_on_host(self) -> bool:
+        """Parameter offload: this rank's compute-dtype shards live in host memory."""
+        return (
+            self.param_shard is not None
+            and self.param_shard.device.type == "cpu"
+            and (self.grad_shard.device.type != "cpu")
+        )
+
+    @property
     def gathers_params(self) -> bool:
         """Whether the full unit buffers are gathered copies of sharded parameters (stage 3)
         rather than this rank's standing parameters (stages 0-2)."""
@@ -132,8 +147,9 @@ class Workspace:
 
     def state_leaves(self) -> tuple[torch.Tensor, ...]:
         """Parameter values a checkpoint needs beyond the master: the compute-dtype shards
-        (stages 0-2, unless they are the master) or the frozen tails (stage 3)."""
-        if self.stage == 3:
+        (stages 0-2, and stage 3 under offload, unless they are the master) or the frozen
+        tails (stage 3)."""
+        if self.stage == 3 and self.param_shard is None:
             return tuple(self.frozen_tails)
         if self.param_shard is self.master:
             return ()
@@ -167,14 +183,32 @@ def build_workspace(
     accum_dtype,
     ordered=False,
     persistent=frozenset(),
+    *,
+    host_master=False,
+    host_shards=False,
+    pin_memory=False,
 ):
     """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
     point the parameters there; each unit's original storage is released before the next one
     is copied, so sharding needs about one unit of memory beyond the model itself.
     ``ordered`` (deterministic mode): stage 0's gradient shard is an accumulator of its own,
     alive only during a step, as in stages 1-3. ``persistent``: stage-3 units whose gathered
-    buffer is kept."""
-    master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
+    buffer is kept.
+
+    Offload: ``host_master`` puts the master in host memory (the optimizer steps there; pinned
+    with ``pin_memory``); stage 3 then keeps a compute-dtype shard for its gathers to read, on
+    the device, or on the host with ``host_shards`` (parameter offload). Host buffers stay
+    alive in ``workspace.host_buffers``."""
+    host_buffers: list[HostBuffer] = []
+
+    def host_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+        host_buffers.append(HostBuffer(numel, dtype, pin_memory=pin_memory))
+        return host_buffers[-1].tensor.zero_()
+
+    if host_master:
+        master = host_zeros(layout.optimizer_numel, torch.float32)
+    else:
+        master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
     no_frozen = layout.optimizer_numel == layout.shard_numel
     param_shard = None
     if stage == 0:  # fp32 with nothing frozen: the master is the parameter buffer
@@ -182,6 +216,11 @@ def build_workspace(
             param_shard = master
         else:
             param_shard = torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
+    standing_stage3 = stage == 3 and (host_master or host_shards)
+    if standing_stage3 and host_shards:
+        param_shard = host_zeros(layout.shard_numel, compute_dtype)
+    elif standing_stage3:
+        param_shard = torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
     aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen and not ordered
     grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
     param_flats, grad_flats, frozen_tails = [], [], []
@@ -200,7 +239,10 @@ def build_workspace(
             param_flats.append(param_shard[span])
         else:
             param_flats.append(flat.to(compute_dtype))
-        if stage == 3:
+        if standing_stage3:
+            span = slice(unit.shard_offset, unit.shard_offset + unit.shard_numel)
+            param_shard[span] = flat[lo : lo + unit.shard_numel]
+        elif stage == 3:
             tail = flat[lo + unit.optimizer_numel : lo + unit.shard_numel]
             frozen_tails.append(tail.to(compute_dtype, copy=True))
         if not unit.has_trainable or stage >= 2:  # stages 2, 3: autograd's own gradients
@@ -217,6 +259,14 @@ def build_workspace(
     if stage >= 1 or ordered:  # alive only from a step's first reduction to its optimizer step
         free_storage(grad_shard)
     workspace = Workspace(
-        layout, stage, master, param_flats, grad_flats, param_shard, frozen_tails, grad_shard
+        layout,
+        stage,
+        master,
+        param_flats,
+        grad_flats,
+        param_shard,
+        frozen_tails,
+        grad_shard,
+        host_buffers,
     )
     return workspace, master

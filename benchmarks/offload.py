@@ -1,0 +1,231 @@
+"""Offload benchmark: fzero's CPU optimizer and parameter offload beside DeepSpeed's
+ZeRO-Offload and FSDP2's CPUOffloadPolicy, on the GPT of examples/gpt.py (untied head, bf16).
+
+    python benchmarks/offload.py --model 1.4b                 # on a GPU: the table
+    python benchmarks/offload.py --cpu-smoke                  # CI: tiny model, fzero only
+
+Each configuration runs in a process of its own. Per row: tokens/s, step time, GPU peak
+(allocated, timed steps), host peak RSS, and the simulator's step time for fzero's schedule
+(the default cost model with its PCIe and CPU AdamW bandwidths and the compute time measured
+for fzero without offload in this run, when that row ran first), ratios to DeepSpeed's best.
+
+Implementations: fsdp2 (no offload), fsdp2:offload (CPUOffloadPolicy(pin_memory=True)),
+deepspeed:2+opt, deepspeed:3+opt, deepspeed:3+opt+param, fzero:N (no offload), fzero:N+opt,
+fzero:3+opt+param.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from children import child_args, print_result, run_child  # noqa: E402
+from step import _batches, _init_single_process_group, _optimizer_config, build_model  # noqa: E402
+
+DEFAULT_IMPLS = [
+    "fzero:3",
+    "fsdp2",
+    "fzero:2+opt",
+    "fzero:3+opt",
+    "fzero:3+opt+param",
+    "deepspeed:2+opt",
+    "deepspeed:3+opt",
+    "deepspeed:3+opt+param",
+    "fsdp2:offload",
+]
+
+
+def _zero_block(stage: int, options: set[str], pin: bool) -> dict:
+    zero: dict = {"stage": stage}
+    if "opt" in options:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if "param" in options:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return zero
+
+
+def make_step(impl: str, model, device: torch.device):
+    kind, _, rest = impl.partition(":")
+    stage, *options = rest.split("+")
+    options = set(options)
+    bf16 = device.type == "cuda"
+    pin = device.type == "cuda"
+    if kind == "fzero":
+        import fzero
+
+        zero = _zero_block(int(stage), options, pin)
+        zero.update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+        config = {
+            "optimizer": _optimizer_config(),
+            "gradient_clipping": 1.0,
+            "bf16": {"enabled": bf16},
+            "zero_optimization": zero,
+        }
+        box = {"state": fzero.shard(model, config=config)}
+
+        def step(batch):
+            box["state"], metrics = fzero.train_step(box["state"], batch)
+            return metrics["loss"]
+
+        def extra():
+            from fzero.schedule import simulate
+
+            return {"simulated_ms": 1e3 * simulate(box["state"].schedule).step_seconds}
+
+        return step, extra
+    if kind == "deepspeed":
+        import deepspeed
+
+        _init_single_process_group(device)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "optimizer": _optimizer_config(),
+            "gradient_clipping": 1.0,
+            "bf16": {"enabled": bf16},
+            "zero_optimization": _zero_block(int(stage), options, pin),
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config
+        )
+
+        def step(batch):
+            loss = engine(*batch)
+            engine.backward(loss)
+            engine.step()
+            return loss.detach()
+
+        return step, dict
+    if kind == "fsdp2":
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        _init_single_process_group(device)
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+        )
+        offload = CPUOffloadPolicy(pin_memory=pin) if stage == "offload" else None
+        kwargs = {"mp_policy": policy} | ({"offload_policy": offload} if offload else {})
+        for block in model.h:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        opt = torch.optim.AdamW(
+            model.parameters(),
+            lr=3e-4,
+            betas=(0.9, 0.95),
+            weight_decay=0.1,
+            fused=offload is None and device.type == "cuda",
+        )
+
+        def step(batch):
+            loss = model(*batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step, dict
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def run_one(impl: str, model_name: str, steps: int, warmup: int, device: torch.device) -> dict:
+    model, batch, spec = build_model(model_name, device)
+    step, extra = make_step(impl, model, device)
+    batches = _batches(batch, spec, device)
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step(batches[i % len(batches)])
+    sync()
+    elapsed = time.perf_counter() - start
+    tokens = steps * batch * spec["block_size"]
+    gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    result = {
+        "impl": impl,
+        "model": model_name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens_per_s": tokens / elapsed,
+        "step_ms": 1e3 * elapsed / steps,
+        "loss": float(loss),
+        "gpu_peak_gib": gpu_peak,
+        "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    result.update(extra())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="1.4b")
+    parser.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, fzero only")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cpu_smoke:
+        args.model, args.steps, args.warmup = "tiny", 2, 1
+        args.impls = ["fzero:2", "fzero:2+opt", "fzero:3+opt", "fzero:3+opt+param"]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    if args.one:
+        print_result(run_one(args.one, args.model, args.steps, args.warmup, device))
+        return
+    rows = []
+    for impl in args.impls:
+        if impl.startswith("deepspeed") and not _importable("deepspeed"):
+            print(f"skip {impl}: deepspeed is not installed", flush=True)
+            continue
+        command = [sys.executable, *child_args(__file__, impl, args.model, args.steps, args.warmup)]
+        if args.cpu_smoke:
+            command.append("--cpu-smoke")
+        row = run_child(command, impl)
+        if row is not None:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _table(rows: list[dict]) -> str:
+    deepspeed = [r["tokens_per_s"] for r in rows if r["impl"].startswith("deepspeed")]
+    best = max(deepspeed, default=None)
+    lines = [
+        f"{'impl':24} {'tokens/s':>10} {'step ms':>9} {'sim ms':>8} {'GPU GiB':>8} "
+        f"{'host GiB':>9} {'x DS best':>9}"
+    ]
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / best:.2f}" if best else "-"
+        simulated = f"{r['simulated_ms']:.0f}" if "simulated_ms" in r else "-"
+        lines.append(
+            f"{r['impl']:24} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {simulated:>8} "
+            f"{r['gpu_peak_gib']:>8.2f} {r['host_peak_rss_gib']:>9.2f} {ratio:>9}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The host optimizer: the handlers of optimizer offload's ops.
+
+The fp32 master weights and AdamW moments of this rank's shard live in host memory (pinned
+when ``offload_optimizer.pin_memory``), with a host gradient buffer beside them. Gradients come
+down per unit (``CopyGradToHost``, on a copy stream of its own on CUDA), the CPU AdamW step runs
+per unit (torch's fused CPU AdamW, ``torch._fused_adamw_``, the averaging, loss-scale and
+clipping factor passed as its ``grad_scale`` so no pass over the gradient is added), and the
+updated fp32 master goes back up (``CopyParamsToDevice``, on another copy stream, cast to the
+compute dtype on the device) while the next unit steps. With parameter
+offload the CPU step writes the host parameter shard itself, which the gathers upload.
+
+``HostOptimizerStep`` copies a unit's gradient itself when no ``CopyGradToHost`` brought it this
+step (the tracing micro-batch runs on-demand ops, which copy nothing; a unit no reduction wrote
+has a zeroed slice): what it steps on is always the step's reduced gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fzero.offload.host import HostBuffer
+from fzero.runtime.step_phase import OptimizerBuffers, StepPhase
+from fzero.schedule import ops as O
+from fzero.state.buffers import Workspace
+from fzero.state.layout import FlatLayout
+
+
+class HostOptimizer:
+    """Owns the host gradient and upload buffers, the copy streams and their events."""
+
+    def __init__(
+        self,
+        layout: FlatLayout,
+        workspace: Workspace,
+        optimizer: OptimizerBuffers,
+        step_phase: StepPhase,
+        decay_ranges: tuple[tuple[int, int, float], ...],
+        *,
+        pin_memory: bool,
+        compute_dtype: torch.dtype,
+        params_on_host: bool,
+    ):
+        self.layout, self.workspace, self.optimizer = layout, workspace, optimizer
+        self.step_phase = step_phase
+        numel = layout.optimizer_numel
+        grad_dtype = workspace.grad_shard.dtype
+        self._buffers = [HostBuffer(numel, grad_dtype, pin_memory=pin_memory)]
+        self.host_grad = self._buffers[0].tensor
+        self.device = workspace.grad_shard.device
+        self.on_cuda = self.device.type == "cuda"
+        # Where the CPU step writes each unit's compute-dtype values: the host parameter shard
+        # when parameters are offloaded too (it is on the host), else an upload buffer.
+        self.params_on_host = params_on_host
+        # Per unit, its optimizer range cut where the weight decay changes: (lo, hi, decay).
+        self.decay_runs = {
+            u.index: [(max(a, lo), min(b, hi), d) for a, b, d in decay_ranges if a < hi and b > lo]
+            for u in layout.units
+            if u.optimizer_numel
+            for lo, hi in [(u.optimizer_offset, u.optimizer_offset + u.optimizer_numel)]
+        }
+        self._down_stream: Any = torch.cuda.Stream(self.device) if self.on_cuda else None
+        self._up_stream: Any = torch.cuda.Stream(self.device) if self.on_cuda else None
+        self._grad_copies: dict[int, Any] = {}  # unit -> event (None on CPU: copied already)
+        self._uploads: list[Any] = []
+        self._skip = False
+        self._inverse_scale = torch.ones((), dtype=torch.float32)
+
+    def _range(self, unit: int) -> slice:
+        u = self.layout.units[unit]
+        return slice(u.optimizer_offset, u.optimizer_offset + u.optimizer_numel)
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    def copy_grad_to_host(self, op: O.CopyGradToHost) -> None:
+        span = self._range(op.unit)
+        source = self.workspace.grad_shard[span]
+        if not self.on_cuda:
+            self.host_grad[span].copy_(source)
+            self._grad_copies[op.unit] = None
+            return
+        stream = self._down_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the reduction landed
+        with torch.cuda.stream(stream):
+            self.host_grad[span].copy_(source, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        # The shard is freed on the compute stream after the host steps, which wait for this.
+        source.record_stream(stream)
+        self._grad_copies[op.unit] = event
+
+    def scalars_to_host(self, op: O.ScalarsToHost) -> None:
+        """The step's one host sync: skip or not, and the one factor AdamW reads (averaging
+        over ranks, undoing the loss scale, clipping), as ``StepPhase.optimizer_step``."""
+        phase = self.step_phase
+        hyper, result = phase.hyper, phase.result
+        assert hyper is not None
+        found_inf = result.found_inf
+        self._skip = found_inf is not None and bool(found_inf.item())
+        scale = 1.0 / (phase.comm.world_size * hyper.loss_scale)
+        if hyper.max_grad_norm > 0:
+            norm = float(result.grad_norm)
+            scale *= min(hyper.max_grad_norm / (norm + 1e-6), 1.0)
+        # torch's fused kernel divides the gradient by its grad_scale: the inverse factor.
+        self._inverse_scale = torch.tensor(1.0 / scale, dtype=torch.float32)
+        if not self._skip:
+            self.optimizer.step.add_(1)
+        self._uploads = []
+
+    def host_optimizer_step(self, op: O.HostOptimizerStep) -> None:
+        span = self._range(op.unit)
+        copied = self._grad_copies.pop(op.unit, "missing")
+        if copied == "missing":
+            self.host_grad[span].copy_(self.workspace.grad_shard[span])
+        elif copied is not None:
+            copied.synchronize()
+        if self._skip:
+            return
+        hyper, state = self.step_phase.hyper, self.optimizer
+        assert hyper is not None
+        grad = self.host_grad
+        if grad.dtype != torch.float32:  # torch's kernel wants one dtype throughout
+            grad = torch.zeros_like(state.master)
+            grad[span] = self.host_grad[span]
+        by_decay: dict[float, list[slice]] = {}
+        for lo, hi, decay in self.decay_runs[op.unit]:
+            by_decay.setdefault(decay, []).append(slice(lo, hi))
+        for decay, spans in by_decay.items():
+            # One fused pass over every range of this decay: reads and writes each element
+            # once across torch's intra-op threads (28 bytes per element).
+            torch._fused_adamw_(
+                [state.master[s] for s in spans],
+                [grad[s] for s in spans],
+                [state.exp_avg[s] for s in spans],
+                [state.exp_avg_sq[s] for s in spans],
+                [],
+                [state.step] * len(spans),
+                lr=hyper.lr,
+                beta1=hyper.beta1,
+                beta2=hyper.beta2,
+                weight_decay=decay,
+                eps=hyper.eps,
+                amsgrad=False,
+                maximize=False,
+                grad_scale=self._inverse_scale,
+                found_inf=None,
+            )
+        if self.params_on_host:  # the gathers upload the host shard: write it here
+            self.workspace.param_out(op.unit).copy_(state.master[span])
+
+    def copy_params_to_device(self, op: O.CopyParamsToDevice) -> None:
+        if self._skip:
+            return
+        target = self.workspace.param_out(op.unit)
+        source = self.optimizer.master[self._range(op.unit)]
+        if not self.on_cuda:
+            target.copy_(source)
+            return
+        stream = self._up_stream
+        with torch.cuda.stream(stream):
+            # The fp32 master goes up and the device casts it: no cast pass on the host, whose
+            # memory bandwidth the CPU steps need.
+            staged = source.to(self.device, non_blocking=True)
+            target.copy_(staged)
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._uploads.append(event)
+
+    def wait_uploads(self, op: O.WaitUploads) -> None:
+        if self.on_cuda:
+            compute = torch.cuda.current_stream(self.device)
+            for event in self._uploads:
+                compute.wait_event(event)
+        self._uploads = []
+
+    def abort(self) -> None:
+        """A failed micro-batch: copies already issued finish; nothing is stepped."""
+        for event in self._grad_copies.values():
+            if event is not None:
+                event.synchronize()
+        self._grad_copies.clear()

@@ -1,0 +1,114 @@
+"""Where a sharded model's state lives under ``zero_optimization.offload_optimizer`` and
+``offload_param``, decided once at ``shard`` time from the config.
+
+- ``offload_optimizer.device: "cpu"`` (stages 1-3): the fp32 master weights, both AdamW moments
+  and the step count live in host memory, pinned with ``pin_memory``; the optimizer steps there.
+- ``offload_param.device: "cpu"`` (stage 3, with optimizer offload): this rank's compute-dtype
+  parameter shards live in host memory too, and every gather uploads first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fzero.config import Config
+from fzero.errors import ConfigError
+from fzero.offload.host import HostBuffer, check_host_memory
+from fzero.runtime.step_phase import OptimizerBuffers
+from fzero.state.buffers import Workspace
+from fzero.state.layout import FlatLayout
+
+
+@dataclass(frozen=True)
+class HostOptimizerSettings:
+    """What the executor needs to build its host optimizer."""
+
+    pin_memory: bool
+    compute_dtype: torch.dtype
+    params_on_host: bool
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    optimizer_on_host: bool = False
+    params_on_host: bool = False
+    pin_memory: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> OffloadPlan:
+        zero = config.zero_optimization
+        optimizer = zero.offload_optimizer
+        params = zero.offload_param
+        on_host = optimizer is not None and optimizer.device == "cpu"
+        params_on_host = params is not None and params.device == "cpu"
+        if on_host and zero.stage == 0:
+            raise ConfigError(
+                "zero_optimization.offload_optimizer.device",
+                "optimizer offload shards the optimizer state, so it needs stage 1, 2 or 3 "
+                "(DeepSpeed's ZeRO-Offload likewise); set zero_optimization.stage",
+            )
+        if params_on_host and not on_host:
+            raise ConfigError(
+                "zero_optimization.offload_param.device",
+                "parameter offload in fzero runs with optimizer offload: set "
+                'offload_optimizer.device to "cpu" as well (the updated parameters are then '
+                "written into the host shards by the CPU step, with no copy)",
+            )
+        if on_host and not config.optimizer.bias_correction:
+            raise ConfigError(
+                "optimizer.params.bias_correction",
+                "false is not available with offload_optimizer (the CPU AdamW step always "
+                "corrects the moments' bias): remove it or the offload block",
+            )
+        if on_host and optimizer.ratio < 1:
+            raise ConfigError(
+                "zero_optimization.offload_optimizer.ratio",
+                f"partial offload (ratio {optimizer.ratio}) is not available in fzero: set "
+                "ratio to 1 (everything on the host) or remove offload_optimizer",
+            )
+        pin = bool(
+            (optimizer is not None and optimizer.pin_memory)
+            or (params is not None and params.pin_memory)
+        )
+        return cls(on_host, params_on_host, pin)
+
+    def check_host_memory(
+        self, layout: FlatLayout, compute_dtype: torch.dtype, grad_dtype: torch.dtype
+    ) -> None:
+        """Raise at shard time, with the numbers, when this host cannot hold the offload."""
+        if not self.optimizer_on_host:
+            return
+        numel = layout.optimizer_numel
+        nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
+        what = f"offload_optimizer (fp32 master weights, moments and gradients of {numel:,} "
+        if self.params_on_host:
+            nbytes += layout.shard_numel * compute_dtype.itemsize
+            what += "elements, and offload_param's parameter shards)"
+        else:
+            nbytes += numel * compute_dtype.itemsize  # the upload buffer
+            what += "elements, and the upload buffer)"
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        check_host_memory(nbytes, what, ranks_on_host=ranks)
+
+    def optimizer_buffers(
+        self, master: torch.Tensor, numel: int, device: torch.device, workspace: Workspace
+    ) -> OptimizerBuffers:
+        """The AdamW state beside ``master``: on the host under optimizer offload."""
+        if not self.optimizer_on_host:
+            zeros = [torch.zeros(numel, dtype=torch.float32, device=device) for _ in range(2)]
+            step = torch.zeros((), dtype=torch.float32, device=device)
+            return OptimizerBuffers(master, *zeros, step)
+        moments = []
+        for _ in range(2):
+            buffer = HostBuffer(numel, torch.float32, pin_memory=self.pin_memory)
+            workspace.host_buffers.append(buffer)
+            moments.append(buffer.tensor.zero_())
+        return OptimizerBuffers(master, *moments, torch.zeros((), dtype=torch.float32))
+
+    def host_optimizer_settings(self, compute_dtype: torch.dtype) -> HostOptimizerSettings | None:
+        if not self.optimizer_on_host:
+            return None
+        return HostOptimizerSettings(self.pin_memory, compute_dtype, self.params_on_host)

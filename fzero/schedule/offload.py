@@ -1,0 +1,107 @@
+"""The offload pass: copies between device and host, and the CPU optimizer step, as ops.
+
+Applied after the other passes when ``zero_optimization.offload_optimizer.device`` is
+``"cpu"`` (``Knobs.offload_optimizer``), and for ``offload_param`` (``Knobs.offload_param``):
+
+- Each unit's gradient goes down once per step, right after its last reduction lands
+  (``CopyGradToHost`` after its ``WaitReduce``; stages 2 and 3 in the last micro-batch's
+  backward, on the device-to-host stream, so the copies overlap the backward of later units;
+  stage 1 in the step phase, where it reduces).
+- The step phase keeps ``ReduceScalars`` on the device (the global norm and overflow flag are
+  summed where the gradient is), reads them on the host once (``ScalarsToHost``), then runs, unit
+  by unit in index order, ``HostOptimizerStep`` and ``CopyParamsToDevice``: the upload of unit k
+  overlaps the CPU step of unit k + 1. ``WaitUploads`` makes the compute stream wait for the
+  last of them before the gradient shard is freed and the refresh gathers (stages 1, 2) run.
+- With parameter offload (stage 3) the shards live on the host: every ``AllGather`` is preceded
+  by an ``UploadShard`` on the gather stream (prefetched gathers prefetch their upload too), and
+  the CPU step writes the host shard directly, so no ``CopyParamsToDevice`` is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fzero.schedule.ops import (
+    AllGather,
+    CopyGradToHost,
+    CopyParamsToDevice,
+    Entry,
+    HostOptimizerStep,
+    Op,
+    OptimizerStep,
+    ScalarsToHost,
+    UploadShard,
+    WaitReduce,
+    WaitUploads,
+)
+from fzero.schedule.schedule import UnitInfo
+
+
+def copy_grads_down(
+    units: tuple[UnitInfo, ...], entries: tuple[Entry, ...], grad_itemsize: int
+) -> tuple[Entry, ...]:
+    """``CopyGradToHost`` after every unit's ``WaitReduce`` (the step's last reduction)."""
+    return tuple(
+        replace(entry, ops=_copies_after_waits(units, entry.ops, grad_itemsize))
+        for entry in entries
+    )
+
+
+def _copies_after_waits(
+    units: tuple[UnitInfo, ...], ops: tuple[Op, ...], grad_itemsize: int
+) -> tuple[Op, ...]:
+    by_index = {u.index: u for u in units}
+    out: list[Op] = []
+    for op in ops:
+        out.append(op)
+        if isinstance(op, WaitReduce):
+            unit = by_index[op.unit]
+            nbytes = unit.optimizer_numel * grad_itemsize
+            out.append(CopyGradToHost(unit.index, unit.name, nbytes))
+    return tuple(out)
+
+
+def host_step_ops(
+    units: tuple[UnitInfo, ...],
+    step_ops: tuple[Op, ...],
+    *,
+    reduces_in_step: bool,
+    grad_itemsize: int,
+    param_offload: bool,
+) -> tuple[Op, ...]:
+    """The step phase with the device ``OptimizerStep`` replaced by the host steps."""
+    if reduces_in_step:  # stage 1: the reductions are here
+        step_ops = _copies_after_waits(units, step_ops, grad_itemsize)
+    ops: list[Op] = []
+    for op in step_ops:
+        if not isinstance(op, OptimizerStep):
+            ops.append(op)
+            continue
+        ops.append(ScalarsToHost())
+        for unit in units:
+            if unit.optimizer_numel == 0:
+                continue
+            ops.append(HostOptimizerStep(unit.index, unit.name, unit.optimizer_numel))
+            if not param_offload:
+                nbytes = unit.optimizer_numel * 4  # the fp32 master, cast on the device
+                ops.append(CopyParamsToDevice(unit.index, unit.name, nbytes))
+        if not param_offload:
+            ops.append(WaitUploads())
+    return tuple(ops)
+
+
+def upload_before_gathers(
+    units: tuple[UnitInfo, ...], entries: tuple[Entry, ...]
+) -> tuple[Entry, ...]:
+    """Parameter offload: ``UploadShard`` right before every ``AllGather``."""
+    by_index = {u.index: u for u in units}
+    out = []
+    for entry in entries:
+        ops: list[Op] = []
+        for op in entry.ops:
+            if isinstance(op, AllGather):
+                unit = by_index[op.unit]
+                ops.append(UploadShard(unit.index, unit.name, unit.shard_nbytes))
+            ops.append(op)
+        out.append(replace(entry, ops=tuple(ops)))
+    return tuple(out)

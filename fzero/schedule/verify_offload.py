@@ -1,0 +1,68 @@
+"""verify's rules for offload's ops: a gradient goes down only after its reduction landed, the
+host steps read the step's scalars and every gradient, each unit steps once, and nothing reads
+the updated parameters before their upload was waited on. A mixin of ``verify._Checker``."""
+
+from __future__ import annotations
+
+from fzero.schedule import ops as O
+
+
+class OffloadRules:
+    def reset_offload(self) -> None:
+        self.host_scalars = False
+        self.host_stepped: set[int] = set()
+        self.uploads_pending: set[int] = set()
+
+    def op_CopyGradToHost(self, op: O.CopyGradToHost) -> None:
+        if op.unit in self.reducing:
+            self.fail(
+                "offload-copy",
+                op.unit,
+                "copied to the host while its reduction is in flight (WaitReduce missing before)",
+            )
+        if op.unit not in self.shard_holds:
+            self.fail("offload-copy", op.unit, "copied to the host before its reduction landed")
+
+    def op_ScalarsToHost(self, op: O.ScalarsToHost) -> None:
+        if not self.scalars_done:
+            self.fail("optimizer-after-reduce", -1, "ScalarsToHost runs before ReduceScalars")
+        self.host_scalars = True
+
+    def op_HostOptimizerStep(self, op: O.HostOptimizerStep) -> None:
+        self.require_gradients_reduced("HostOptimizerStep")
+        if not self.host_scalars:
+            self.fail(
+                "optimizer-after-reduce",
+                op.unit,
+                "HostOptimizerStep runs before ScalarsToHost: skipping and clipping unknown",
+            )
+        if op.unit in self.host_stepped:
+            self.fail("optimizer-after-reduce", op.unit, "HostOptimizerStep runs twice")
+        self.host_stepped.add(op.unit)
+        self.shard_consumed = True
+        stepping = {u.index for u in self.units.values() if u.optimizer_numel}
+        if stepping <= self.host_stepped and not self.uploads_pending:
+            self.optimizer_done = True
+
+    def op_CopyParamsToDevice(self, op: O.CopyParamsToDevice) -> None:
+        if op.unit not in self.host_stepped:
+            self.fail("offload-copy", op.unit, "uploaded before its HostOptimizerStep")
+        self.uploads_pending.add(op.unit)
+        self.optimizer_done = False
+
+    def op_WaitUploads(self, op: O.WaitUploads) -> None:
+        self.uploads_pending.clear()
+        stepping = {u.index for u in self.units.values() if u.optimizer_numel}
+        self.optimizer_done = stepping <= self.host_stepped
+
+    def op_UploadShard(self, op: O.UploadShard) -> None:
+        if self.stage != 3:
+            self.fail("offload-copy", op.unit, "UploadShard outside stage 3")
+
+    def require_uploads_waited(self, unit: int) -> None:
+        if self.uploads_pending:
+            self.fail(
+                "refresh-after-optimizer",
+                unit,
+                "gathered while uploads of updated parameters are in flight (WaitUploads missing)",
+            )
