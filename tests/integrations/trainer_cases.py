@@ -69,7 +69,13 @@ def join_for_transformers(rank: int, world_size: int) -> None:
 
 
 def train(
-    rank: int, world_size: int, directory: str, stage: int, resume: str | None = None, **overrides
+    rank: int,
+    world_size: int,
+    directory: str,
+    stage: int,
+    resume: str | None = None,
+    samples: int = 32,
+    **overrides: Any,
 ):
     """Train; returns (logged entries, the input ids of every micro-batch, full parameters)."""
     import fzero
@@ -87,7 +93,7 @@ def train(
     trainer = RecordingTrainer(
         model=tiny_gpt2(dropout=0.0),
         args=arguments(directory, stage, **overrides),
-        train_dataset=dataset(),
+        train_dataset=dataset(samples),
     )
     trainer.train(resume_from_checkpoint=resume)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -100,9 +106,10 @@ def train_summary(rank: int, world_size: int, directory: str, stage: int, **over
     return logs, seen, full
 
 
-def reference(ranks_seen: list[list[torch.Tensor]], steps: int = 4):
+def reference(ranks_seen: list[list[torch.Tensor]], windows: list[int] | None = None):
     """Plain PyTorch on one device: each step's loss is the mean over every rank's micro-batches
-    of the window, then clip, AdamW (HF's decay groups) and HF's linear schedule."""
+    of the window (``windows``: micro-batches per step), then clip, AdamW (HF's decay groups)
+    and HF's linear schedule. Returns the losses, learning rates and final weights."""
     import transformers
     from torch import nn
 
@@ -113,12 +120,14 @@ def reference(ranks_seen: list[list[torch.Tensor]], steps: int = 4):
         {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    windows = windows or [ACCUMULATION] * 4
     schedule = transformers.get_scheduler(
-        "linear", optimizer, num_warmup_steps=2, num_training_steps=steps
+        "linear", optimizer, num_warmup_steps=2, num_training_steps=len(windows)
     )
-    losses = []
-    for step in range(steps):
-        window = [seen[step * ACCUMULATION + i] for seen in ranks_seen for i in range(ACCUMULATION)]
+    losses, rates, start = [], [], 0
+    for size in windows:
+        window = [seen[start + i] for seen in ranks_seen for i in range(size)]
+        start += size
         optimizer.zero_grad()
         # transformers' rule: the summed token losses over the window's label count (for GPT-2
         # it counts the unshifted labels, while the loss sums the shifted ones).
@@ -126,7 +135,8 @@ def reference(ranks_seen: list[list[torch.Tensor]], steps: int = 4):
         loss = sum(model(ids, labels=ids).loss * ids[:, 1:].numel() for ids in window) / items
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        rates.append(schedule.get_last_lr()[0])
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
-    return losses, dict(model.state_dict())
+    return losses, rates, dict(model.state_dict())
