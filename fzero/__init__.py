@@ -21,3 +21,8 @@ __all__ += ["load", "load_pretrained", "save"]
 from fzero.gathered import gathered  # noqa: E402 - appended: full parameters for a block
 
 __all__ += ["gathered"]
+
+from fzero.integrations.arguments import add_config_arguments  # noqa: E402 - DeepSpeed's flags
+from fzero.integrations.initialize import initialize  # noqa: E402 - DeepSpeed's engine loop
+
+__all__ += ["add_config_arguments", "initialize"]

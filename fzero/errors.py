@@ -177,3 +177,42 @@ class SwapIOError(RuntimeError):
 class ReleasedParameterError(RuntimeError):
     """A stage-3 parameter's values were read while its unit is released (its memory given
     back between uses); the message names the parameter and how to read it."""
+
+
+class LauncherError(ValueError):
+    """The ``fzero`` launcher (or a launcher's environment) cannot run the job as asked; the
+    message names the flag or variable and the fix."""
+
+
+class AutoConfigMismatchError(ConfigError):
+    """An explicit DeepSpeed config value contradicts the ``TrainingArguments`` value it must
+    equal. ``mismatches`` lists every ``(config key, config value, argument, argument value)``."""
+
+    def __init__(self, mismatches: list[tuple[str, object, str, object]]):
+        self.mismatches = mismatches
+        lines = "\n".join(
+            f"- config {key}={value!r} vs TrainingArguments {argument}={given!r}"
+            for key, value, argument, given in mismatches
+        )
+        super().__init__(
+            mismatches[0][0],
+            "the DeepSpeed config contradicts the TrainingArguments:\n"
+            f'{lines}\nset these config values to "auto" (or change the arguments to match)',
+        )
+
+
+class EngineError(RuntimeError):
+    """An ``fzero.initialize`` engine was driven out of order (say ``backward`` without a
+    forward through the engine); the message gives the loop that works."""
+
+
+class UnsupportedArgumentError(ValueError):
+    """``fzero.initialize`` (or the fzero Trainer) was handed an object fzero does not take,
+    such as a torch optimizer or lr scheduler; the message says what to put in the config."""
+
+
+class OutsideStepError(RuntimeError):
+    """A gradient of a sharded parameter was produced outside a fzero step (``loss.backward()``
+    with a torch optimizer, a plain Trainer, ``accelerator.prepare`` or DDP around a model fzero
+    owns): it would train the ranks apart and leave the master weights stale. The message says
+    which entry point to use instead."""

@@ -13,7 +13,7 @@ See docs/checkpoints.md.
 from __future__ import annotations
 
 from fzero.checkpoint.consolidate import consolidate, describe
-from fzero.checkpoint.loading import load
+from fzero.checkpoint.loading import load, load_into
 from fzero.checkpoint.locate import open_checkpoint
 from fzero.checkpoint.manifest import Checkpoint
 from fzero.checkpoint.pretrained import load_pretrained
@@ -26,6 +26,7 @@ __all__ = [
     "describe",
     "load",
     "load_data_state",
+    "load_into",
     "load_pretrained",
     "open_checkpoint",
     "refresh_parameters",

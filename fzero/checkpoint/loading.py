@@ -69,6 +69,25 @@ def load(
         process_group=process_group,
         units=units,
     )
+    return _fill_from(state, checkpoint, verify)
+
+
+def load_into(state: ZeroState, path: str | os.PathLike, *, verify: bool = True) -> ZeroState:
+    """Fill an existing sharded ``state`` from the checkpoint at ``path`` (as ``load`` does for a
+    fresh model: any world size and stage of the same model) and return the state to train on;
+    ``state`` is donated. Call it on every rank. For shells that own a sharded model already,
+    such as the engine's ``load_checkpoint``."""
+    state.check_live()
+    checkpoint = open_checkpoint(path)
+    check_model(checkpoint, state.runtime.model)
+    state.runtime.install(state)
+    filled = _fill_from(state, checkpoint, verify)
+    state.runtime.donate(state)
+    return filled
+
+
+def _fill_from(state: ZeroState, checkpoint: Checkpoint, verify: bool) -> ZeroState:
+    """Read this rank's part of ``checkpoint`` into ``state``; returns the filled state."""
     runtime = state.runtime
     comm = runtime.comm
     check_layout(checkpoint, runtime.layout)

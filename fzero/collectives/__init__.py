@@ -15,9 +15,9 @@ from fzero.collectives.fake import FakeWorld
 from fzero.collectives.threads import ThreadCommunicator, ThreadGroup, run_ranks
 from fzero.collectives.torch_dist import (
     ProcessGroupCommunicator,
-    default_communicator,
     init_from_env,
     is_process_group,
+    join_from_env,
     shutdown,
 )
 
@@ -32,6 +32,7 @@ __all__ = [
     "Work",
     "make_communicator",
     "init_from_env",
+    "join_from_env",
     "run_ranks",
     "shutdown",
     "wait_all_unless_failed",
@@ -40,9 +41,10 @@ __all__ = [
 
 def make_communicator(process_group: Any = None) -> Communicator:
     """A communicator for ``process_group``: a torch ProcessGroup, an fzero communicator, or
-    None (the default process group when one is initialised, else world size 1)."""
+    None: the default process group, joined first when a launcher started this process as one
+    of several ranks (``init_from_env``); world size 1 when the process runs alone."""
     if process_group is None:
-        return default_communicator() or SingleProcess()
+        return join_from_env() or SingleProcess()
     if is_process_group(process_group):
         return ProcessGroupCommunicator(process_group)
     if all(hasattr(process_group, name) for name in ("all_gather", "reduce_scatter", "rank")):

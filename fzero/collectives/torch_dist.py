@@ -38,6 +38,7 @@ from fzero.collectives.base import (
     check_gather_sizes,
     check_scatter_sizes,
 )
+from fzero.collectives.launch_env import read_launch_environment
 
 
 def is_initialized() -> bool:
@@ -225,26 +226,37 @@ def default_communicator() -> ProcessGroupCommunicator | None:
 
 
 def init_from_env(step_timeout_s: float = 300.0) -> tuple[int, int, torch.device]:
-    """Join the process group that ``torchrun`` describes in the environment (NCCL when CUDA is
-    available, gloo otherwise) and pick this rank's device. Without torchrun's variables it
-    starts nothing and returns rank 0 of 1. Returns (rank, world_size, device).
+    """Join the process group a launcher describes in the environment (torchrun, ``fzero``,
+    ``accelerate launch``, ``deepspeed``, ``mpirun``: see ``launch_env.py``; NCCL when CUDA is
+    available, gloo otherwise) and pick this rank's device. Started by no launcher, it joins
+    nothing and returns rank 0 of 1. Returns (rank, world_size, device).
 
     ``step_timeout_s``: the config's ``fzero.step_timeout_s`` (default 300 s); the group's own
     timeout is set a minute longer, so that a stall is reported by fzero (which op each rank
     waits at) before the backend gives up with its own message."""
     import os
 
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    launch = read_launch_environment(os.environ)
+    if launch is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if is_initialized():  # a group the caller joined itself
+            return dist.get_rank(), dist.get_world_size(), device
         return 0, 1, device
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not is_initialized():
+        # MPI launchers name the rank in their own variables; torch reads RANK and WORLD_SIZE.
+        os.environ.update(
+            RANK=str(launch.rank),
+            WORLD_SIZE=str(launch.world_size),
+            LOCAL_RANK=str(launch.local_rank),
+        )
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend,
             device_id=device if backend == "nccl" else None,
@@ -253,6 +265,20 @@ def init_from_env(step_timeout_s: float = 300.0) -> tuple[int, int, torch.device
         if backend == "gloo":  # its threads joined while the interpreter is alive (see the top)
             atexit.register(shutdown)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def join_from_env() -> ProcessGroupCommunicator | None:
+    """The default group's communicator, joining it first when a launcher started this process
+    as one of several ranks (so ``fzero.shard`` under torchrun needs no setup). None when the
+    process runs alone."""
+    import os
+
+    if not is_initialized():
+        launch = read_launch_environment(os.environ)
+        if launch is None or launch.world_size == 1:
+            return None
+        init_from_env()
+    return default_communicator()
 
 
 def shutdown() -> None:

@@ -154,6 +154,7 @@ class Executor:
 
     def begin_micro_step(self, last: bool = True) -> None:
         """Start a micro-batch; ``last``: the step's last, which may run other ops."""
+        self.reduction.restore_grad_views()
         self._cursor = 0
         self._entries = self.schedule.micro_entries(last)
         position = self.position

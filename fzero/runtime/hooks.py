@@ -32,6 +32,7 @@ import optree
 import torch
 from torch import nn
 
+from fzero.errors import OutsideStepError
 from fzero.schedule.ops import (
     BACKWARD_END,
     POST_BACKWARD,
@@ -54,6 +55,41 @@ class _PreBackward(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
         ctx.driver.fire(Trigger(PRE_BACKWARD, ctx.unit))
         return (None, None, *grads)
+
+
+OUTSIDE_STEP = (
+    "a gradient of a parameter fzero shards was computed outside a fzero step "
+    "(loss.backward() with a torch optimizer, a plain Trainer, accelerator.prepare or DDP "
+    "around the model): fzero's master weights and the other ranks would never see it. Train "
+    "with fzero.train_step, the engine of fzero.initialize (engine.backward / engine.step), or "
+    "fzero.integrations.transformers.Trainer"
+)
+
+
+class _OutsideStep(torch.autograd.Function):
+    """Marks the output of a unit's forward run outside a step with gradients enabled: its
+    backward would read parameters fzero has released (stage 3) or produce gradients no step
+    reduces, so it raises ``OutsideStepError`` first."""
+
+    @staticmethod
+    def forward(ctx: Any, *tensors: torch.Tensor) -> Any:
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        raise OutsideStepError(OUTSIDE_STEP)
+
+
+def _wrap_outputs(output: Any, function: Any, *args: Any) -> Any:
+    """``output`` with its tensors that require grad passed through ``function``."""
+    leaves, spec = optree.tree_flatten(output)
+    picked = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not picked:
+        return output
+    wrapped = function.apply(*args, *(leaves[i] for i in picked))
+    for i, tensor in zip(picked, wrapped):
+        leaves[i] = tensor
+    return optree.tree_unflatten(spec, leaves)
 
 
 class Phase(Enum):
@@ -172,28 +208,21 @@ class HookDriver:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if self.phase is Phase.IDLE:
                 self._eval_release(unit)
+                if torch.is_grad_enabled():  # a backward of this would be outside any step
+                    return _wrap_outputs(output, _OutsideStep)
                 return output
             if self.phase is Phase.FORWARD:
                 self.fire(Trigger(POST_FORWARD, unit))
             if unit in self.root_units or not torch.is_grad_enabled():
                 return output
-            leaves, spec = optree.tree_flatten(output)
-            picked = [
-                i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad
-            ]
-            if not picked:
-                return output
-            wrapped = _PreBackward.apply(self, unit, *(leaves[i] for i in picked))
-            for i, tensor in zip(picked, wrapped):
-                leaves[i] = tensor
-            return optree.tree_unflatten(spec, leaves)
+            return _wrap_outputs(output, _PreBackward, self, unit)
 
         return hook
 
     def _accumulated(self, unit: int):
         def hook(param: torch.Tensor) -> None:
             if not self.active:
-                return
+                raise OutsideStepError(OUTSIDE_STEP)
             self.counts[unit] = self.counts.get(unit, 0) + 1
             if self.counts[unit] == self.expected[unit] and unit not in self.done:
                 self.done.add(unit)

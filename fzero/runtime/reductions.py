@@ -59,6 +59,12 @@ class GradientReduction:
         self.reduce_dtype = reduce_dtype
         self.in_flight: dict[int, InFlightReduction] = {}
         self.shard_written: set[int] = set()
+        # Units whose parameters' .grad are views into a persistent buffer (stages 0 and 1).
+        self._grad_views = [
+            (u.index, g)
+            for u, g in zip(layout.units, workspace.grad_flats, strict=True)
+            if g is not None
+        ]
 
     # -- starting gradients -------------------------------------------------------------------
 
@@ -78,6 +84,16 @@ class GradientReduction:
         if grad is not None and not is_allocated(grad):
             alloc_storage(grad)
             grad.zero_()
+
+    def restore_grad_views(self) -> None:
+        """Point parameters' ``.grad`` back into their persistent gradient buffers (stages 0
+        and 1) where a ``model.zero_grad()`` (or ``optimizer.zero_grad()``) set them to None, as
+        Hugging Face's Trainer loop and many hand-written loops do between steps; autograd would
+        otherwise accumulate into fresh tensors that no reduction reads."""
+        for unit, grad in self._grad_views:
+            for slot, param in zip(self.layout.units[unit].params, self.unit_params[unit]):
+                if slot.requires_grad and param.grad is None:
+                    param.grad = grad[slot.offset : slot.offset + slot.numel].view(slot.shape)
 
     def trainable(self, unit: int) -> list[torch.nn.Parameter]:
         return [p for p in self.unit_params[unit] if p.requires_grad]

@@ -68,8 +68,34 @@ METADATA = frozenset(
         _T.data_ptr,
         _T.storage_offset,
         _T.untyped_storage,
+        torch._has_compatible_shallow_copy_type,  # Module._apply asks it of every parameter
     }
 )
+
+
+# ``to`` / ``cpu``: asked to stay where and what it is (as
+# ``model.to(device)`` asks of every parameter, Hugging Face's Trainer and accelerate before each
+# evaluation), a released parameter is its own answer; an actual move reads values.
+MOVES = frozenset({_T.to, _T.cpu})
+
+
+def _unchanged_move(param: torch.Tensor, func: Any, args: tuple, kwargs: dict) -> Any:
+    """``param`` itself when the call asks for its own device and dtype, else None."""
+    with torch._C.DisableTorchFunctionSubclass():
+        device, dtype = param.device, param.dtype
+    if func is _T.cpu:
+        return param if device.type == "cpu" else None
+    try:
+        wanted_device, wanted_dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    except (TypeError, RuntimeError):
+        return None
+    if wanted_device is not None:
+        wanted = torch.device(wanted_device)
+        if wanted.type != device.type or wanted.index not in (None, device.index):
+            return None
+    if wanted_dtype is not None and wanted_dtype != dtype:
+        return None
+    return param
 
 
 def _describe(param: torch.Tensor) -> str:
@@ -87,6 +113,10 @@ class ReleasedMixin:
         if func in METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
+        if func in MOVES and args and isinstance(args[0], ReleasedMixin):
+            moved = _unchanged_move(args[0], func, args[1:], kwargs or {})
+            if moved is not None:
+                return moved
         released = next((a for a in _tensors(args, kwargs) if isinstance(a, ReleasedMixin)), None)
         what = _describe(released) if released is not None else "a parameter"
         name = getattr(func, "__name__", str(func))
