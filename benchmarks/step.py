@@ -173,6 +173,13 @@ def make_step(impl: str, model, device: torch.device):
             policy = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
             )
+            if stage == "ckpt":  # fsdp2:ckpt: every block checkpointed, as fzero:3+ckpt
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                    checkpoint_wrapper,
+                )
+
+                for index in range(len(model.h)):
+                    model.h[index] = checkpoint_wrapper(model.h[index])
             for block in model.h:
                 fully_shard(block, mp_policy=policy)
             if stage == "emb":
