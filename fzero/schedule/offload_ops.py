@@ -1,0 +1,103 @@
+"""Offload's ops: gradients down to the host, the CPU optimizer step, parameters back up, and
+parameter shards brought up for their gathers (``fzero/schedule/offload.py`` places them). They
+run on the host's and the copy engines' streams, sized by this rank's own shard, so they are not
+collectives (``verify.is_collective``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fzero.schedule.ops import DEVICE_TO_HOST, GATHER, HOST, HOST_TO_DEVICE, Op, _size, _unit_label
+
+
+@dataclass(frozen=True)
+class CopyGradToHost(Op):
+    """Optimizer offload: copy unit ``unit``'s slice of the gradient shard, once its last
+    reduction of the step has landed, into its host gradient buffer (``nbytes``, in the
+    gradient-accumulation dtype), on the device-to-host stream: it runs while later units'
+    backward computes."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return DEVICE_TO_HOST
+
+    def __str__(self) -> str:
+        return f"CopyGradToHost {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class ScalarsToHost(Op):
+    """Optimizer offload: read the step's overflow flag and gradient norm on the host (one
+    sync), which the CPU steps need for skipping and clipping."""
+
+    def __str__(self) -> str:
+        return "ScalarsToHost found_inf, grad_norm"
+
+
+@dataclass(frozen=True)
+class HostOptimizerStep(Op):
+    """Optimizer offload: AdamW on the host over unit ``unit``'s ``numel`` elements of the
+    master and moments (torch's fused CPU kernel, one pass per weight-decay value), once its
+    gradient copy has landed (the host waits for it); with parameter offload it also writes the
+    host parameter shard, in the compute dtype. Skipped, like ``OptimizerStep``, when some rank
+    overflowed."""
+
+    unit: int
+    name: str
+    numel: int
+
+    @property
+    def stream(self) -> str:
+        return HOST
+
+    def __str__(self) -> str:
+        return f"HostOptimizerStep {_unit_label(self.unit, self.name)}  {self.numel:,} elements"
+
+
+@dataclass(frozen=True)
+class CopyParamsToDevice(Op):
+    """Optimizer offload: copy unit ``unit``'s updated fp32 master slice (``nbytes``) up, on the
+    host-to-device stream, and cast it there into the device shard the gathers read, right after
+    its ``HostOptimizerStep``: uploads of earlier units overlap the CPU steps of later ones, and
+    the host spends no memory bandwidth on a cast."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return HOST_TO_DEVICE
+
+    def __str__(self) -> str:
+        return f"CopyParamsToDevice {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class WaitUploads(Op):
+    """The compute stream waits for every ``CopyParamsToDevice`` of the step."""
+
+    def __str__(self) -> str:
+        return "WaitUploads"
+
+
+@dataclass(frozen=True)
+class UploadShard(Op):
+    """Parameter offload (stage 3): copy this rank's compute-dtype shard of unit ``unit``
+    (``nbytes``) from host memory to the device, on the gather stream, for the ``AllGather``
+    that follows it to send."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return GATHER
+
+    def __str__(self) -> str:
+        return f"UploadShard  {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
