@@ -5,6 +5,11 @@ that nothing before it counts): ``python tests/hf/memory_child.py MODE FOLDER ..
   shard it as rank 0 of WORLD (simulated: the other ranks do not exist), ``load_pretrained``.
 - ``consolidate CHECKPOINT OUT MAX_SHARD_BYTES CONFIG_DIR``: ``consolidate`` with hf_config.
 
+Before the baseline, the same operation runs once on a one-layer model of the same config
+(``warm_up``): first-use costs of the runtime (lazy imports, thread pools, allocator arenas)
+then fall outside the measurement, which differ between environments by several MiB and say
+nothing about the operation; what the warm-up keeps is a one-layer model's worth.
+
 Prints one line ``RESULT {json}``: the resident set before (after imports and the meta model),
 and the peak growth over it in bytes: the kernel's high-water mark (``VmHWM``), reset just
 before the operation by writing 5 to ``/proc/self/clear_refs``. Reads use ``os.preadv``, so file
@@ -44,12 +49,36 @@ def peak_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
+def warm_up(config, mode: str, world: int) -> None:
+    """Run the measured operation once on a one-layer model of ``config`` (see the docstring)."""
+    import copy
+    import gc
+    import tempfile
+
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    with tempfile.TemporaryDirectory() as folder:
+        model = transformers.AutoModelForCausalLM.from_config(small)
+        if mode == "load":
+            model.save_pretrained(folder)
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(small)
+            fzero.load_pretrained(folder, fzero.shard(model, stage=3, simulate_world_size=world))
+        else:
+            fzero.save(fzero.shard(model, stage=3), f"{folder}/ckpt")
+            small.save_pretrained(f"{folder}/source")
+            consolidate(f"{folder}/ckpt", f"{folder}/out", hf_config=f"{folder}/source")
+        del model
+    gc.collect()
+
+
 def main() -> None:
     torch.set_num_threads(1)
     mode = sys.argv[1]
     if mode == "load":
         config_dir, checkpoint, world = sys.argv[2], sys.argv[3], int(sys.argv[4])
         config = transformers.AutoConfig.from_pretrained(config_dir)
+        warm_up(config, mode, world)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
         before = resident_bytes()
@@ -64,6 +93,7 @@ def main() -> None:
     else:
         checkpoint, out, max_shard, config_dir = sys.argv[2:6]
         read_hf_config(config_dir)  # transformers' lazy imports are not the consolidation's
+        warm_up(transformers.AutoConfig.from_pretrained(config_dir), mode, 1)
         before = resident_bytes()
         reset_peak()
         consolidate(checkpoint, out, max_shard_bytes=int(max_shard), hf_config=config_dir)

@@ -121,7 +121,9 @@ def test_two_gloo_ranks_each_load_their_slices(hf_pool, tmp_path):
 def test_host_peak_stays_near_the_shard_for_a_model_several_times_larger(tmp_path):
     """A 64 MiB (fp32) Llama-shaped model loaded as rank 0 of 16: the peak growth of the
     process (meta model to loaded state) stays under a third of the model, near this rank's
-    state (master and two moments: 3 x 4 MiB) plus one unit."""
+    state (master and two moments: 3 x 4 MiB) plus one unit (measured 11.1 MiB after the
+    child's warm-up, in two environments; before the warm-up existed, 17-23 MiB depending on
+    the environment's first-use costs)."""
     config = transformers.LlamaConfig(
         num_hidden_layers=20,
         hidden_size=256,
