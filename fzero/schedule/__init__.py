@@ -5,8 +5,9 @@ Nothing here touches a device or a process group; everything can be tested with 
 
 from __future__ import annotations
 
-from fzero.schedule.compile import Knobs, OnDemand, compile_schedule, presumed_trace
+from fzero.schedule.compile import Knobs, compile_schedule, presumed_trace
 from fzero.schedule.memory_model import BytesPerParam, MemoryModel, ModelStates, model_states
+from fzero.schedule.on_demand import OnDemand
 from fzero.schedule.ops import Entry, Op, Trigger
 from fzero.schedule.schedule import Schedule, UnitInfo
 from fzero.schedule.serialize import schedule_from_json, schedule_to_json
