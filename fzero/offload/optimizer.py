@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fzero.kernels.adamw import WeightDecaySegments
 from fzero.offload.host import HostBuffer
 from fzero.runtime.step_phase import OptimizerBuffers, StepPhase
 from fzero.schedule import ops as O
@@ -54,12 +55,12 @@ class HostOptimizer:
         # when parameters are offloaded too (it is on the host), else an upload buffer.
         self.params_on_host = params_on_host
         # Per unit, its optimizer range cut where the weight decay changes: (lo, hi, decay).
-        self.decay_runs = {
-            u.index: [(max(a, lo), min(b, hi), d) for a, b, d in decay_ranges if a < hi and b > lo]
-            for u in layout.units
-            if u.optimizer_numel
-            for lo, hi in [(u.optimizer_offset, u.optimizer_offset + u.optimizer_numel)]
-        }
+        decay = WeightDecaySegments.from_ranges(decay_ranges, layout.optimizer_numel)
+        self.decay_runs = {}
+        for u in layout.units:
+            lo, hi = u.optimizer_offset, u.optimizer_offset + u.optimizer_numel
+            if u.optimizer_numel:
+                self.decay_runs[u.index] = [(lo + a, lo + b, d) for a, b, d in decay.within(lo, hi)]
         self._down_stream: Any = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._up_stream: Any = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._grad_copies: dict[int, Any] = {}  # unit -> event (None on CPU: copied already)

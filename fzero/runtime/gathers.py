@@ -42,6 +42,7 @@ class Gathers:
         self.timeline = timeline
         self.in_flight: dict[int, InFlightGather] = {}
         self.uploaded: dict[int, torch.Tensor] = {}  # parameter offload: shards brought up
+        self._shards_on_host = workspace.shards_on_host  # fixed when the workspace is built
         self._stream: Any = None
 
     def all_gather(self, op: O.AllGather) -> None:
@@ -84,7 +85,7 @@ class Gathers:
         alloc_storage(flat)
         mark_gathered(self.unit_params[unit])
         source = self.uploaded.pop(unit, None)
-        if source is None and not self.workspace.shards_on_host:
+        if source is None and not self._shards_on_host:
             source = self.workspace.gather_source(unit) if self.comm.world_size > 1 else None
         elif source is None:  # outside the schedule (evaluation): bring it up here
             source = self.workspace.gather_source(unit).to(flat.device)

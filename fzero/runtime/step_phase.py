@@ -72,15 +72,9 @@ class StepPhase:
         # deterministic mode sums squared norms in.
         self.norm_order = norm_order
         self.runs = optimizer_runs(layout, workspace)
+        decay = WeightDecaySegments.from_ranges(decay_ranges, layout.optimizer_numel)
         self.decay_runs = [
-            WeightDecaySegments.from_ranges(
-                [
-                    (max(a, lo) - lo, min(b, hi) - lo, d)
-                    for a, b, d in decay_ranges
-                    if a < hi and b > lo
-                ],
-                hi - lo,
-            )
+            WeightDecaySegments.from_ranges(decay.within(lo, hi), hi - lo)
             for lo, hi, _ in self.runs
         ]
         self.loss_sum: torch.Tensor | None = None
