@@ -4,10 +4,11 @@ ZeRO-Offload and FSDP2's CPUOffloadPolicy, on the GPT of examples/gpt.py (untied
     python benchmarks/offload.py --model 1.4b                 # on a GPU: the table
     python benchmarks/offload.py --cpu-smoke                  # CI: tiny model, fzero only
 
-Each configuration runs in a process of its own. Per row: tokens/s, step time, GPU peak
-(allocated, timed steps), host peak RSS, and the simulator's step time for fzero's schedule
-(the default cost model with its PCIe and CPU AdamW bandwidths and the compute time measured
-for fzero without offload in this run, when that row ran first), ratios to DeepSpeed's best.
+Each configuration runs in a process of its own (``step.run_one`` times it). Per row: tokens/s,
+step time, GPU peak (allocated, timed steps), host peak RSS, and for fzero the simulator's step
+time for its schedule with the default cost model (uncalibrated: its PCIe and CPU AdamW
+bandwidths are the measured H200 figures, compute is the model's FLOPs at the default rate),
+and the ratio to DeepSpeed's best row.
 
 Implementations: fsdp2 (no offload), fsdp2:offload (CPUOffloadPolicy(pin_memory=True)),
 deepspeed:2+opt, deepspeed:3+opt, deepspeed:3+opt+param, fzero:N (no offload), fzero:N+opt,
@@ -20,7 +21,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
 from children import child_args, print_result, run_child  # noqa: E402
-from step import _batches, _init_single_process_group, _optimizer_config, build_model  # noqa: E402
+from step import _init_single_process_group, _optimizer_config  # noqa: E402
+from step import run_one as step_run_one  # noqa: E402
 
 DEFAULT_IMPLS = [
     "fzero:3",
@@ -140,33 +141,9 @@ def make_step(impl: str, model, device: torch.device):
 
 
 def run_one(impl: str, model_name: str, steps: int, warmup: int, device: torch.device) -> dict:
-    model, batch, spec = build_model(model_name, device)
-    step, extra = make_step(impl, model, device)
-    batches = _batches(batch, spec, device)
-    for i in range(warmup):
-        step(batches[i % len(batches)])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = step(batches[i % len(batches)])
-    sync()
-    elapsed = time.perf_counter() - start
-    tokens = steps * batch * spec["block_size"]
-    gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    result = {
-        "impl": impl,
-        "model": model_name,
-        "params": sum(p.numel() for p in model.parameters()),
-        "tokens_per_s": tokens / elapsed,
-        "step_ms": 1e3 * elapsed / steps,
-        "loss": float(loss),
-        "gpu_peak_gib": gpu_peak,
-        "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    }
-    result.update(extra())
+    """``step.run_one`` with this file's configurations, plus the host's peak resident set."""
+    result = step_run_one(impl, model_name, steps, warmup, device, make=make_step)
+    result["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
 
@@ -222,7 +199,7 @@ def _table(rows: list[dict]) -> str:
         simulated = f"{r['simulated_ms']:.0f}" if "simulated_ms" in r else "-"
         lines.append(
             f"{r['impl']:24} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {simulated:>8} "
-            f"{r['gpu_peak_gib']:>8.2f} {r['host_peak_rss_gib']:>9.2f} {ratio:>9}"
+            f"{r['peak_gib']:>8.2f} {r['host_peak_rss_gib']:>9.2f} {ratio:>9}"
         )
     return "\n".join(lines)
 

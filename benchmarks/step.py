@@ -228,12 +228,16 @@ def make_step(impl: str, model, device: torch.device):
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def run_one(impl: str, model_name: str, steps: int, warmup: int, device: torch.device) -> dict:
+def run_one(
+    impl: str, model_name: str, steps: int, warmup: int, device: torch.device, make=None
+) -> dict:
+    """One configuration's timed steps; ``make`` builds its step (default: this file's
+    ``make_step``; benchmarks/offload.py passes its own)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, batch, spec = build_model(model_name, device)
     flops = flops_per_token(model, spec)
-    step, extra = make_step(impl, model, device)
+    step, extra = (make or make_step)(impl, model, device)
     batches = _batches(batch, spec, device)
     for i in range(warmup):
         step(batches[i % len(batches)])

@@ -103,3 +103,13 @@ def test_nvme_swap_benchmark_cpu_smoke_measures_both_directions_against_dd(tmp_p
     assert result["round_trip_exact"] and result["nbytes"] == 16 << 20
     assert result["write_gb_per_s"] > 0 and result["read_gb_per_s"] > 0
     assert "| write |" in done.stdout and "| read |" in done.stdout
+
+
+def test_offload_benchmark_cpu_smoke_runs_every_fzero_offload_configuration(tmp_path):
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(SCRIPT.parent / "offload.py"), "--cpu-smoke", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"fzero:2", "fzero:2+opt", "fzero:3+opt", "fzero:3+opt+param"}
+    assert all(r["tokens_per_s"] > 0 and r["simulated_ms"] > 0 for r in rows.values())
