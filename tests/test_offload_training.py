@@ -65,6 +65,8 @@ CASES = [
     (3, 3, 1, True, {}),
     (3, 1, 2, True, {"bf16": {"enabled": True}}),
     (1, 1, 1, False, {"bf16": {"enabled": True}}),
+    # bf16 gradients: the host step widens each unit's slice to fp32 for torch's kernel
+    (2, 2, 1, False, {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}}),
 ]
 
 

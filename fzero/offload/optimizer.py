@@ -120,19 +120,19 @@ class HostOptimizer:
             return
         hyper, state = self.step_phase.hyper, self.optimizer
         assert hyper is not None
-        grad = self.host_grad
+        grad = self.host_grad[span]  # indexed from the unit's start below
         if grad.dtype != torch.float32:  # torch's kernel wants one dtype throughout
-            grad = torch.zeros_like(state.master)
-            grad[span] = self.host_grad[span]
+            grad = grad.float()
         by_decay: dict[float, list[slice]] = {}
         for lo, hi, decay in self.decay_runs[op.unit]:
             by_decay.setdefault(decay, []).append(slice(lo, hi))
+        start = span.start
         for decay, spans in by_decay.items():
             # One fused pass over every range of this decay: reads and writes each element
             # once across torch's intra-op threads (28 bytes per element).
             torch._fused_adamw_(
                 [state.master[s] for s in spans],
-                [grad[s] for s in spans],
+                [grad[s.start - start : s.stop - start] for s in spans],
                 [state.exp_avg[s] for s in spans],
                 [state.exp_avg_sq[s] for s in spans],
                 [],
