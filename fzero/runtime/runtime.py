@@ -95,12 +95,13 @@ class Runtime:
 
     def new_state(self, progress: Progress) -> ZeroState:
         """A state whose leaves are views of the runtime's buffers: installed already."""
-        optimizer = self.executor.optimizer
-        leaves = (optimizer.master, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.step)
-        shards = self.executor.workspace.state_leaves()
+        master, exp_avg, exp_avg_sq, step, *shards = map(_alias, self._buffers())
         state = ZeroState(
-            *(_alias(t) for t in leaves),
-            param_shards=tuple(_alias(t) for t in shards),
+            master,
+            exp_avg,
+            exp_avg_sq,
+            step,
+            param_shards=tuple(shards),
             progress=progress,
             runtime=self,
         )
@@ -127,12 +128,11 @@ class Runtime:
         installed = self._installed() if self._installed is not None else None
         if installed is state:
             return
-        ours = self.new_state(state.progress)  # views of the buffers, to copy into
         if installed is not None and not self.is_donated(installed):
             for leaf in _tensor_leaves(installed):  # keep its values its own
                 if leaf.numel():
                     leaf.data = leaf.detach().clone()
-        for target, source in zip(_tensor_leaves(ours), _tensor_leaves(state), strict=True):
+        for target, source in zip(self._buffers(), _tensor_leaves(state), strict=True):
             if target.shape != source.shape or target.dtype != source.dtype:
                 raise ShardError(
                     f"the state does not fit this model: a leaf of shape {tuple(source.shape)} "
@@ -142,6 +142,12 @@ class Runtime:
                 target.copy_(source)
         self.refresh_parameters()
         self._installed = weakref.ref(state)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        """The runtime's own buffers, in the order of a state's tensor leaves."""
+        optimizer = self.executor.optimizer
+        leaves = [optimizer.master, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.step]
+        return leaves + list(self.executor.workspace.state_leaves())
 
     def refresh_parameters(self) -> None:
         """After the master and shards were written directly (a state copied in, a checkpoint
