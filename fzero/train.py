@@ -121,7 +121,8 @@ def begin_micro_step(state: ZeroState, *, last: bool) -> None:
     runtime: Runtime = state.runtime
     if runtime.executor.micro_steps_run == 0:  # the step's first
         runtime.checks.check_requires_grad()
-    runtime.install(state)
+    # An update the state holds pending is applied unit by unit in this forward (offload).
+    runtime.install(state, keep_pending=True)
     runtime.hooks.begin_micro_step(last=last)
 
 
@@ -163,7 +164,7 @@ def apply_step(state: ZeroState, count: int) -> tuple[ZeroState, dict[str, Any]]
     norm, clipping, AdamW. Donates ``state``; returns the new state and ``train_step``'s
     metrics."""
     runtime: Runtime = state.runtime
-    runtime.install(state)
+    runtime.install(state, keep_pending=True)
     cfg, opt, progress = runtime.config, runtime.config.optimizer, state.progress
     hyper = Hyper(
         cfg.lr_at(progress.applied_steps),  # skipped steps keep the lr schedule where it was

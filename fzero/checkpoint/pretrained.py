@@ -70,6 +70,7 @@ def load_pretrained(
             f"load_pretrained needs a model or a ZeroState, got {type(model_or_state).__name__}"
         )
     state.check_live()
+    state.runtime.settle(state)  # an update still pending applies before weights are replaced
     stored = open_folder(path)
     plan = _match(state, stored, strict, path)
 

@@ -65,6 +65,7 @@ def save(
     usable; its buffers are only read.
     """
     state.check_live()
+    state.runtime.settle(state)  # a pending update (optimizer offload) is applied first
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)):
         raise TypeError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
     if keep_last is not None and keep_last < 1:

@@ -313,6 +313,13 @@ class FzeroConfig:
     ``StepTimeoutError``, saying which op each rank was at (``fzero/runtime/watchdog.py``).
     Well under the process group's timeout (30 minutes by default); when fzero creates the
     group (``fzero.collectives.init_from_env``) the group's is set a minute longer.
+
+    ``offload_update_in_forward``: with ``offload_optimizer`` at stage 3, run each unit's CPU
+    AdamW step in the next step's first forward, right before the unit is gathered, instead of
+    all of them at the end of the step: the CPU steps of later units overlap the forward of
+    earlier ones. Exact (every unit computes with its updated values); the update waits in the
+    state (``ZeroState.pending``) between the steps. True by default; false runs every CPU step
+    in the step phase.
     """
 
     no_weight_decay: tuple[str, ...] = ()
@@ -324,6 +331,7 @@ class FzeroConfig:
     compile_units: bool = False
     embedding_units: bool = False
     step_timeout_s: float = 300.0
+    offload_update_in_forward: bool = True
 
 
 DROPS_AUTO.update(

@@ -12,6 +12,12 @@ offload the CPU step writes the host parameter shard itself, which the gathers u
 ``HostOptimizerStep`` copies a unit's gradient itself when no ``CopyGradToHost`` brought it this
 step (the tracing micro-batch runs on-demand ops, which copy nothing; a unit no reduction wrote
 has a zeroed slice): what it steps on is always the step's reduced gradient.
+
+At stage 3 the CPU steps normally wait for the next step (``fzero/state/pending.py``):
+``ScalarsToHost`` keeps the update pending (the gradient complete on the host, the lr and the
+factor beside it), ``ApplyPendingUpdate`` applies a unit's part right before the unit's first
+gather in the next forward and ``UploadUpdate`` brings it up; ``settle`` applies whatever is
+left for readers between steps, and after a failed micro-batch.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from typing import Any
 import torch
 
 from fzero.kernels.adamw import WeightDecaySegments
-from fzero.offload.host import HostBuffer
 from fzero.runtime.step_phase import OptimizerBuffers, StepPhase
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace
@@ -45,10 +50,9 @@ class HostOptimizer:
     ):
         self.layout, self.workspace, self.optimizer = layout, workspace, optimizer
         self.step_phase = step_phase
-        numel = layout.optimizer_numel
-        grad_dtype = workspace.grad_shard.dtype
-        self._buffers = [HostBuffer(numel, grad_dtype, pin_memory=pin_memory)]
-        self.host_grad = self._buffers[0].tensor
+        # Where gradients come down to; a pending update keeps its gradient there too.
+        self.pending = optimizer.pending
+        self.host_grad = optimizer.pending.grad
         self.device = workspace.grad_shard.device
         self.on_cuda = self.device.type == "cuda"
         # Where the CPU step writes each unit's compute-dtype values: the host parameter shard
@@ -67,6 +71,10 @@ class HostOptimizer:
         self._uploads: list[Any] = []
         self._skip = False
         self._inverse_scale = torch.ones((), dtype=torch.float32)
+        # Units whose CPU step the schedule runs in the next first forward (ApplyPendingUpdate),
+        # and those of them applied since the update was decided.
+        self.deferred: frozenset[int] = frozenset()
+        self._applied: set[int] = set()
 
     def _range(self, unit: int) -> slice:
         u = self.layout.units[unit]
@@ -108,23 +116,95 @@ class HostOptimizer:
         if not self._skip:
             self.optimizer.step.add_(1)
         self._uploads = []
+        if self.deferred and not self._skip:
+            self._keep_pending(hyper.lr)
 
-    def host_optimizer_step(self, op: O.HostOptimizerStep) -> None:
-        span = self._range(op.unit)
-        copied = self._grad_copies.pop(op.unit, "missing")
+    def _keep_pending(self, lr: float) -> None:
+        """The deferred units' update waits in the state: their gradient complete on the host
+        (copies landed, or made here where none ran), the step's lr and factor beside it."""
+        for unit in sorted(self.deferred):
+            self._gradient_landed(unit)
+        self.pending.lr.fill_(lr)
+        self.pending.inverse_scale.copy_(self._inverse_scale)
+        self.pending.armed.fill_(1)
+        self._applied = set()
+
+    def _gradient_landed(self, unit: int) -> None:
+        """Wait for unit ``unit``'s gradient copy of this step, or copy it now if none ran."""
+        copied = self._grad_copies.pop(unit, "missing")
         if copied == "missing":
+            span = self._range(unit)
             self.host_grad[span].copy_(self.workspace.grad_shard[span])
         elif copied is not None:
             copied.synchronize()
+
+    def host_optimizer_step(self, op: O.HostOptimizerStep) -> None:
+        self._gradient_landed(op.unit)
         if self._skip:
             return
+        hyper = self.step_phase.hyper
+        assert hyper is not None
+        self._adamw(op.unit, hyper.lr, self._inverse_scale)
+
+    def apply_pending_update(self, op: O.ApplyPendingUpdate) -> None:
+        """The previous step's update of unit ``op.unit``, if it is still pending."""
+        if not self.pending.is_armed or op.unit in self._applied:
+            return
+        self._adamw(op.unit, float(self.pending.lr), self.pending.inverse_scale)
+        self._applied.add(op.unit)
+        if self._applied >= self.deferred:
+            self.pending.armed.zero_()
+
+    def upload_update(self, op: O.UploadUpdate) -> None:
+        """Unit ``op.unit``'s updated master into its device shard, before the unit's gather.
+        The compute stream waits for the copy, so a gather issued after it (on the gather
+        stream or by the communicator) reads the updated values."""
+        target = self.workspace.param_out(op.unit)
+        source = self.optimizer.master[self._range(op.unit)]
+        if not self.on_cuda:
+            target.copy_(source)
+            return
+        stream = self._up_stream
+        with torch.cuda.stream(stream):
+            staged = source.to(self.device, non_blocking=True)
+            target.copy_(staged)
+            event = torch.cuda.Event()
+            event.record(stream)
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def restart_pending(self) -> None:
+        """Another state's values were copied in: whatever it holds pending is all still to
+        apply."""
+        self._applied = set()
+
+    def settle(self) -> None:
+        """Apply what is still pending of the last decided update, now, and bring the device
+        shards up to date: for readers of the weights between steps. The state's value does
+        not change (the update was part of it)."""
+        if not self.pending.is_armed:
+            return
+        for unit in sorted(self.deferred - self._applied):
+            self._adamw(unit, float(self.pending.lr), self.pending.inverse_scale)
+            target = self.workspace.param_out(unit)
+            if not self.params_on_host and target is not None:
+                target.copy_(self.optimizer.master[self._range(unit)])
+        self._applied = set(self.deferred)
+        self.pending.armed.zero_()
+
+    def _adamw(self, unit: int, lr: float, inverse_scale: torch.Tensor) -> None:
+        """AdamW over unit ``unit``'s slice of the master and moments, with the gradient in
+        ``host_grad`` divided by ``inverse_scale``; with parameter offload it also writes the
+        unit's host parameter shard."""
+        # beta1, beta2 and eps are the config's: any step's Hyper has them (a pending update
+        # exists only after a step of this runtime ran).
         hyper, state = self.step_phase.hyper, self.optimizer
         assert hyper is not None
+        span = self._range(unit)
         grad = self.host_grad[span]  # indexed from the unit's start below
         if grad.dtype != torch.float32:  # torch's kernel wants one dtype throughout
             grad = grad.float()
         by_decay: dict[float, list[slice]] = {}
-        for lo, hi, decay in self.decay_runs[op.unit]:
+        for lo, hi, decay in self.decay_runs[unit]:
             by_decay.setdefault(decay, []).append(slice(lo, hi))
         start = span.start
         for decay, spans in by_decay.items():
@@ -137,18 +217,18 @@ class HostOptimizer:
                 [state.exp_avg_sq[s] for s in spans],
                 [],
                 [state.step] * len(spans),
-                lr=hyper.lr,
+                lr=lr,
                 beta1=hyper.beta1,
                 beta2=hyper.beta2,
                 weight_decay=decay,
                 eps=hyper.eps,
                 amsgrad=False,
                 maximize=False,
-                grad_scale=self._inverse_scale,
+                grad_scale=inverse_scale,
                 found_inf=None,
             )
         if self.params_on_host:  # the gathers upload the host shard: write it here
-            self.workspace.param_out(op.unit).copy_(state.master[span])
+            self.workspace.param_out(unit).copy_(state.master[span])
 
     def copy_params_to_device(self, op: O.CopyParamsToDevice) -> None:
         if self._skip:
@@ -176,8 +256,11 @@ class HostOptimizer:
         self._uploads = []
 
     def abort(self) -> None:
-        """A failed micro-batch: copies already issued finish; nothing is stepped."""
+        """A failed micro-batch: copies already issued finish, and a pending update that the
+        forward had begun to apply is applied in full (the state given to the step holds it:
+        its value must not be half of one)."""
         for event in self._grad_copies.values():
             if event is not None:
                 event.synchronize()
         self._grad_copies.clear()
+        self.settle()

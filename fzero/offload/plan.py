@@ -20,6 +20,7 @@ from fzero.offload.host import HostBuffer, check_host_memory
 from fzero.runtime.step_phase import OptimizerBuffers
 from fzero.state.buffers import Workspace
 from fzero.state.layout import FlatLayout
+from fzero.state.pending import PendingUpdate
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,12 @@ class OffloadPlan:
             buffer = HostBuffer(numel, torch.float32, pin_memory=self.pin_memory)
             workspace.host_buffers.append(buffer)
             moments.append(buffer.tensor.zero_())
-        return OptimizerBuffers(master, *moments, torch.zeros((), dtype=torch.float32))
+        # Where gradients come down to, and where a pending update keeps its gradient.
+        grad = HostBuffer(numel, workspace.grad_shard.dtype, pin_memory=self.pin_memory)
+        workspace.host_buffers.append(grad)
+        pending = PendingUpdate.empty(grad.tensor.zero_())
+        step = torch.zeros((), dtype=torch.float32)
+        return OptimizerBuffers(master, *moments, step, pending)
 
     def host_optimizer_settings(self, compute_dtype: torch.dtype) -> HostOptimizerSettings | None:
         if not self.optimizer_on_host:

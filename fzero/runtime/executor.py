@@ -121,6 +121,8 @@ class Executor:
             O.HostOptimizerStep: h.host_optimizer_step,
             O.CopyParamsToDevice: h.copy_params_to_device,
             O.WaitUploads: h.wait_uploads,
+            O.ApplyPendingUpdate: h.apply_pending_update,
+            O.UploadUpdate: h.upload_update,
         }
         self.executed: list[O.Op] = []
         # With record_ops: (trigger, gathered parameter bytes, gradient bytes) after its ops.
@@ -149,6 +151,13 @@ class Executor:
         self.released_units = frozenset(op.unit for op in ops if isinstance(op, O.Release))
         # Stage 0 keeps its all-reduced gradient across steps; the others free it each step.
         self.shard_persists = not any(isinstance(op, O.FreeGradShard) for op in ops)
+        if self.host_optimizer is not None:  # units whose CPU step runs in the next forward
+            self.host_optimizer.deferred = frozenset(
+                op.unit
+                for entry in schedule.first_micro_extra
+                for op in entry.ops
+                if isinstance(op, O.ApplyPendingUpdate)
+            )
 
     # -- triggers -------------------------------------------------------------------------------
 
@@ -156,10 +165,11 @@ class Executor:
         """Start a micro-batch; ``last``: the step's last, which may run other ops."""
         self.reduction.restore_grad_views()
         self._cursor = 0
-        self._entries = self.schedule.micro_entries(last)
+        self._entries = self.schedule.micro_entries(last, first=self.micro_steps_run == 0)
         position = self.position
         position.active, position.micro_batch, position.trigger = True, self.micro_steps_run, None
         if not self.schedule.traced:
+            self.settle()  # on-demand ops apply no pending update: apply it before
             # A traced micro-batch reduces its gradients (in order, in deterministic mode)
             # whether it is the last or not: the sum comes out the same.
             ordered = self.schedule.gradient_reduction == "ordered"
@@ -249,8 +259,15 @@ class Executor:
         self.host_cpu_seconds += time.thread_time() - start_cpu
 
     def gather(self, unit: int):
-        """Gather one unit outside the schedule's ops (evaluation, checkpoint refresh)."""
+        """Gather one unit outside the schedule's ops (evaluation, checkpoint refresh), with the
+        last step's update applied first if it is still pending."""
+        self.settle()
         return self.gathers.gather(unit)
+
+    def settle(self) -> None:
+        """Apply an update still pending from the last step (``fzero/state/pending.py``)."""
+        if self.host_optimizer is not None:
+            self.host_optimizer.settle()
 
     def release(self, unit: int) -> None:
         """Release one unit gathered outside the schedule's ops."""

@@ -86,6 +86,7 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
         grad_shard_itemsize=grad_itemsize,
         offload_optimizer=offload_device(zero.offload_optimizer) != "none",
         offload_param=offload_device(zero.offload_param) != "none",
+        offload_update_in_forward=config.fzero.offload_update_in_forward,
     )
 
 

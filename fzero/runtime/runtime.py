@@ -31,6 +31,7 @@ from fzero.runtime.watchdog import Watchdog
 from fzero.schedule import Trigger
 from fzero.state.buffers import is_allocated
 from fzero.state.layout import dtype_from_name
+from fzero.state.pending import PendingUpdate
 from fzero.state.progress import Progress
 from fzero.state.zero_state import ZeroState
 
@@ -95,13 +96,16 @@ class Runtime:
 
     def new_state(self, progress: Progress) -> ZeroState:
         """A state whose leaves are views of the runtime's buffers: installed already."""
-        master, exp_avg, exp_avg_sq, step, *shards = map(_alias, self._buffers())
+        master, exp_avg, exp_avg_sq, step, grad, lr, scale, armed, *shards = map(
+            _alias, self._buffers()
+        )
         state = ZeroState(
             master,
             exp_avg,
             exp_avg_sq,
             step,
             param_shards=tuple(shards),
+            pending=PendingUpdate(grad, lr, scale, armed),
             progress=progress,
             runtime=self,
         )
@@ -114,10 +118,12 @@ class Runtime:
     def donate(self, state: ZeroState) -> None:
         self._donated.add(state)
 
-    def install(self, state: ZeroState) -> None:
+    def install(self, state: ZeroState, *, keep_pending: bool = False) -> None:
         """Make ``state``'s values the ones the model computes with (see the module docstring).
         Installing a state that is not the last one installed is collective at stages 1 and 2
-        (the full parameters are gathered again): all ranks switch states together."""
+        (the full parameters are gathered again): all ranks switch states together. An update
+        the state holds pending is applied (``settle``) unless ``keep_pending``: a step's first
+        micro-batch applies it unit by unit in its forward."""
         if state.runtime is not self:
             raise ShardError("this state belongs to another sharded model")
         if self.is_donated(state):
@@ -127,6 +133,8 @@ class Runtime:
             )
         installed = self._installed() if self._installed is not None else None
         if installed is state:
+            if not keep_pending:
+                self.executor.settle()
             return
         if installed is not None and not self.is_donated(installed):
             for leaf in _tensor_leaves(installed):  # keep its values its own
@@ -140,13 +148,28 @@ class Runtime:
                 )
             if source.data_ptr() != target.data_ptr():
                 target.copy_(source)
+        if self.executor.host_optimizer is not None:
+            self.executor.host_optimizer.restart_pending()  # the copied state's, all of it
+        if not keep_pending:
+            self.executor.settle()
         self.refresh_parameters()
         self._installed = weakref.ref(state)
+
+    def settle(self, state: ZeroState) -> None:
+        """Apply the update ``state`` holds pending, so that its weights can be read as they
+        are (``save``); installs ``state``. Its value does not change."""
+        if not state.pending.is_armed:
+            return
+        self.install(state)
+        for leaf, buffer in zip(_tensor_leaves(state), self._buffers(), strict=True):
+            if leaf.data_ptr() != buffer.data_ptr():  # a state of its own: write it back
+                leaf.copy_(buffer)
 
     def _buffers(self) -> list[torch.Tensor]:
         """The runtime's own buffers, in the order of a state's tensor leaves."""
         optimizer = self.executor.optimizer
         leaves = [optimizer.master, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.step]
+        leaves += optimizer.pending.tensors()
         return leaves + list(self.executor.workspace.state_leaves())
 
     def refresh_parameters(self) -> None:
@@ -189,4 +212,11 @@ def _alias(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _tensor_leaves(state: ZeroState) -> list[torch.Tensor]:
-    return [state.master, state.exp_avg, state.exp_avg_sq, state.step, *state.param_shards]
+    return [
+        state.master,
+        state.exp_avg,
+        state.exp_avg_sq,
+        state.step,
+        *state.pending.tensors(),
+        *state.param_shards,
+    ]

@@ -8,7 +8,7 @@ fields set from outside.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,7 @@ from fzero.kernels.adamw import WeightDecaySegments, adamw_step
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace
 from fzero.state.layout import FlatLayout
+from fzero.state.pending import PendingUpdate
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class OptimizerBuffers:
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     step: torch.Tensor
+    # An update decided but not applied yet (optimizer offload at stage 3; see pending.py).
+    pending: PendingUpdate = field(default_factory=PendingUpdate.empty)
 
 
 @dataclass

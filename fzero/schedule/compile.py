@@ -40,7 +40,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fzero.schedule.offload import copy_grads_down, host_step_ops, upload_before_gathers
+from fzero.schedule.offload import (
+    copy_grads_down,
+    defer_host_steps,
+    host_step_ops,
+    upload_before_gathers,
+)
 from fzero.schedule.on_demand import on_demand
 from fzero.schedule.ops import (
     BACKWARD_END,
@@ -100,6 +105,8 @@ class Knobs:
     # zero_optimization.offload_optimizer / offload_param device "cpu" (see offload.py)
     offload_optimizer: bool = False
     offload_param: bool = False
+    # fzero.offload_update_in_forward: stage 3's CPU steps move into the next first forward
+    offload_update_in_forward: bool = False
 
 
 def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
@@ -188,6 +195,9 @@ def compile_schedule(
             grad_itemsize=itemsize,
             param_offload=knobs.offload_param,
         )
+    first_extra: tuple[Entry, ...] = ()
+    if knobs.offload_optimizer and stage == 3 and knobs.offload_update_in_forward:
+        first_extra, ops = defer_host_steps(units, micro, ops, param_offload=knobs.offload_param)
     if knobs.offload_param:
         micro = upload_before_gathers(units, micro)
         last_micro = upload_before_gathers(units, last_micro) if last_micro else None
@@ -203,6 +213,7 @@ def compile_schedule(
         traced,
         last_micro_step=last_micro,
         gradient_reduction=reduction,
+        first_micro_extra=first_extra,
     )
 
 

@@ -15,6 +15,13 @@ Applied after the other passes when ``zero_optimization.offload_optimizer.device
 - With parameter offload (stage 3) the shards live on the host: every ``AllGather`` is preceded
   by an ``UploadShard`` on the gather stream (prefetched gathers prefetch their upload too), and
   the CPU step writes the host shard directly, so no ``CopyParamsToDevice`` is needed.
+- At stage 3 (``fzero.offload_update_in_forward``, the default) a unit's CPU step leaves the
+  step phase: the step phase ends once the scalars are read, and the next step's first
+  micro-batch runs ``ApplyPendingUpdate`` (and, without parameter offload, ``UploadUpdate`` on
+  the gather stream) right before the unit's first gather, in ``Schedule.first_micro_extra``.
+  The forward of unit k then waits only for unit k's CPU step, and the CPU steps of the later
+  units run while it computes. Units the step phase gathers (persistent ones) keep their CPU
+  step there.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fzero.schedule.ops import (
+    FORWARD_COMPUTE,
+    POST_FORWARD,
     AllGather,
+    ApplyPendingUpdate,
     CopyGradToHost,
     CopyParamsToDevice,
     Entry,
@@ -30,7 +40,9 @@ from fzero.schedule.ops import (
     Op,
     OptimizerStep,
     ScalarsToHost,
+    Trigger,
     UploadShard,
+    UploadUpdate,
     WaitReduce,
     WaitUploads,
 )
@@ -105,3 +117,52 @@ def upload_before_gathers(
             ops.append(op)
         out.append(replace(entry, ops=tuple(ops)))
     return tuple(out)
+
+
+def defer_host_steps(
+    units: tuple[UnitInfo, ...],
+    micro: tuple[Entry, ...],
+    step_ops: tuple[Op, ...],
+    *,
+    param_offload: bool,
+) -> tuple[tuple[Entry, ...], tuple[Op, ...]]:
+    """Move each unit's CPU step (and upload) from the step phase to the next step's first
+    forward, right before the unit's first ``AllGather`` there. Returns the first micro-batch's
+    extra entries and the step phase's ops without the moved ones."""
+    forward = (*FORWARD_COMPUTE, POST_FORWARD)
+    refreshed = {op.unit for op in step_ops if isinstance(op, AllGather)}
+    first_gather: dict[int, Trigger] = {}
+    for entry in micro:
+        if entry.trigger.kind not in forward:
+            continue
+        for op in entry.ops:
+            if isinstance(op, AllGather) and op.unit not in first_gather:
+                first_gather[op.unit] = entry.trigger
+    moved = {
+        op.unit
+        for op in step_ops
+        if isinstance(op, HostOptimizerStep)
+        and op.unit in first_gather
+        and op.unit not in refreshed
+    }
+    if not moved:
+        return (), step_ops
+    by_index = {u.index: u for u in units}
+    extra: dict[Trigger, list[Op]] = {}
+    for unit_index, trigger in first_gather.items():  # in the order the forward gathers
+        if unit_index not in moved:
+            continue
+        unit = by_index[unit_index]
+        ops = extra.setdefault(trigger, [])
+        ops.append(ApplyPendingUpdate(unit.index, unit.name, unit.optimizer_numel))
+        if not param_offload:
+            ops.append(UploadUpdate(unit.index, unit.name, unit.optimizer_numel * 4))
+    kept = [
+        op
+        for op in step_ops
+        if not (isinstance(op, (HostOptimizerStep, CopyParamsToDevice)) and op.unit in moved)
+    ]
+    if not any(isinstance(op, CopyParamsToDevice) for op in kept):
+        kept = [op for op in kept if not isinstance(op, WaitUploads)]
+    entries = tuple(Entry(trigger, tuple(ops)) for trigger, ops in extra.items())
+    return entries, tuple(kept)

@@ -101,3 +101,43 @@ class UploadShard(Op):
 
     def __str__(self) -> str:
         return f"UploadShard  {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class ApplyPendingUpdate(Op):
+    """Optimizer offload at stage 3: the previous step's ``HostOptimizerStep`` of unit ``unit``,
+    run in the first micro-batch's forward right before the unit is first gathered, so that
+    the CPU steps of later units overlap the forward of earlier ones. The previous step left
+    its reduced gradient and its factors in the state (``ZeroState.pending``); nothing is
+    stale: unit ``unit`` computes with its updated values. Does nothing when no update is
+    pending (the first step, a skipped one, or a state whose update was applied already)."""
+
+    unit: int
+    name: str
+    numel: int
+
+    @property
+    def stream(self) -> str:
+        return HOST
+
+    def __str__(self) -> str:
+        label = _unit_label(self.unit, self.name)
+        return f"ApplyPendingUpdate {label}  {self.numel:,} elements (the previous step's)"
+
+
+@dataclass(frozen=True)
+class UploadUpdate(Op):
+    """After ``ApplyPendingUpdate``: copy unit ``unit``'s updated fp32 master slice
+    (``nbytes``) up on the host-to-device stream and cast it into the device shard there; the
+    compute stream waits for it, so the ``AllGather`` that follows sends the updated values."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return HOST_TO_DEVICE
+
+    def __str__(self) -> str:
+        return f"UploadUpdate {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"

@@ -342,19 +342,23 @@ class Entry:
 # Offload's ops (copies between device and host, the CPU optimizer step) are in offload_ops.py,
 # one concept per file; they are ops like the rest and are named here too.
 from fzero.schedule.offload_ops import (  # noqa: E402
+    ApplyPendingUpdate,
     CopyGradToHost,
     CopyParamsToDevice,
     HostOptimizerStep,
     ScalarsToHost,
     UploadShard,
+    UploadUpdate,
     WaitUploads,
 )
 
 __all__ = [
+    "ApplyPendingUpdate",
     "CopyGradToHost",
     "CopyParamsToDevice",
     "HostOptimizerStep",
     "ScalarsToHost",
     "UploadShard",
+    "UploadUpdate",
     "WaitUploads",
 ]

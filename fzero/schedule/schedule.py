@@ -13,6 +13,11 @@ sequence of a step with ``n`` micro-batches.
 - ``"last_micro_batch"``: stages 2 and 3 keep full unit gradients across micro-batches and
   reduce them in ``last_micro_step`` only;
 - ``"ordered"``: deterministic mode, each micro-batch, with ``ReduceInOrder`` (every stage).
+
+``first_micro_extra`` (optimizer offload at stage 3) holds ops the first micro-batch of a step
+runs at a trigger before that trigger's own: the previous step's CPU update of each unit
+(``ApplyPendingUpdate``) and its upload, right before the unit's first gather, so the CPU steps
+overlap the forward (see ``fzero/schedule/offload.py``).
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class Schedule:
     traced: bool  # False: order presumed from module registration, until the first step traces it
     last_micro_step: tuple[Entry, ...] | None = None  # None: the last runs micro_step too
     gradient_reduction: str = ""  # one of GRADIENT_REDUCTIONS; "" means the stage's default
+    # Run by a step's first micro-batch at their trigger, before its own ops (see above).
+    first_micro_extra: tuple[Entry, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.gradient_reduction:
@@ -82,18 +89,28 @@ class Schedule:
                 f"got {self.gradient_reduction!r}"
             )
 
-    def micro_entries(self, last: bool) -> tuple[Entry, ...]:
+    def micro_entries(self, last: bool, first: bool = False) -> tuple[Entry, ...]:
         """The entries a micro-batch runs: ``last_micro_step`` for the last one when there is
-        one, else ``micro_step``."""
+        one, else ``micro_step``; for the ``first``, with ``first_micro_extra`` merged in."""
+        entries = self.micro_step
         if last and self.last_micro_step is not None:
-            return self.last_micro_step
-        return self.micro_step
+            entries = self.last_micro_step
+        if first and self.first_micro_extra:
+            extra = {e.trigger: e.ops for e in self.first_micro_extra}
+            entries = tuple(
+                Entry(e.trigger, extra[e.trigger] + e.ops, e.live_nbytes)
+                if e.trigger in extra
+                else e
+                for e in entries
+            )
+        return entries
 
     def ops(self, micro_batches: int = 1) -> list[Op]:
-        """Every op a step with ``micro_batches`` micro-batches runs, in order."""
+        """Every op a step with ``micro_batches`` micro-batches runs, in order (a step after
+        another: with ``first_micro_extra``, the first step of all finds nothing pending)."""
         ops: list[Op] = []
         for index in range(micro_batches):
-            for entry in self.micro_entries(last=index == micro_batches - 1):
+            for entry in self.micro_entries(index == micro_batches - 1, first=index == 0):
                 ops.extend(entry.ops)
         for entry in self.step:
             ops.extend(entry.ops)
@@ -122,6 +139,12 @@ class Schedule:
         phases = [(self.micro_step, which)]
         if self.last_micro_step is not None:
             phases = [(self.micro_step, f"{which} but the last"), (self.last_micro_step, "last")]
+        if self.first_micro_extra:
+            lines.append(
+                "-- first micro-batch only, before the trigger's own ops: the previous step's "
+                "CPU updates"
+            )
+            lines += _entry_lines(self.units, self.first_micro_extra, "", live=False)[1:]
         for entries, micro_label in phases:
             lines += _entry_lines(self.units, entries, micro_label, live=True)
         lines += _entry_lines(self.units, self.step, "", live=False)

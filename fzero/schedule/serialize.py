@@ -15,7 +15,7 @@ from fzero.schedule import ops as O
 from fzero.schedule.schedule import Schedule, UnitInfo
 
 FORMAT = "fzero.schedule"
-VERSION = 2  # 2 added last_micro_step and gradient_reduction; version 1 documents still load
+VERSION = 3  # 2 added last_micro_step and gradient_reduction, 3 first_micro_extra; 1, 2 load
 
 OP_TYPES: dict[str, type[O.Op]] = {
     name: value
@@ -39,6 +39,7 @@ def schedule_to_json(schedule: Schedule, indent: int | None = 1) -> str:
         else [_entry_to_dict(e) for e in schedule.last_micro_step],
         "step": [_entry_to_dict(e) for e in schedule.step],
         "gradient_reduction": schedule.gradient_reduction,
+        "first_micro_extra": [_entry_to_dict(e) for e in schedule.first_micro_extra],
     }
     return json.dumps(document, indent=indent)
 
@@ -46,7 +47,7 @@ def schedule_to_json(schedule: Schedule, indent: int | None = 1) -> str:
 def schedule_from_json(text: str) -> Schedule:
     """Read a schedule written by ``schedule_to_json``."""
     document = json.loads(text)
-    if document.get("format") != FORMAT or document.get("version") not in (1, VERSION):
+    if document.get("format") != FORMAT or document.get("version") not in (1, 2, VERSION):
         raise ScheduleError(
             f"not an {FORMAT} version {VERSION} document (format "
             f"{document.get('format')!r}, version {document.get('version')!r})"
@@ -61,6 +62,7 @@ def schedule_from_json(text: str) -> Schedule:
         traced=document["traced"],
         last_micro_step=None if last is None else tuple(_entry_from_dict(e) for e in last),
         gradient_reduction=document.get("gradient_reduction", ""),
+        first_micro_extra=tuple(_entry_from_dict(e) for e in document.get("first_micro_extra", ())),
     )
 
 

@@ -129,7 +129,8 @@ def simulate(
         memory = MemoryModel.from_schedule(schedule, bytes_per_param or BytesPerParam())
     replay = _Replay(schedule, cost, memory)
     for micro in range(micro_batches):
-        entries = schedule.micro_entries(last=micro == micro_batches - 1)
+        # A step after another: the first micro-batch applies the previous step's updates.
+        entries = schedule.micro_entries(micro == micro_batches - 1, first=micro == 0)
         before, after = _compute_placement(schedule, entries, cost)
         for index, entry in enumerate(entries):
             for name, seconds in before.get(index, ()):
@@ -254,8 +255,11 @@ class _Replay:
                 seconds = self.cost.download(op.nbytes)
                 end = self.collective(op, O.DEVICE_TO_HOST, seconds, micro)
                 self.in_flight[(O.DEVICE_TO_HOST, op.unit)] = end
-            elif isinstance(op, O.HostOptimizerStep):
+            elif isinstance(op, (O.HostOptimizerStep, O.ApplyPendingUpdate)):
                 self.host_step(op, micro)
+            elif isinstance(op, O.UploadUpdate):  # the compute stream waits for it
+                end = self.collective(op, O.HOST_TO_DEVICE, self.cost.upload(op.nbytes), micro)
+                self.wait(op, end, micro)
             elif isinstance(op, O.CopyParamsToDevice):
                 seconds = self.cost.upload(op.nbytes)
                 end = self.collective(op, O.HOST_TO_DEVICE, seconds, micro)
@@ -302,7 +306,7 @@ class _Replay:
                 raise ScheduleError(f"simulate does not know the op {type(op).__name__}")
             self.samples.append(self.sample())
 
-    def host_step(self, op: O.HostOptimizerStep, micro: int) -> None:
+    def host_step(self, op: O.HostOptimizerStep | O.ApplyPendingUpdate, micro: int) -> None:
         """The host runs the CPU step once the unit's gradient is down; the thread that issues
         the device's work is busy meanwhile, so the compute clock waits for it too."""
         ready = self.in_flight.pop((O.DEVICE_TO_HOST, op.unit), self.now)

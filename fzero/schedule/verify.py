@@ -58,6 +58,8 @@ LOCAL_OFFLOAD_OPS = (
     O.CopyParamsToDevice,
     O.WaitUploads,
     O.UploadShard,
+    O.ApplyPendingUpdate,
+    O.UploadUpdate,
 )
 
 
@@ -98,7 +100,7 @@ def verify(schedule: Schedule, *, max_live_nbytes: int | None = None) -> None:
             name = "micro_step"
             if last and schedule.last_micro_step is not None:
                 name = "last_micro_step"
-            for index, entry in enumerate(schedule.micro_entries(last)):
+            for index, entry in enumerate(schedule.micro_entries(last, first=micro == 1)):
                 checker.entry(f"{name}[{index}]", entry, f"step {step}, micro-batch {micro}")
             checker.end_micro_step(f"end of {name} (step {step}, micro-batch {micro})", last)
         for index, entry in enumerate(schedule.step):
@@ -142,6 +144,7 @@ class _Checker(GradientRules, OffloadRules):
         self.shard_holds: set[int] = set()  # units whose reduction landed in the gradient shard
         self.shard_consumed = False  # the optimizer read it: it may be freed
         self.scalars_done = self.optimizer_done = False
+        self.init_offload(schedule)
         self.reset_offload()
         self.refreshed: set[int] = set()
         self.where = self.phase = ""
@@ -209,6 +212,7 @@ class _Checker(GradientRules, OffloadRules):
         unit, state = op.unit, self.params.get(op.unit, RELEASED)
         if self.stage == 0:
             self.fail("gather-once", unit, "stage 0 does not shard parameters: nothing to gather")
+        self.require_no_pending_update(unit, "gathered")
         refresh = unit in self.kept and self.phase == "step" and state == READY
         if refresh:
             self.require_uploads_waited(unit)

@@ -1,6 +1,8 @@
 """verify's rules for offload's ops: a gradient goes down only after its reduction landed, the
 host steps read the step's scalars and every gradient, each unit steps once, and nothing reads
-the updated parameters before their upload was waited on. A mixin of ``verify._Checker``."""
+the updated parameters before their upload was waited on. A unit whose CPU step waits for the
+next step (``ApplyPendingUpdate``) is not gathered or uploaded before that step applies it, and
+its ``UploadUpdate`` follows the update. A mixin of ``verify._Checker``."""
 
 from __future__ import annotations
 
@@ -8,6 +10,18 @@ from fzero.schedule import ops as O
 
 
 class OffloadRules:
+    def init_offload(self, schedule) -> None:
+        # Units whose CPU step runs in the next step's first forward, and those of them whose
+        # update is decided and not yet applied (across the step boundary).
+        self.deferred = {
+            op.unit
+            for entry in schedule.first_micro_extra
+            for op in entry.ops
+            if isinstance(op, O.ApplyPendingUpdate)
+        }
+        self.pending_units: set[int] = set()
+        self.applied_now: set[int] = set()
+
     def reset_offload(self) -> None:
         self.host_scalars = False
         self.host_stepped: set[int] = set()
@@ -27,6 +41,35 @@ class OffloadRules:
         if not self.scalars_done:
             self.fail("optimizer-after-reduce", -1, "ScalarsToHost runs before ReduceScalars")
         self.host_scalars = True
+        if self.deferred:  # their gradient and factors wait on the host for the next step
+            self.require_gradients_reduced("ScalarsToHost keeps the pending update")
+            self.pending_units = set(self.deferred)
+            self.host_stepped |= self.deferred
+            self.shard_consumed = True
+            stepping = {u.index for u in self.units.values() if u.optimizer_numel}
+            if stepping <= self.host_stepped and not self.uploads_pending:
+                self.optimizer_done = True
+
+    def op_ApplyPendingUpdate(self, op: O.ApplyPendingUpdate) -> None:
+        if op.unit not in self.deferred:
+            self.fail("pending-update", op.unit, "ApplyPendingUpdate for a unit not deferred")
+        if self.params.get(op.unit) != "released" and op.unit not in self.kept:
+            self.fail("pending-update", op.unit, "update applied after the unit was gathered")
+        self.pending_units.discard(op.unit)  # nothing pending in the first step: a no-op
+        self.applied_now.add(op.unit)
+
+    def op_UploadUpdate(self, op: O.UploadUpdate) -> None:
+        if op.unit not in self.applied_now:
+            self.fail("pending-update", op.unit, "UploadUpdate before its ApplyPendingUpdate")
+        self.applied_now.discard(op.unit)
+
+    def require_no_pending_update(self, unit: int, action: str) -> None:
+        if unit in self.pending_units:
+            self.fail(
+                "pending-update",
+                unit,
+                f"{action} before ApplyPendingUpdate applied the previous step's update",
+            )
 
     def op_HostOptimizerStep(self, op: O.HostOptimizerStep) -> None:
         self.require_gradients_reduced("HostOptimizerStep")
@@ -56,6 +99,7 @@ class OffloadRules:
         self.optimizer_done = stepping <= self.host_stepped
 
     def op_UploadShard(self, op: O.UploadShard) -> None:
+        self.require_no_pending_update(op.unit, "uploaded")
         if self.stage != 3:
             self.fail("offload-copy", op.unit, "UploadShard outside stage 3")
 

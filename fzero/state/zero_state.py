@@ -2,8 +2,10 @@
 
 The leaves are all of training progress: this rank's buffers (fp32 master shard, AdamW
 moments, the optimizer's step count, and the compute-dtype parameter shards when they are not
-the master itself) and ``progress`` (steps, skipped steps, the loss scaler's position; the
-learning-rate schedule reads the applied-step count). Everything static (layout, schedule,
+the master itself), ``pending`` (an update decided by the last step and applied in the next
+one's forward, under optimizer offload at stage 3: ``fzero/state/pending.py``) and
+``progress`` (steps, skipped steps, the loss scaler's position; the learning-rate schedule
+reads the applied-step count). Everything static (layout, schedule,
 config, the model and the runtime that drives it) is the pytree's metadata, so
 ``optree.tree_map(f, state, namespace="fzero")`` touches exactly the tensors a checkpoint must
 hold, and a ``tree_map`` copy of a state is a state: ``train_step`` accepts it and trains from it.
@@ -18,6 +20,7 @@ import optree
 import torch
 
 from fzero.errors import DonatedStateError
+from fzero.state.pending import PendingUpdate
 from fzero.state.progress import Progress
 
 
@@ -30,6 +33,7 @@ class ZeroState:
     # Per unit, this rank's compute-dtype slice (views into the workspace); empty when those
     # are the fp32 master itself (fp32 stages 0 and 3 with no frozen parameters).
     param_shards: tuple[torch.Tensor, ...]
+    pending: PendingUpdate
     progress: Progress
     runtime: Any  # fzero.runtime.Runtime: static, never a leaf
 
@@ -77,7 +81,15 @@ class ZeroState:
             )
 
 
-LEAF_NAMES = ("master", "exp_avg", "exp_avg_sq", "step", "param_shards", "progress")
+LEAF_NAMES = (
+    "master",
+    "exp_avg",
+    "exp_avg_sq",
+    "step",
+    "param_shards",
+    "pending",
+    "progress",
+)
 
 
 def _flatten(state: ZeroState):
