@@ -12,7 +12,8 @@ and the ratio to DeepSpeed's best row.
 
 Implementations: fsdp2 (no offload), fsdp2:offload (CPUOffloadPolicy(pin_memory=True)),
 deepspeed:2+opt, deepspeed:3+opt, deepspeed:3+opt+param, fzero:N (no offload), fzero:N+opt,
-fzero:3+opt+param.
+fzero:3+opt+param; fzero:3+opt+stepphase runs every CPU step in the step phase
+(``fzero.offload_update_in_forward: false``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def make_step(impl: str, model, device: torch.device):
             "gradient_clipping": 1.0,
             "bf16": {"enabled": bf16},
             "zero_optimization": zero,
+            # +stepphase: every CPU step in the step phase (no overlap with the next forward)
+            "fzero": {"offload_update_in_forward": "stepphase" not in options},
         }
         box = {"state": fzero.shard(model, config=config)}
 
