@@ -19,6 +19,8 @@ Rows (each in a process of its own, so that its peak memory and CUDA context are
   an index) into a temporary folder, then a child builds it on the meta device, shards it at
   stage 3 and loads the folder; reported: seconds, the host's peak resident-set growth over
   shard + load against the folder's size, and a check that loaded tensors equal the files'.
+  The folder was just written, so its pages are mostly in the page cache (GB/s is not the
+  disk's); ``--folder-parent`` picks where it goes (its filesystem type is in the row).
 
 Per training row: tokens/s, MFU (6 N + 12 L h s FLOPs per token, --peak-tflops), step time,
 the GPU peak over the timed steps (allocated; set-up and warm-up excluded), and the ratios of
@@ -121,6 +123,7 @@ def main() -> None:
             shutil.rmtree(Path(folder).parent, ignore_errors=True)
     print()
     print(_table(rows, args.peak_tflops))
+    print("\n".join(_summary(rows)))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if any(r.get("failed") for r in rows):
@@ -160,6 +163,28 @@ def _ratio(row: dict, base: dict | None, key: str) -> str:
     return f"{row[key] / base[key]:.3f}x"
 
 
+def _summary(rows: list[dict]) -> list[str]:
+    """What the two issues ask of the rows: checkpointing's memory saved and time cost for
+    fzero and FSDP2, and the Trainer's tokens/s as a fraction of train_step's."""
+    found = {r["impl"]: r for r in rows if not r.get("failed") and "tokens_per_s" in r}
+    lines = []
+    for kind in ("fzero:3", "fsdp2"):
+        plain, checkpointed = found.get(kind), found.get(kind + "+ckpt")
+        if plain and checkpointed and plain["peak_gib"] is not None:
+            lines.append(
+                f"{kind} checkpointing: peak {plain['peak_gib']:.2f} -> "
+                f"{checkpointed['peak_gib']:.2f} GiB, tokens/s "
+                f"x{checkpointed['tokens_per_s'] / plain['tokens_per_s']:.3f}"
+            )
+    trainer, loop = found.get("trainer:3+ckpt"), found.get("train_step:3+ckpt")
+    if trainer and loop:
+        ratio = trainer["tokens_per_s"] / loop["tokens_per_s"]
+        lines.append(
+            f"Trainer / train_step tokens/s: {ratio:.3f} (the shells' cost: {1 - ratio:+.1%})"
+        )
+    return lines
+
+
 def _table(rows: list[dict], peak_tflops: float) -> str:
     lines = [
         "| impl | tokens/s | MFU | step ms | peak GiB | tok/s vs base | peak vs base | base |",
@@ -183,7 +208,8 @@ def _table(rows: list[dict], peak_tflops: float) -> str:
                 "| load_pretrained | seconds | folder GiB | GB/s | host peak growth GiB | "
                 "x folder | host before GiB | ru_maxrss GiB | checked |",
                 "|---|---|---|---|---|---|---|---|---|",
-                f"| stage 3, 1 rank | {row['seconds']:.1f} | {row['folder_gib']:.2f} | "
+                f"| stage 3, 1 rank, {row['folder_filesystem']} | {row['seconds']:.1f} | "
+                f"{row['folder_gib']:.2f} | "
                 f"{row['read_gb_per_s']:.2f} | {row['host_peak_delta_gib']:.2f} | "
                 f"{row['host_peak_delta_gib'] / row['folder_gib']:.3f} | "
                 f"{row['host_before_gib']:.2f} | {row['host_ru_maxrss_gib']:.2f} | "

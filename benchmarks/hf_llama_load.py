@@ -35,6 +35,19 @@ def _high_water_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
+def filesystem_of(path: str) -> str:
+    """The type of the filesystem ``path`` is on (``ext4``, ``tmpfs``, ...), from /proc/mounts."""
+    path = os.path.realpath(path)
+    best, kind = "", "unknown"
+    with open("/proc/mounts") as file:
+        for line in file:
+            _, mount, fstype, *_ = line.split()
+            inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) > len(best):
+                best, kind = mount, fstype
+    return kind
+
+
 def run_load_row(sizes: Sizes, folder: str, device) -> dict:
     """load_pretrained: the model on the meta device, ``fzero.shard`` at stage 3 (each unit
     initialised on ``device``), then ``fzero.load_pretrained``. The host peak is the resident
@@ -87,6 +100,7 @@ def run_load_row(sizes: Sizes, folder: str, device) -> dict:
         "host_peak_delta_gib": (peak - before) / 2**30,
         "host_peak_source": peak_source,
         "host_ru_maxrss_gib": lifetime_peak / 2**30,
+        "folder_filesystem": filesystem_of(folder),
         "sharded_with_index": os.path.isfile(os.path.join(folder, "model.safetensors.index.json")),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
