@@ -67,6 +67,8 @@ def _child(args, sizes: Sizes) -> None:
         row = run_trainer_row(args.one, sizes, args.steps, args.warmup, device)
     else:
         row = run_load_row(sizes, args.folder, device)
+    row["sizes"] = dataclasses.asdict(sizes)
+    row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print_result(row)
 
 
@@ -99,7 +101,7 @@ def main() -> None:
     missing = [name for name in ("transformers", "accelerate") if not _importable(name)]
     if missing:
         sys.exit(f"hf_llama.py needs {' and '.join(missing)}: pip install -e '.[hf]'")
-    folder = None
+    scratch = None  # the load_pretrained row's folder lives under it; removed at the end
     rows = []
     try:
         for impl in args.impls:
@@ -113,14 +115,16 @@ def main() -> None:
             ]
             command += ["--cpu-smoke"] if args.cpu_smoke else []
             if impl == "load_pretrained":
-                folder = folder or _saved_folder(sizes, args)
-                command += ["--folder", folder]
+                if scratch is None:
+                    scratch = tempfile.mkdtemp(prefix="hf_llama_", dir=args.folder_parent)
+                    _save_folder(sizes, os.path.join(scratch, "model"), args)
+                command += ["--folder", os.path.join(scratch, "model")]
             row = run_child(command, impl)
             rows.append(row or {"impl": impl, "failed": True})
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        if folder is not None:
-            shutil.rmtree(Path(folder).parent, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     print()
     print(_table(rows, args.peak_tflops))
     print("\n".join(_summary(rows)))
@@ -136,15 +140,13 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _saved_folder(sizes: Sizes, args) -> str:
-    """The model saved once, in the parent, for the load_pretrained child (removed at the end)."""
+def _save_folder(sizes: Sizes, folder: str, args) -> None:
+    """The model saved once, in the parent, for the load_pretrained child."""
     from hf_llama_load import save_folder
 
     torch.set_num_threads(os.cpu_count() or 1)
-    folder = os.path.join(tempfile.mkdtemp(prefix="hf_llama_", dir=args.folder_parent), "model")
     nbytes = save_folder(sizes, folder, "10KB" if args.cpu_smoke else args.max_shard_size)
     print(f"saved {nbytes / 2**30:.2f} GiB to {folder}", flush=True)
-    return folder
 
 
 def _baseline(row: dict, rows: list[dict]) -> dict | None:
