@@ -256,7 +256,7 @@ class ActivationCheckpointingConfig:
     ``contiguous_memory_optimization``, for models that call ``deepspeed.checkpointing``.)
     ``cpu_checkpointing``: the inputs those units keep for their recompute are held on the host
     (``torch.autograd.graph.save_on_cpu(pin_memory=True)``) and copied back in backward.
-    The block's other keys are warned (``fzero/config/keys.py``)."""
+    The block's other keys are warned (``fzero/config/keys_top_level.py``)."""
 
     number_checkpoints: int | None = None
     cpu_checkpointing: bool = False

@@ -3,7 +3,7 @@
 The type hints of the dataclass are the schema: ``int``, ``float``, ``bool``, ``str``,
 ``tuple[...]``, ``Literal[...]`` (a closed set of strings), ``X | None`` (null allowed),
 ``X | Literal["auto"]`` (the HF-style placeholder, resolved later by ``Config.resolve``) and
-nested dataclasses. A key that is not a field goes to ``config_keys`` (alias, warned or
+nested dataclasses. A key that is not a field goes to the key table ``keys.py`` (alias, warned or
 rejected) and is otherwise an unknown key, reported with a "did you mean" suggestion.
 
 Also here: ``build_scheduler`` (the ``scheduler`` block, whose ``type`` picks the dataclass),
