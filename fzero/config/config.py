@@ -1,8 +1,9 @@
 """``fzero.Config``: every knob, with DeepSpeed's key names where DeepSpeed has one.
 
-This file holds the dataclass itself: its fields (the blocks), how it is built, the values the
-runtime derives from it, and its comparison across ranks. Its checks are ``validate.py``, its
-"auto" resolution ``resolve.py``, the reading of JSON ``parse.py``.
+This file holds the dataclass itself: its fields (the blocks: ``zero_block.py``,
+``optimizer_block.py``, ``precision_blocks.py``, ``runtime_blocks.py``), how it is built, the
+values the runtime derives from it, and its comparison across ranks. Its checks are
+``validate.py``, its "auto" resolution ``resolve.py``, the reading of JSON ``parse.py``.
 
 A config is built from a dict in DeepSpeed's JSON layout (``Config.from_dict``), keyword
 arguments of the same shape (``Config.from_kwargs``), a JSON or HJSON file (``Config.from_any``,
@@ -32,20 +33,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from fzero.config.blocks import (
-    ActivationCheckpointingConfig,
-    DataTypesConfig,
-    Fp16Config,
-    FzeroConfig,
-    OptimizerConfig,
-    PrecisionConfig,
-    ZeroConfig,
-)
 from fzero.config.lr_schedules import Scheduler
 from fzero.config.notes import collecting_notes, report
+from fzero.config.optimizer_block import OptimizerConfig
 from fzero.config.parse import Auto, DtypeName, build, build_scheduler, flatten, load_file
+from fzero.config.precision_blocks import DataTypesConfig, Fp16Config, PrecisionConfig
 from fzero.config.resolve import resolve_auto
+from fzero.config.runtime_blocks import ActivationCheckpointingConfig, FzeroConfig
 from fzero.config.validate import validate_config, validate_stage_options
+from fzero.config.zero_block import ZeroConfig
 from fzero.errors import ConfigError, ConfigTypeError
 
 __all__ = ["Config", "names_stage"]

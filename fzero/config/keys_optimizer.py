@@ -2,8 +2,8 @@
 
 Keys are DeepSpeed's (``deepspeed/runtime/engine.py`` for the optimizer,
 ``runtime/precision_config.py`` for fp16 and bf16); the implemented ones are fields of
-``OptimizerConfig``, ``Fp16Config`` and ``PrecisionConfig`` (``blocks.py``). What a rule means:
-``rules.py``.
+``OptimizerConfig`` (``optimizer_block.py``), ``Fp16Config`` and ``PrecisionConfig``
+(``precision_blocks.py``). What a rule means: ``rules.py``.
 """
 
 from __future__ import annotations

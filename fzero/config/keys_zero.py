@@ -1,7 +1,7 @@
 """The DeepSpeed key table, ``zero_optimization`` block: the keys fzero warns about or rejects.
 
 Keys are DeepSpeed's (``deepspeed/runtime/zero/config.py``); the implemented ones are fields of
-``ZeroConfig`` (``blocks.py``), and their ``stage3_*`` alternative spellings are ``ALIASES`` in
+``ZeroConfig`` (``zero_block.py``), and their ``stage3_*`` alternative spellings are ``ALIASES`` in
 ``keys.py``. What a rule means: ``rules.py``.
 """
 

@@ -53,7 +53,8 @@ NESTED_PARAMS: dict[type, str] = {}
 # The blocks that DeepSpeed reads with a pydantic ``DeepSpeedConfigModel``, whose constructor
 # drops every "auto" value so that the field keeps its default (deepspeed/runtime/config_utils.py,
 # ``DeepSpeedConfigModel.__init__``). In these blocks a field that is not typed ``... | Auto``
-# takes its default for "auto" too (noted at INFO). Filled in by ``blocks.py``.
+# takes its default for "auto" too (noted at INFO). Filled in by the modules that
+# define the blocks (``zero_block.py``, ``precision_blocks.py``).
 DROPS_AUTO: set[type] = set()
 
 

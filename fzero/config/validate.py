@@ -1,17 +1,18 @@
 """Checks on a whole ``Config``: what one block cannot check alone.
 
-Each block's ``validate(path)`` checks the ranges inside it (``blocks.py``); ``validate_config``,
-which ``Config.validate`` runs after every construction, checks the blocks together: the offload
-devices the runtime implements, the batch-size product, dtype names, and precision settings that
-contradict each other. ``validate_stage_options`` checks what depends on the ZeRO stage, at
-``shard`` time, once ``shard(stage=...)`` has had its say. Every error names the key to change.
+Each block's ``validate(path)`` checks the ranges inside it (``zero_block.py``, ...);
+``validate_config``, which ``Config.validate`` runs after every construction, checks the blocks
+together: the offload devices the runtime implements, the batch-size product, dtype names, and
+precision settings that contradict each other. ``validate_stage_options`` checks what depends
+on the ZeRO stage, at ``shard`` time, once ``shard(stage=...)`` has had its say. Every error
+names the key to change.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fzero.config.blocks import check_at_least
+from fzero.config.ranges import check_at_least
 from fzero.config.resolve import BATCH_KEYS
 from fzero.errors import ConfigError
 
