@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fzero.kernels.adamw import WeightDecaySegments
+from fzero.kernels import WeightDecaySegments
 from fzero.offload.host import HostBuffer
 from fzero.runtime.step_phase import OptimizerBuffers, StepPhase
 from fzero.schedule import ops as O
