@@ -42,7 +42,11 @@ TOP_LEVEL_RULES: dict[str, Rule] = {
     "zero_allow_untested_optimizer": warned("fzero only runs its own AdamW", always),
     "zero_force_ds_cpu_optimizer": warned("fzero has no CPU optimizer", always),
     "disable_allgather": warned("fzero's schedule decides how updated shards are gathered", FALSE),
-    "dataloader_drop_last": warned("fzero does not build data loaders", FALSE),
+    "dataloader_drop_last": warned(
+        "fzero.initialize(training_data=...) builds its DataLoader with drop_last=False: "
+        "the last, smaller micro-batch is kept",
+        FALSE,
+    ),
     "vocabulary_size": warned("DeepSpeed only uses it for a tensor-core alignment warning", always),
     "graph_harvesting": warned("fzero does not capture CUDA graphs", FALSE),
     "use_data_before_expert_parallelism": warned("fzero has no expert parallelism", FALSE),
