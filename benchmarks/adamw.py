@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from fzero.kernels.adamw import WeightDecaySegments, adamw_reference, adamw_step  # noqa: E402
+from fzero.kernels import WeightDecaySegments, adamw_reference, adamw_step  # noqa: E402
 
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 SIZES = (1 << 24, 1 << 27, 1 << 28)

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adamw import decay_table  # noqa: E402
 from children import print_result, run_child  # noqa: E402
 
-from fzero.kernels.adamw import WeightDecaySegments, adamw_step_cpu  # noqa: E402
+from fzero.kernels import WeightDecaySegments  # noqa: E402
+from fzero.kernels.adamw import adamw_step_cpu  # noqa: E402
 from fzero.kernels.cpu_adamw import cpu_adamw_step  # noqa: E402
 
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}

@@ -113,7 +113,7 @@ def _all_gather_bandwidth(world: int, device: torch.device, nbytes: int = 64 << 
 
 
 def _predict(step, cost_path: Path, world: int, device: torch.device, measured: float) -> dict:
-    from fzero.schedule.simulate import CostModel, simulate
+    from fzero.schedule import CostModel, simulate
 
     data = json.loads(Path(cost_path).read_text())
     for key in ("forward_seconds", "backward_seconds"):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from step import _batches, build_model  # noqa: E402
 
 import fzero  # noqa: E402
-from fzero.schedule.simulate import CostModel, simulate  # noqa: E402
+from fzero.schedule import CostModel, simulate  # noqa: E402
 from fzero.schedule.trace_export import chrome_trace  # noqa: E402
 
 

@@ -14,12 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fzero.kernels.adamw import (
-    WeightDecaySegments,
-    adamw_reference,
-    adamw_step,
-    adamw_step_cpu,
-)
+from fzero.kernels import WeightDecaySegments, adamw_reference, adamw_step
+from fzero.kernels.adamw import adamw_step_cpu
 
 examples = settings(max_examples=50, deadline=None)
 decays = st.sampled_from([0.0, 0.01, 0.1, 0.5])

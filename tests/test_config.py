@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fzero.config.config as config_module
+import fzero.config.validate as validate_module
 from fzero.config import Config
 from fzero.config.keys import ALIASES, RULES
 from fzero.config.lr_schedules import (
@@ -194,7 +194,7 @@ HF_ALL_AUTO = {
 @pytest.fixture
 def offload_supported(monkeypatch):
     """Pretend the runtime implements CPU and NVMe offload."""
-    monkeypatch.setattr(config_module, "SUPPORTED_OFFLOAD_DEVICES", ("none", "cpu", "nvme"))
+    monkeypatch.setattr(validate_module, "SUPPORTED_OFFLOAD_DEVICES", ("none", "cpu", "nvme"))
 
 
 def raises_at(path: str, data: dict) -> ConfigError:

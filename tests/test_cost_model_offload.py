@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fzero.schedule.simulate import CostModel
+from fzero.schedule import CostModel
 
 
 def test_default_offload_costs_are_the_measured_rates():

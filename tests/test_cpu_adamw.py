@@ -17,7 +17,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fzero.kernels.adamw import WeightDecaySegments, adamw_reference
+from fzero.kernels import WeightDecaySegments, adamw_reference
 from fzero.kernels.cpu_adamw import cpu_adamw_step
 from tests.test_adamw_kernel import (
     assert_identical,

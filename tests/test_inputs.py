@@ -212,7 +212,7 @@ def test_bias_correction_false_is_the_same_on_every_kernel(device):
     """The CPU path and the CUDA (Triton) kernel against the reference, without corrections."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA (the Triton kernel)")
-    from fzero.kernels.adamw import WeightDecaySegments, adamw_reference, adamw_step
+    from fzero.kernels import WeightDecaySegments, adamw_reference, adamw_step
 
     generator = torch.Generator().manual_seed(0)
     numel = 3000

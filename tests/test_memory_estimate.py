@@ -10,10 +10,10 @@ from torch import nn
 
 from fzero.memory import count_parameters, estimate_memory
 from fzero.schedule import ops as O
+from fzero.schedule import simulate
 from fzero.schedule.compile import Knobs, compile_schedule, presumed_trace
 from fzero.schedule.memory_model import BytesPerParam, model_states
 from fzero.schedule.schedule import UnitInfo
-from fzero.schedule.simulate import simulate
 from tests.models import ToyLM, ToySpec
 from tests.test_verify import traces, unit_lists
 

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 
 from fzero.errors import ScheduleError
+from fzero.schedule import CostModel, simulate
 from fzero.schedule import ops as O
 from fzero.schedule.memory_model import MemoryModel
 from fzero.schedule.schedule import Schedule, UnitInfo
-from fzero.schedule.simulate import CostModel, simulate
 from fzero.schedule.trace_export import (
     MEMORY_COUNTER,
     STREAM_TIDS,

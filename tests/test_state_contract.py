@@ -16,9 +16,8 @@ from fzero.collectives import run_ranks
 from fzero.errors import DonatedStateError
 from fzero.runtime import executor as executor_module
 from fzero.runtime import gathers, reductions, step_phase
+from fzero.schedule import CostModel, simulate, verify
 from fzero.schedule import ops as O
-from fzero.schedule import simulate, verify
-from fzero.schedule.simulate import CostModel
 from fzero.schedule.verify import _Checker
 from fzero.train import apply_step, micro_step
 from tests.harness import Case

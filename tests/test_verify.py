@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fzero.errors import ScheduleError, ScheduleInvariantError
+from fzero.schedule import collective_signature, verify
 from fzero.schedule import ops as O
 from fzero.schedule.compile import Knobs, compile_schedule, presumed_trace
 from fzero.schedule.schedule import Schedule, UnitInfo
 from fzero.schedule.serialize import schedule_from_json, schedule_to_json
-from fzero.schedule.verify import collective_signature, verify
 
 # -- strategies: unit lists and the traces hooks would raise for them --------------------------
 

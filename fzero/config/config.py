@@ -1,5 +1,10 @@
 """``fzero.Config``: every knob, with DeepSpeed's key names where DeepSpeed has one.
 
+This file holds the dataclass itself: its fields (the blocks: ``zero_block.py``,
+``optimizer_block.py``, ``precision_blocks.py``, ``runtime_blocks.py``), how it is built, the
+values the runtime derives from it, and its comparison across ranks. Its checks are
+``validate.py``, its "auto" resolution ``resolve.py``, the reading of JSON ``parse.py``.
+
 A config is built from a dict in DeepSpeed's JSON layout (``Config.from_dict``), keyword
 arguments of the same shape (``Config.from_kwargs``), a JSON or HJSON file (``Config.from_any``,
 which reads ``ds_config.json`` files unchanged) or an existing ``Config``. Every DeepSpeed key is
@@ -28,46 +33,20 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from fzero.config.blocks import (
-    ActivationCheckpointingConfig,
-    DataTypesConfig,
-    Fp16Config,
-    FzeroConfig,
-    OffloadOptimizerConfig,
-    OffloadParamConfig,
-    OptimizerConfig,
-    PrecisionConfig,
-    ZeroConfig,
-    check_at_least,
-)
-from fzero.config.lr_schedules import SCHEDULERS, OneCycle, Scheduler
-from fzero.config.notes import collecting_notes, report, suggest, warn_no_effect
-from fzero.config.parse import Auto, DtypeName, build, flatten, load_file
-from fzero.config.resolve import BATCH_KEYS, resolve_auto
+from fzero.config.lr_schedules import Scheduler
+from fzero.config.notes import collecting_notes, report
+from fzero.config.optimizer_block import OptimizerConfig
+from fzero.config.parse import Auto, DtypeName, build, build_scheduler, flatten, load_file
+from fzero.config.precision_blocks import DataTypesConfig, Fp16Config, PrecisionConfig
+from fzero.config.resolve import resolve_auto
+from fzero.config.runtime_blocks import ActivationCheckpointingConfig, FzeroConfig
+from fzero.config.validate import validate_config, validate_stage_options
+from fzero.config.zero_block import ZeroConfig
 from fzero.errors import ConfigError, ConfigTypeError
 
-__all__ = [
-    "ActivationCheckpointingConfig",
-    "Config",
-    "names_stage",
-    "DataTypesConfig",
-    "Fp16Config",
-    "FzeroConfig",
-    "OffloadOptimizerConfig",
-    "OffloadParamConfig",
-    "OptimizerConfig",
-    "PrecisionConfig",
-    "SUPPORTED_OFFLOAD_DEVICES",
-    "ZeroConfig",
-]
+__all__ = ["Config", "names_stage"]
 
 logger = logging.getLogger("fzero")
-
-# Offload devices the runtime implements. Any other device in offload_optimizer/offload_param is
-# rejected at config time; the runtime adds "cpu" here when it implements CPU offload.
-SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu")
-
-_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -121,7 +100,7 @@ class Config:
         if isinstance(optimizer, dict) and isinstance(optimizer.get("type"), str):
             OptimizerConfig(type=optimizer["type"]).validate()  # before its params are read
         with collecting_notes() as notes:
-            scheduler = _build_scheduler(data.pop("scheduler", None))
+            scheduler = build_scheduler(data.pop("scheduler", None))
             config = dataclasses.replace(build(cls, data, ""), scheduler=scheduler)
         config.validate()
         report(notes)
@@ -155,108 +134,16 @@ class Config:
         )
         return config
 
-    # -- checks ---------------------------------------------------------------------------------
+    # -- checks (fzero/config/validate.py) ------------------------------------------------------
 
     def validate(self) -> None:
-        zero = self.zero_optimization
-        zero.validate()
-        for name in ("offload_optimizer", "offload_param"):
-            block = getattr(zero, name)
-            if block is None or block.device == "none":
-                continue
-            if block.device not in SUPPORTED_OFFLOAD_DEVICES:
-                raise ConfigError(
-                    f"zero_optimization.{name}.device",
-                    f'offload to "{block.device}" is not implemented in fzero yet; '
-                    'set "device": "none" or remove the block',
-                )
-        self.optimizer.validate()
-        if self.scheduler is not None:
-            self.scheduler.validate()
-        self.bf16.validate("bf16")
-        self.fp16.validate("fp16")
-        self.activation_checkpointing.validate()
-        if self.bf16.enabled is True and self.fp16.enabled is True:
-            raise ConfigError("bf16.enabled", "bf16.enabled and fp16.enabled are both true")
-        check_at_least("gradient_clipping", self.gradient_clipping, 0)
-        check_at_least("steps_per_print", self.steps_per_print, 1)
-        check_at_least("fzero.alignment", self.fzero.alignment, 1)
-        timeout = self.fzero.step_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError(
-                "fzero.step_timeout_s", f"must be a number of seconds > 0, got {timeout!r}"
-            )
-        batch, micro, accumulation = sizes = self.batch_sizes
-        for name, value in zip(BATCH_KEYS, sizes, strict=True):
-            check_at_least(name, value, 1)
-        if all(isinstance(value, int) for value in sizes) and batch % (micro * accumulation):
-            raise ConfigError(
-                "train_batch_size",
-                f"train_batch_size ({batch}) must equal train_micro_batch_size_per_gpu "
-                f"({micro}) * gradient_accumulation_steps ({accumulation}) * world_size, "
-                f"but it is not a multiple of {micro * accumulation}",
-            )
-        for path, name in (
-            ("data_types.grad_accum_dtype", self.data_types.grad_accum_dtype),
-            ("communication_data_type", self.communication_data_type),
-        ):
-            if name is not None and name not in _DTYPE_NAMES:
-                raise ConfigError(path, f"must be one of {_DTYPE_NAMES}, got {name!r}")
-        self._check_precision()
-
-    def _check_precision(self) -> None:
-        """Precision settings that contradict each other (each error names the key to change)."""
-        self.fp16.check_consistent("fp16")
-        fp16, bf16 = self.fp16.enabled is True, self.bf16.enabled is True
-        for path, name in (
-            ("communication_data_type", self.communication_data_type),
-            ("data_types.grad_accum_dtype", self.data_types.grad_accum_dtype),
-        ):
-            if fp16 and name == "bf16":
-                raise ConfigError(
-                    path,
-                    "bf16 with fp16.enabled: loss-scaled fp16 gradients would be rounded to "
-                    "bf16's 8-bit mantissa; use fp32 (or fp16)",
-                )
-            if bf16 and name == "fp16":
-                raise ConfigError(
-                    path,
-                    "fp16 with bf16.enabled: bf16 gradients are not loss-scaled and can exceed "
-                    "fp16's range (65504); use fp32 (or bf16)",
-                )
-        if fp16 and self.fzero.nonfinite_grads != "skip":
-            raise ConfigError(
-                "fzero.nonfinite_grads",
-                f"{self.fzero.nonfinite_grads!r} with fp16.enabled: fp16 skips overflowing steps "
-                'and lowers the loss scale; leave it "skip"',
-            )
-        if self.fzero.deterministic and self.fzero.reduce_every_micro_batch is False:
-            raise ConfigError(
-                "fzero.reduce_every_micro_batch",
-                "false with fzero.deterministic: deterministic mode reduces every micro-batch "
-                "in a fixed order; remove one of the two",
-            )
+        """Raise ``ConfigError`` naming the first key out of range or contradicting another."""
+        validate_config(self)
 
     def check_stage_options(self) -> None:
         """Options whose meaning depends on the stage, checked by ``shard`` once the stage is
         final (``shard(stage=...)`` overrides the config's)."""
-        zero = self.zero_optimization
-        stage = zero.stage
-        param = zero.offload_param
-        if param is not None and param.device != "none" and stage != 3:
-            message = f"parameter offload needs stage 3, got stage {stage}"
-            raise ConfigError("zero_optimization.offload_param.device", message)
-        optimizer = zero.offload_optimizer
-        partial = optimizer is not None and optimizer.device != "none" and optimizer.ratio < 1
-        if partial and stage != 3:
-            message = f"partial offload (ratio < 1) needs stage 3, got stage {stage}"
-            raise ConfigError("zero_optimization.offload_optimizer.ratio", message)
-        if stage < 2 and self.fzero.reduce_every_micro_batch is True:
-            raise ConfigError(
-                "fzero.reduce_every_micro_batch",
-                f"true with stage {stage}: stages 0 and 1 keep full gradients and reduce "
-                "once per step; remove it or use stage 2 or 3",
-            )
+        validate_stage_options(self)
 
     # -- derived values the runtime reads -------------------------------------------------------
 
@@ -383,30 +270,3 @@ def names_stage(config: Config | dict | str | os.PathLike) -> bool:
         config = load_file(config)
     zero = config.get("zero_optimization") if isinstance(config, dict) else None
     return isinstance(zero, dict) and zero.get("stage") not in (None, "auto")
-
-
-def _build_scheduler(data: Any) -> Scheduler | None:
-    if data is None:
-        return None
-    if not isinstance(data, dict):
-        raise ConfigTypeError("scheduler", f"expected an object, got {data!r}")
-    for key in data:
-        if key not in ("type", "params"):
-            raise ConfigError(f"scheduler.{key}", f"unknown key{suggest(key, ('type', 'params'))}")
-    name = data.get("type")
-    if not isinstance(name, str):
-        raise ConfigTypeError("scheduler.type", f"expected a scheduler name, got {name!r}")
-    if name not in SCHEDULERS:
-        raise ConfigError(
-            "scheduler.type",
-            f"unsupported scheduler {name!r}; fzero implements {', '.join(SCHEDULERS)}"
-            + suggest(name, SCHEDULERS),
-        )
-    scheduler = build(SCHEDULERS[name], data.get("params", {}), "scheduler.params")
-    if isinstance(scheduler, OneCycle) and scheduler.cycle_momentum:
-        warn_no_effect(
-            "scheduler.params.cycle_momentum",
-            "fzero keeps Adam's betas fixed (cycle_min_mom, cycle_max_mom and decay_mom_rate are "
-            "ignored); set cycle_momentum to false to say so",
-        )
-    return scheduler

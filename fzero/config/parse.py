@@ -3,11 +3,12 @@
 The type hints of the dataclass are the schema: ``int``, ``float``, ``bool``, ``str``,
 ``tuple[...]``, ``Literal[...]`` (a closed set of strings), ``X | None`` (null allowed),
 ``X | Literal["auto"]`` (the HF-style placeholder, resolved later by ``Config.resolve``) and
-nested dataclasses. A key that is not a field goes to ``config_keys`` (alias, warned or
+nested dataclasses. A key that is not a field goes to the key table ``keys.py`` (alias, warned or
 rejected) and is otherwise an unknown key, reported with a "did you mean" suggestion.
 
-Also here: ``load_file`` (JSON, else HJSON, as DeepSpeed reads configs; duplicate keys are an
-error) and ``flatten`` (nested dict -> ``{"json.path": value}``, for ``diff`` and "auto" checks).
+Also here: ``build_scheduler`` (the ``scheduler`` block, whose ``type`` picks the dataclass),
+``load_file`` (JSON, else HJSON, as DeepSpeed reads configs; duplicate keys are an error) and
+``flatten`` (nested dict -> ``{"json.path": value}``, for ``diff`` and "auto" checks).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any, Literal
 import hjson
 
 from fzero.config.keys import ALIASES, apply_rule, known_keys
-from fzero.config.notes import note, suggest
+from fzero.config.lr_schedules import SCHEDULERS, OneCycle, Scheduler
+from fzero.config.notes import note, suggest, warn_no_effect
 from fzero.errors import ConfigError, ConfigTypeError
 
 Auto = Literal["auto"]
@@ -51,7 +53,8 @@ NESTED_PARAMS: dict[type, str] = {}
 # The blocks that DeepSpeed reads with a pydantic ``DeepSpeedConfigModel``, whose constructor
 # drops every "auto" value so that the field keeps its default (deepspeed/runtime/config_utils.py,
 # ``DeepSpeedConfigModel.__init__``). In these blocks a field that is not typed ``... | Auto``
-# takes its default for "auto" too (noted at INFO). Filled in by ``blocks.py``.
+# takes its default for "auto" too (noted at INFO). Filled in by the modules that
+# define the blocks (``zero_block.py``, ``precision_blocks.py``).
 DROPS_AUTO: set[type] = set()
 
 
@@ -99,6 +102,34 @@ def build(cls: type, data: Any, path: str) -> Any:
             continue
         values[name] = coerce(hints[name], value, key_path)
     return cls(**values)
+
+
+def build_scheduler(data: Any) -> Scheduler | None:
+    """The learning-rate schedule of the ``scheduler`` block ``data`` (None when absent)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigTypeError("scheduler", f"expected an object, got {data!r}")
+    for key in data:
+        if key not in ("type", "params"):
+            raise ConfigError(f"scheduler.{key}", f"unknown key{suggest(key, ('type', 'params'))}")
+    name = data.get("type")
+    if not isinstance(name, str):
+        raise ConfigTypeError("scheduler.type", f"expected a scheduler name, got {name!r}")
+    if name not in SCHEDULERS:
+        raise ConfigError(
+            "scheduler.type",
+            f"unsupported scheduler {name!r}; fzero implements {', '.join(SCHEDULERS)}"
+            + suggest(name, SCHEDULERS),
+        )
+    scheduler = build(SCHEDULERS[name], data.get("params", {}), "scheduler.params")
+    if isinstance(scheduler, OneCycle) and scheduler.cycle_momentum:
+        warn_no_effect(
+            "scheduler.params.cycle_momentum",
+            "fzero keeps Adam's betas fixed (cycle_min_mom, cycle_max_mom and decay_mom_rate are "
+            "ignored); set cycle_momentum to false to say so",
+        )
+    return scheduler
 
 
 def accepts_auto(hint: Any) -> bool:

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fzero.config.blocks import OptimizerConfig
+from fzero.config.optimizer_block import OptimizerConfig
 from fzero.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -1,10 +1,15 @@
-"""Fused device kernels for the optimizer step.
+"""Fused device kernels for the optimizer step: AdamW over one flat shard.
 
-Importing this package needs only torch: the Triton kernels load on first CUDA use.
+``adamw`` holds ``adamw_step``, which picks the path by device; ``adamw_triton`` the CUDA kernel,
+``cpu_adamw`` the host step of CPU offload, ``adamw_reference`` the torch oracle and
+``weight_decay`` the per-range decay table they all read. Importing this package needs only
+torch: the Triton kernels load on first CUDA use.
 """
 
 from __future__ import annotations
 
-from fzero.kernels.adamw import WeightDecaySegments, adamw_reference, adamw_step
+from fzero.kernels.adamw import adamw_step
+from fzero.kernels.adamw_reference import adamw_reference
+from fzero.kernels.weight_decay import WeightDecaySegments
 
 __all__ = ["WeightDecaySegments", "adamw_reference", "adamw_step"]

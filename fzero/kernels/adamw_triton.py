@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fzero.kernels.adamw import WeightDecaySegments
+from fzero.kernels.weight_decay import WeightDecaySegments
 
 # 1024 elements over 4 warps: 8 elements (two 16-byte vectors per fp32 stream) per thread, ~100
 # registers, so several programs share an SM. `benchmarks/adamw.py --sweep` on an H100: 512 or

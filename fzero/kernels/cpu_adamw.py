@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from fzero.kernels.adamw import WeightDecaySegments, _check_arguments, _update
+from fzero.kernels.adamw_reference import check_arguments, reference_update
+from fzero.kernels.weight_decay import WeightDecaySegments
 
 # Elements per chunk. Every torch op on a chunk is one parallel region of the intra-op threads,
 # and a region ends at a barrier that waits for its slowest thread: on a host whose cores are
@@ -67,7 +68,7 @@ def cpu_adamw_step(
     its dtype. Every tensor must be on the CPU. Runs on the calling thread; torch releases the
     GIL inside its kernels, so a caller may run it on a worker thread to overlap other work.
     """
-    _check_arguments(
+    check_arguments(
         master, grad, exp_avg, exp_avg_sq, step, decay, grad_scale, found_inf, param_out
     )
     if master.device.type != "cpu":
@@ -164,7 +165,7 @@ def _fused_chunk(
         )
     if bulk < numel:
         tail = slice(bulk, numel)
-        _update(
+        reference_update(
             master[tail], grad[tail], exp_avg[tail], exp_avg_sq[tail], lr=lr, beta1=beta1,
             beta2=beta2, eps=eps, step_value=float(step.item()),
             ranges=((0, numel - bulk, weight_decay),), grad_scale=None,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fzero.kernels.adamw import WeightDecaySegments
+from fzero.kernels import WeightDecaySegments
 from fzero.runtime.step_phase import OptimizerBuffers, StepPhase
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace

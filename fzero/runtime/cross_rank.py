@@ -16,7 +16,7 @@ from fzero.collectives import Communicator
 from fzero.config import Config
 from fzero.errors import ScheduleMismatchError
 from fzero.schedule import Schedule
-from fzero.schedule.verify import is_collective
+from fzero.schedule.signature import is_collective
 from fzero.state.layout import FlatLayout
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fzero.config.config import SUPPORTED_OFFLOAD_DEVICES
+from fzero.config.validate import SUPPORTED_OFFLOAD_DEVICES
 from fzero.errors import (
     CollectiveError,
     RankLostError,

@@ -34,7 +34,7 @@ import torch
 from fzero.collectives import Communicator
 from fzero.errors import MicroBatchCountError, RequiresGradChangedError
 from fzero.schedule import Schedule
-from fzero.schedule.verify import is_collective
+from fzero.schedule.signature import is_collective
 from fzero.state.layout import FlatLayout
 
 

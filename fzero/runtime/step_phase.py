@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fzero.collectives import Communicator
-from fzero.kernels.adamw import WeightDecaySegments, adamw_step
+from fzero.kernels import WeightDecaySegments, adamw_step
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace
 from fzero.state.layout import FlatLayout

@@ -6,14 +6,17 @@ Nothing here touches a device or a process group; everything can be tested with 
 from __future__ import annotations
 
 from fzero.schedule.compile import Knobs, compile_schedule, presumed_trace
+from fzero.schedule.cost_model import CostModel
 from fzero.schedule.memory_model import BytesPerParam, MemoryModel, ModelStates, model_states
 from fzero.schedule.on_demand import OnDemand
 from fzero.schedule.ops import Entry, Op, Trigger
 from fzero.schedule.schedule import Schedule, UnitInfo
 from fzero.schedule.serialize import schedule_from_json, schedule_to_json
-from fzero.schedule.simulate import CostModel, MemorySample, Span, Timeline, simulate
+from fzero.schedule.signature import collective_signature
+from fzero.schedule.simulate import simulate
+from fzero.schedule.simulated_timeline import MemorySample, Span, Timeline
 from fzero.schedule.trace_export import chrome_trace, plot_memory, write_chrome_trace
-from fzero.schedule.verify import collective_signature, verify
+from fzero.schedule.verify import verify
 
 __all__ = [
     "Entry",

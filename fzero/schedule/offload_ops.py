@@ -1,7 +1,7 @@
 """Offload's ops: gradients down to the host, the CPU optimizer step, parameters back up, and
 parameter shards brought up for their gathers (``fzero/schedule/offload.py`` places them). They
 run on the host's and the copy engines' streams, sized by this rank's own shard, so they are not
-collectives (``verify.is_collective``)."""
+collectives (``signature.is_collective``)."""
 
 from __future__ import annotations
 

@@ -14,101 +14,23 @@ top of what a ``MemoryModel`` says lives for the whole step.
 Compute is placed at the triggers: a unit's forward (backward) right after the ops of its
 ``pre_forward`` (``pre_backward``). The root unit wraps the blocks, so half of its compute runs
 there and half just before its ``post_*`` trigger (embedding first, head last).
+
+This file is the replay (the event loop over the ops); what it returns is
+``simulated_timeline.py``, what each piece of work costs ``cost_model.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fzero.errors import ScheduleError
 from fzero.schedule import ops as O
-from fzero.schedule.cost_model import CostModel, UnitSeconds
+from fzero.schedule.cost_model import CostModel
 from fzero.schedule.memory_model import BytesPerParam, MemoryModel
 from fzero.schedule.schedule import Schedule
+from fzero.schedule.simulated_timeline import MemorySample, Span, Timeline
 
-__all__ = ["CostModel", "MemorySample", "Span", "Timeline", "UnitSeconds", "simulate"]
+__all__ = ["simulate"]
 
 DEFAULT_COST = CostModel()  # frozen: one instance serves every call
-
-
-@dataclass(frozen=True)
-class Span:
-    """One piece of work on one stream, in seconds from the start of the step.
-
-    ``category``: compute, collective, wait (compute blocked on a collective) or op (a
-    bookkeeping op that takes no time). ``micro_batch`` is -1 in the step phase.
-    """
-
-    name: str
-    stream: str
-    category: str
-    start: float
-    end: float
-    micro_batch: int
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
-
-
-@dataclass(frozen=True)
-class MemorySample:
-    """This rank's bytes at ``time``, by what holds them.
-
-    ``parameters``: full (gathered) parameter buffers; below stage 3 they are always there.
-    ``gradients``: unit gradient buffers plus the gradient shard while it is alive.
-    ``persistent_shards``: the ``MemoryModel``'s compute-dtype parameter shard (in fzero only
-    stage 3's frozen parameters keep one: trainable ones are gathered from the master).
-    """
-
-    time: float
-    parameters: int
-    gradients: int
-    optimizer_state: int
-    persistent_shards: int
-
-    @property
-    def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state + self.persistent_shards
-
-
-@dataclass(frozen=True)
-class Timeline:
-    """What ``simulate`` returns: every span, the memory after every op, and the totals."""
-
-    stage: int
-    world_size: int
-    micro_batches: int
-    spans: tuple[Span, ...]
-    memory: tuple[MemorySample, ...]  # memory[0] is before the first op
-    step_seconds: float
-    compute_seconds: float  # forward, backward and optimizer, excluding waits
-    exposed_communication_seconds: float  # compute blocked in waits
-
-    @property
-    def peak_memory(self) -> MemorySample:
-        """The sample with the most bytes (the first, on ties)."""
-        return max(self.memory, key=lambda sample: sample.total)
-
-    def to_chrome_trace(self) -> dict:
-        """Chrome/Perfetto JSON: one thread per stream, memory as counters."""
-        from fzero.schedule.trace_export import chrome_trace
-
-        return chrome_trace(self)
-
-    def __str__(self) -> str:
-        peak = self.peak_memory
-        gib = 1 << 30
-        return (
-            f"Timeline: ZeRO stage {self.stage}, world size {self.world_size}, "
-            f"{self.micro_batches} micro-batch(es)\n"
-            f"  step {self.step_seconds * 1e3:.3f} ms, compute {self.compute_seconds * 1e3:.3f} "
-            f"ms, exposed communication {self.exposed_communication_seconds * 1e3:.3f} ms\n"
-            f"  peak memory {peak.total / gib:.3f} GiB at {peak.time * 1e3:.3f} ms: parameters "
-            f"{peak.parameters / gib:.3f}, gradients {peak.gradients / gib:.3f}, optimizer state "
-            f"{peak.optimizer_state / gib:.3f}, persistent shards "
-            f"{peak.persistent_shards / gib:.3f} GiB"
-        )
 
 
 def simulate(

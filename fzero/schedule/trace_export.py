@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fzero.schedule.ops import COMPUTE, GATHER, REDUCE
 
 if TYPE_CHECKING:
-    from fzero.schedule.simulate import Timeline
+    from fzero.schedule.simulated_timeline import Timeline
 
 STREAM_TIDS = {COMPUTE: 0, GATHER: 1, REDUCE: 2}
 MEMORY_COUNTER = "memory (bytes)"

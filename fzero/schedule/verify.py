@@ -21,7 +21,11 @@ reduction to its optimizer step, so it must be allocated
 (``FreeGradShard``) only after ``OptimizerStep`` read it, and freed before the step ends.
 
 Whether all ranks run the same collectives in the same order is checked across ranks, by
-comparing ``collective_signature``.
+comparing ``collective_signature`` (``signature.py``).
+
+This file holds the replay (``verify``) and its state (``_Checker``: triggers and phase ends);
+the rules of each kind of op are mixins of it: ``verify_parameters.py``,
+``verify_gradients.py``, ``verify_offload.py``.
 
 ``ScheduleInvariantError.invariant`` names the rule: gather-before-use, gather-once,
 wait-after-gather, release-after-gather, release-after-last-use, release-stage-3-only,
@@ -32,59 +36,12 @@ end-of-micro-step, end-of-step, known-op (an op verify has no rule for).
 
 from __future__ import annotations
 
-import hashlib
-
 from fzero.errors import ScheduleInvariantError
 from fzero.schedule import ops as O
 from fzero.schedule.schedule import Schedule
 from fzero.schedule.verify_gradients import GradientRules
 from fzero.schedule.verify_offload import OffloadRules
-
-RELEASED, GATHERING, READY = "released", "gathering", "ready"
-COLLECTIVES = (
-    O.AllGather,
-    O.ReduceScatter,
-    O.AllReduce,
-    O.ReduceInOrder,
-    O.ReduceScalars,
-    O.ReduceScalarsInOrder,
-)
-
-
-LOCAL_OFFLOAD_OPS = (
-    O.CopyGradToHost,
-    O.ScalarsToHost,
-    O.HostOptimizerStep,
-    O.CopyParamsToDevice,
-    O.WaitUploads,
-    O.UploadShard,
-    O.ApplyPendingUpdate,
-    O.UploadUpdate,
-)
-
-
-def is_collective(op: O.Op) -> bool:
-    """Whether ``op`` talks to the other ranks (they must all issue it, in the same order).
-    Offload's copies and CPU steps are this rank's own, sized by its own shard."""
-    if isinstance(op, LOCAL_OFFLOAD_OPS):
-        return False
-    return isinstance(op, COLLECTIVES) or op.stream != O.COMPUTE
-
-
-def collective_signature(schedule: Schedule) -> str:
-    """sha256 of the ordered collective ops (micro-step, then step): equal on every rank that
-    will issue the same collectives, with the same sizes, in the same order."""
-    digest = hashlib.sha256()
-    phases = [("micro_step", schedule.micro_step), ("step", schedule.step)]
-    if schedule.last_micro_step is not None:
-        phases.insert(1, ("last_micro_step", schedule.last_micro_step))
-    for phase, entries in phases:
-        digest.update(f"[{phase}]\n".encode())
-        for entry in entries:
-            for op in entry.ops:
-                if is_collective(op):
-                    digest.update(f"{op!r}\n".encode())
-    return digest.hexdigest()
+from fzero.schedule.verify_parameters import GATHERING, READY, RELEASED, ParameterRules
 
 
 def verify(schedule: Schedule, *, max_live_nbytes: int | None = None) -> None:
@@ -112,9 +69,10 @@ def _op_text(op: O.Op) -> str:
     return " ".join(str(op).split())
 
 
-class _Checker(GradientRules, OffloadRules):
+class _Checker(ParameterRules, GradientRules, OffloadRules):
     """The replay state: what the ops so far have done to this rank's buffers. Each ``op_X``
-    method checks and applies one op of class ``X`` (the gradient ops' in ``GradientRules``)."""
+    method checks and applies one op of class ``X``: the parameter ops' in ``ParameterRules``,
+    the gradient ops' in ``GradientRules``, offload's in ``OffloadRules``."""
 
     def __init__(self, schedule: Schedule, max_live_nbytes: int | None):
         stage = self.stage = schedule.stage
@@ -190,81 +148,6 @@ class _Checker(GradientRules, OffloadRules):
             if self.units[unit].backward_reads_params:
                 self.require_ready(unit, f"its backward at {trigger}")
             self.begin_backward(unit)
-
-    def require_ready(self, unit: int, use: str) -> None:
-        state = self.params.get(unit, RELEASED)
-        if state == GATHERING:
-            self.fail(
-                "gather-before-use",
-                unit,
-                f"used by {use} while its AllGather is in flight (WaitGather missing)",
-            )
-        if state == RELEASED:
-            self.fail(
-                "gather-before-use",
-                unit,
-                f"used by {use} but not gathered (AllGather and WaitGather missing, or released)",
-            )
-
-    # -- parameter ops ----------------------------------------------------------------------
-
-    def op_AllGather(self, op: O.AllGather) -> None:
-        unit, state = op.unit, self.params.get(op.unit, RELEASED)
-        if self.stage == 0:
-            self.fail("gather-once", unit, "stage 0 does not shard parameters: nothing to gather")
-        self.require_no_pending_update(unit, "gathered")
-        refresh = unit in self.kept and self.phase == "step" and state == READY
-        if refresh:
-            self.require_uploads_waited(unit)
-        if refresh and not self.optimizer_done:
-            self.fail(
-                "refresh-after-optimizer",
-                unit,
-                "re-gathered before OptimizerStep updated its shard",
-            )
-        if state != RELEASED and not (refresh and unit not in self.refreshed):
-            self.fail("gather-once", unit, f"gathered while already alive ({state})")
-        if refresh:
-            self.refreshed.add(unit)
-        self.params[unit] = GATHERING
-        alive = sorted(i for i, s in self.params.items() if s != RELEASED)
-        live = sum(self.units[i].param_nbytes for i in alive)
-        if self.stage == 3 and self.max_live_nbytes is not None and live > self.max_live_nbytes:
-            self.fail(
-                "max-live-bytes",
-                unit,
-                f"{live} gathered bytes alive (units {alive}) "
-                f"exceed max_live_nbytes={self.max_live_nbytes}",
-            )
-
-    def op_WaitGather(self, op: O.WaitGather) -> None:
-        if self.params.get(op.unit) != GATHERING:
-            self.fail("wait-after-gather", op.unit, "WaitGather with no AllGather in flight")
-        self.params[op.unit] = READY
-
-    def op_Release(self, op: O.Release) -> None:
-        unit, state = op.unit, self.params.get(op.unit, RELEASED)
-        if unit in self.kept:
-            kept = "it is persistent" if self.stage == 3 else f"stage {self.stage} keeps it"
-            self.fail("release-stage-3-only", unit, f"released, but {kept}: always gathered")
-        if state != READY:
-            what = "its AllGather is in flight" if state == GATHERING else "it is not gathered"
-            self.fail("release-after-gather", unit, f"released while {what}")
-        for pass_name, computing in (("forward", self.forward), ("backward", self.backward)):
-            if unit in computing:
-                self.fail(
-                    "release-after-last-use",
-                    unit,
-                    f"released during its {pass_name} (before its post_{pass_name})",
-                )
-        if unit in self.recomputing:
-            self.fail(
-                "release-after-last-use",
-                unit,
-                "released between its pre_recompute and its post_backward, while backward "
-                "still reads the recomputed activations",
-            )
-        self.params[unit] = RELEASED
 
     # -- phase ends -------------------------------------------------------------------------
 

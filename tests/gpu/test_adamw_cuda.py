@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fzero.kernels.adamw import WeightDecaySegments, adamw_reference, adamw_step
+from fzero.kernels import WeightDecaySegments, adamw_reference, adamw_step
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from fzero.kernels.adamw import WeightDecaySegments, adamw_reference
+from fzero.kernels import WeightDecaySegments, adamw_reference
 from fzero.kernels.cpu_adamw import cpu_adamw_step
 from fzero.offload.host import HostBuffer
 from tests.test_cpu_adamw import assert_within_update_rounding

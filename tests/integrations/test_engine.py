@@ -9,7 +9,12 @@ import torch
 pytest.importorskip("transformers")
 
 import fzero  # noqa: E402
-from fzero.errors import ConfigError, EngineError, UnsupportedArgumentError  # noqa: E402
+from fzero.errors import (  # noqa: E402
+    ConfigError,
+    ConfigWarning,
+    EngineError,
+    UnsupportedArgumentError,
+)
 from tests.integrations.engine_cases import (  # noqa: E402
     engine_config,
     engine_equals_train_step,
@@ -161,3 +166,14 @@ def test_training_data_becomes_a_micro_batch_loader():
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (2, 8)
     assert len(loader) == 5
+
+
+def test_dataloader_drop_last_true_warns_and_the_last_micro_batch_is_kept():
+    """What the key table says of dataloader_drop_last: initialize's DataLoader keeps a last,
+    smaller micro-batch, so ``true`` is accepted with a warning that it has no effect."""
+    data = [{"input_ids": torch.arange(8) % 32} for _ in range(9)]
+    config = engine_config(0, 1, dataloader_drop_last=True)
+    with pytest.warns(ConfigWarning, match="dataloader_drop_last.*drop_last=False"):
+        _, _, loader, _ = fzero.initialize(model=tiny_gpt2(), config=config, training_data=data)
+    sizes = [len(batch["input_ids"]) for batch in loader]
+    assert sizes == [2, 2, 2, 2, 1]
