@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fzero.collectives import Communicator
-from fzero.errors import ScheduleError
+from fzero.errors import ScheduleError, StepTimeoutError
 from fzero.runtime.failures import op_failure
 from fzero.runtime.gathers import Gathers
 from fzero.runtime.position import STEP_PHASE, OpPosition
@@ -224,10 +224,17 @@ class Executor:
             self._run(entry.ops)
         if self.timeline is not None:
             self.timeline.mark("step_end")
+        result = self.step_phase.finish()
+        if self.watchdog is not None:  # NCCL: the step's host read, timed (see watchdog.py)
+            try:
+                self.watchdog.wait_for_device(result.found_inf, self.comm.world_size)
+            except StepTimeoutError:
+                position.active = False
+                raise
         self.steps_run += 1
         self.micro_steps_run = 0
         position.active, position.step = False, self.steps_run
-        return self.step_phase.finish()
+        return result
 
     def _run(self, ops: tuple[O.Op, ...]) -> None:
         start, start_cpu = time.perf_counter(), time.thread_time()
