@@ -113,3 +113,14 @@ def test_offload_benchmark_cpu_smoke_runs_every_fzero_offload_configuration(tmp_
     rows = {r["impl"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"fzero:2", "fzero:2+opt", "fzero:3+opt", "fzero:3+opt+param"}
     assert all(r["tokens_per_s"] > 0 and r["simulated_ms"] > 0 for r in rows.values())
+
+
+def test_host_cost_benchmark_times_a_revision_beside_this_tree():
+    """Both trees run (the revision exported with git archive) and give every column."""
+    command = [sys.executable, str(SCRIPT.parent / "host_cost.py"), "--baseline", "HEAD"]
+    command += ["--layers", "2", "--steps", "2", "--rounds", "1", "--repeats", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| HEAD |")]
+    rows += [line for line in done.stdout.splitlines() if line.startswith("| this tree |")]
+    assert len(rows) == 2 and all(len(row.split("|")) == 7 for row in rows), done.stdout

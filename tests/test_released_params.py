@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fzero
-from fzero.errors import ReleasedParameterError
+from fzero.errors import ReleasedParameterError, RequiresGradChangedError
 from fzero.state.released import is_released
 from tests.models import ToyLM, ToySpec
 
@@ -67,3 +67,25 @@ def test_below_stage_3_parameters_are_plain_and_readable(stage):
     for param in model.parameters():
         assert type(param) is torch.nn.Parameter
         assert torch.isfinite(param.norm())
+
+
+@pytest.mark.parametrize("trainable_at_shard", [True, False])
+def test_requires_grad_changed_on_a_released_parameter_is_caught_at_the_next_step(
+    trainable_at_shard,
+):
+    """The step's requires_grad check reads released parameters' flags past their
+    ``__torch_function__``: a flag flipped while the parameter is released raises naming it,
+    and set back, the step trains."""
+    model = ToyLM(ToySpec())
+    param = model.blocks[0].linear.weight
+    param.requires_grad_(trainable_at_shard)
+    state = fzero.shard(model, stage=3, config=RELEASE_ALL)
+    assert is_released(param)
+    param.requires_grad_(not trainable_at_shard)
+    ids = torch.randint(11, (2, 5))
+    with pytest.raises(RequiresGradChangedError, match=r"'blocks\.0\.linear\.weight'"):
+        fzero.train_step(state, (ids, ids))
+    param.requires_grad_(trainable_at_shard)
+    state, metrics = fzero.train_step(state, (ids, ids))
+    assert torch.isfinite(metrics["loss"])
+    assert all(is_released(p) for p in model.parameters())

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fzero.collectives import Communicator
-from fzero.errors import ScheduleError
+from fzero.errors import ScheduleError, StepTimeoutError
 from fzero.runtime.failures import op_failure
 from fzero.runtime.gathers import Gathers
 from fzero.runtime.position import STEP_PHASE, OpPosition
@@ -191,8 +191,10 @@ class Executor:
             self._log_live(trigger)
             return
         entries = self._entries
-        if self._cursor >= len(entries) or entries[self._cursor].trigger != trigger:
-            expected = entries[self._cursor].trigger if self._cursor < len(entries) else "nothing"
+        expected = entries[self._cursor].trigger if self._cursor < len(entries) else None
+        # Field by field: a frozen dataclass's == builds two tuples per call.
+        if expected is None or expected.unit != trigger.unit or expected.kind != trigger.kind:
+            expected = expected or "nothing"
             raise ScheduleError(
                 f"the model reached {trigger} where the schedule expects {expected} (entry "
                 f"{self._cursor}): its execution order differs from the traced one. fzero needs "
@@ -232,10 +234,17 @@ class Executor:
             self._run(entry.ops)
         if self.timeline is not None:
             self.timeline.mark("step_end")
+        result = self.step_phase.finish()
+        if self.watchdog is not None:  # NCCL: the step's host read, timed (see watchdog.py)
+            try:
+                self.watchdog.wait_for_device(result.found_inf, self.comm.world_size)
+            except StepTimeoutError:
+                position.active = False
+                raise
         self.steps_run += 1
         self.micro_steps_run = 0
         position.active, position.step = False, self.steps_run
-        return self.step_phase.finish()
+        return result
 
     def _run(self, ops: tuple[O.Op, ...]) -> None:
         start, start_cpu = time.perf_counter(), time.thread_time()

@@ -16,7 +16,7 @@ from fzero.errors import ScheduleError
 from fzero.runtime.timeline import MeasuredTimeline
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace, alloc_storage, free_storage
-from fzero.state.released import mark_gathered, mark_released
+from fzero.state.released import UnitClasses
 
 
 class InFlightGather(NamedTuple):
@@ -38,6 +38,7 @@ class Gathers:
     ):
         self.workspace = workspace
         self.unit_params = unit_params
+        self.classes = [UnitClasses(params) for params in unit_params]
         self.comm = comm
         self.timeline = timeline
         self.in_flight: dict[int, InFlightGather] = {}
@@ -63,7 +64,7 @@ class Gathers:
         """Free unit ``unit``'s gathered buffer; its parameters then refuse reads
         (``fzero/state/released.py``) instead of reading freed memory."""
         free_storage(self.workspace.param_flats[unit])
-        mark_released(self.unit_params[unit])
+        self.classes[unit].release()
 
     def upload_shard(self, op: O.UploadShard) -> None:
         """Parameter offload: bring this rank's host shard of the unit up, on the gather stream
@@ -83,7 +84,7 @@ class Gathers:
         ``UploadShard`` brought it up)."""
         flat = self.workspace.param_flats[unit]
         alloc_storage(flat)
-        mark_gathered(self.unit_params[unit])
+        self.classes[unit].gather()
         source = self.uploaded.pop(unit, None)
         if source is None and not self._shards_on_host:
             source = self.workspace.gather_source(unit) if self.comm.world_size > 1 else None

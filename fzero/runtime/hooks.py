@@ -53,7 +53,7 @@ class _PreBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
-        ctx.driver.fire(Trigger(PRE_BACKWARD, ctx.unit))
+        ctx.driver.fire(ctx.driver.triggers[PRE_BACKWARD][ctx.unit])
         return (None, None, *grads)
 
 
@@ -115,6 +115,13 @@ class HookDriver:
         self.phase = Phase.IDLE
         self.handles: list[Any] = []
         self.root_units = [i for i, m in unit_modules.items() if m is model]
+        # Every trigger a hook can raise, built once: a hook hands the executor one of these
+        # instead of constructing a frozen record per call (about 0.4 us each, ~100 a step).
+        self.triggers = {
+            kind: [Trigger(kind, unit) for unit in range(len(params_per_unit))]
+            for kind in (PRE_FORWARD, POST_FORWARD, PRE_BACKWARD, POST_BACKWARD, PRE_RECOMPUTE)
+        }
+        self.backward_end = Trigger(BACKWARD_END)
         self.expected = {
             i: sum(p.requires_grad for p in params) for i, params in enumerate(params_per_unit)
         }
@@ -156,7 +163,7 @@ class HookDriver:
         its recompute."""
         if self.phase is Phase.BACKWARD and unit not in self.recomputed:
             self.recomputed.add(unit)
-            self.fire(Trigger(PRE_RECOMPUTE, unit))
+            self.fire(self.triggers[PRE_RECOMPUTE][unit])
 
     # -- step bracketing (called by train_step) -------------------------------------------------
 
@@ -172,7 +179,7 @@ class HookDriver:
     def begin_backward(self) -> None:
         self.phase = Phase.BACKWARD
         for unit in self.root_units:
-            self.fire(Trigger(PRE_BACKWARD, unit))
+            self.fire(self.triggers[PRE_BACKWARD][unit])
 
     def end_backward(self) -> tuple[Trigger, ...] | None:
         """Raise the triggers that end a micro-batch; returns the order it ran in when it was
@@ -180,8 +187,8 @@ class HookDriver:
         for unit in sorted(set(self.started) - self.done, reverse=True):
             self.done.add(unit)
             self.recomputed.discard(unit)
-            self.fire(Trigger(POST_BACKWARD, unit))
-        self.fire(Trigger(BACKWARD_END))
+            self.fire(self.triggers[POST_BACKWARD][unit])
+        self.fire(self.backward_end)
         trace = self.executor.end_micro_step()
         self.phase = Phase.IDLE
         return trace
@@ -196,7 +203,7 @@ class HookDriver:
             if self.phase is Phase.FORWARD:
                 if unit not in self.started:
                     self.started.append(unit)
-                self.fire(Trigger(PRE_FORWARD, unit))
+                self.fire(self.triggers[PRE_FORWARD][unit])
             elif self.phase is Phase.BACKWARD:
                 self.recomputing(unit)
             else:
@@ -212,7 +219,7 @@ class HookDriver:
                     return _wrap_outputs(output, _OutsideStep)
                 return output
             if self.phase is Phase.FORWARD:
-                self.fire(Trigger(POST_FORWARD, unit))
+                self.fire(self.triggers[POST_FORWARD][unit])
             if unit in self.root_units or not torch.is_grad_enabled():
                 return output
             return _wrap_outputs(output, _PreBackward, self, unit)
@@ -227,7 +234,7 @@ class HookDriver:
             if self.counts[unit] == self.expected[unit] and unit not in self.done:
                 self.done.add(unit)
                 self.recomputed.discard(unit)
-                self.fire(Trigger(POST_BACKWARD, unit))
+                self.fire(self.triggers[POST_BACKWARD][unit])
 
         return hook
 

@@ -40,6 +40,14 @@ class InFlightReduction(NamedTuple):
     sent: torch.Tensor | None
 
 
+class ShardPlaces(NamedTuple):
+    """Where one unit's gradients land in the gradient shard on one rank (``WriteGradShard``):
+    each trainable parameter with its slot, shaped like it, and the unit's padding."""
+
+    params: tuple[tuple[torch.nn.Parameter, torch.Tensor], ...]
+    padding: torch.Tensor
+
+
 class GradientReduction:
     """Owns the gradient buffers' life in a step: the reductions in flight and which units'
     slices of the gradient shard this step has written."""
@@ -59,6 +67,10 @@ class GradientReduction:
         self.reduce_dtype = reduce_dtype
         self.in_flight: dict[int, InFlightReduction] = {}
         self.shard_written: set[int] = set()
+        # Views into the gradient shard, made once (slicing costs ~2 us a view): they stay
+        # valid while the shard's storage is freed and allocated again between steps.
+        self._places: dict[int, ShardPlaces] = {}
+        self._places_storage = 0  # the shard's storage they view (its pointer, not its data's)
         # Units whose parameters' .grad are views into a persistent buffer (stages 0 and 1).
         self._grad_views = [
             (u.index, g)
@@ -131,27 +143,45 @@ class GradientReduction:
     def write_grad_shard(self, op: O.WriteGradShard) -> None:
         """One rank: write or add each parameter's gradient into its place in the gradient
         shard, one pass per parameter with the cast folded in, and let it go."""
-        u = self.layout.units[op.unit]
-        shard = self.workspace.grad_shard[
-            u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
-        ]
+        places = self._shard_places(op.unit)
         first = op.unit not in self.shard_written
         targets, grads = [], []
-        for slot, param in zip(u.params, self.unit_params[op.unit]):
-            if not param.requires_grad:
-                continue  # frozen parameters lie past the optimizer space
-            view = shard[slot.offset : slot.offset + slot.numel]
-            if param.grad is not None:
+        for param, view in places.params:
+            grad = param.grad
+            if grad is not None:
                 targets.append(view)
-                grads.append(param.grad.reshape(-1))
+                grads.append(grad)
             elif first:
                 view.zero_()
             param.grad = None
         if first:
-            shard[u.numel if u.trainable_numel == u.padded_numel else u.optimizer_numel :].zero_()
+            places.padding.zero_()
         if targets:
             (torch._foreach_copy_ if first else torch._foreach_add_)(targets, grads)
         self.in_flight[op.unit] = InFlightReduction(DoneWork(), None, Landing.WRITTEN, None)
+
+    def _shard_places(self, unit: int) -> ShardPlaces:
+        """Unit ``unit``'s places in the gradient shard, which is allocated now (a view of
+        freed storage cannot be made)."""
+        storage = self.workspace.grad_shard.untyped_storage()._cdata
+        if storage != self._places_storage:  # a shard of its own: views of it are made anew
+            self._places, self._places_storage = {}, storage
+        places = self._places.get(unit)
+        if places is None:
+            u = self.layout.units[unit]
+            space = self.workspace.grad_shard[
+                u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
+            ]
+            params = tuple(
+                (param, space[slot.offset : slot.offset + slot.numel].view(slot.shape))
+                for slot, param in zip(u.params, self.unit_params[unit])
+                # Frozen parameters lie past the optimizer space (requires_grad is checked
+                # against the layout's at each step's start).
+                if slot.requires_grad
+            )
+            padding = space[u.numel if u.trainable_numel == u.padded_numel else u.optimizer_numel :]
+            places = self._places[unit] = ShardPlaces(params, padding)
+        return places
 
     def wait_reduce(self, op: O.WaitReduce) -> None:
         reduction = self.in_flight.pop(op.unit)

@@ -11,6 +11,11 @@ there to read, the stalled rank's included, whether it waits at an op or compute
 and wait, each other rank's last post (or that it posted none), and the ranks that are not at
 this rank's op. Nothing here runs on the hot path; a healthy step costs the thread one tuple
 compare per poll.
+
+Over NCCL a collective's wait only orders streams: the host runs on to the step's one host
+read (the skip flag, ``train.apply_step``) and would block there, untimed, until the process
+group's timeout. ``wait_for_device`` is that wait with the step timeout: the executor calls it
+at the end of the step phase, while the position still says where the step is.
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import torch
+
+from fzero.errors import StepTimeoutError
 from fzero.runtime.position import OpPosition, position_text, same_op
 
 logger = logging.getLogger("fzero")
@@ -57,6 +66,38 @@ class Watchdog:
             if stalled_s >= self.timeout_s + 5 * self.poll_s and not logged:
                 logged = True
                 logger.error("fzero: %s", self.report("stalled", stalled_s, grace_s=0.0))
+
+    def wait_for_device(self, tensor: torch.Tensor | None, world_size: int) -> None:
+        """Wait until the device has computed ``tensor`` (the step's skip flag, which the host
+        reads next), raising ``StepTimeoutError`` past the step timeout. A no-op off CUDA, where
+        the step's collectives were waited for, timed, by the host."""
+        if tensor is None or not tensor.is_cuda:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(tensor.device))
+        self.wait_until(event.query, world_size)
+
+    def wait_until(self, ready: Callable[[], bool], world_size: int) -> None:
+        """Poll ``ready`` until it is true; past ``timeout_s``, raise ``StepTimeoutError``
+        saying where every rank is. Between polls the thread yields the interpreter lock and
+        nothing else (as CUDA's own synchronisation spins), so a healthy step's read is not
+        delayed."""
+        start = time.monotonic()
+        while not ready():
+            waited_s = time.monotonic() - start
+            if waited_s >= self.timeout_s:
+                where = self.report("timed out", waited_s, world_size, min(2.0, self.post_after_s))
+                raise StepTimeoutError(
+                    f"the device did not finish the step within fzero.step_timeout_s "
+                    f"({self.timeout_s:g} s): {where}\nOver NCCL a collective's wait does not "
+                    "block the host, so a rank that did not arrive shows here, at the step's "
+                    "host read: it is stalled (a hang in its data loading, its model code, or "
+                    "another collective) or gone; its traceback shows where. The collective is "
+                    "still pending on the device, so the process group cannot be used again: "
+                    "restart the job from the last checkpoint. Raise fzero.step_timeout_s if a "
+                    "step legitimately takes this long."
+                )
+            time.sleep(0)
 
     def post(self, waiting_s: float) -> bool:
         """Post this rank's position and how long it has waited there; False if it could not."""

@@ -130,3 +130,38 @@ def test_step_timeout_is_a_config_key_and_sets_the_group_timeout_fzero_creates()
     )
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().splitlines()[-1]) == 67.0
+
+
+def test_waiting_for_the_device_past_the_step_timeout_raises_saying_where_the_rank_is():
+    """Over NCCL the host meets a stalled peer only at the step's host read; the watchdog's
+    timed wait for it (polled here with a predicate that never turns true, as a CUDA event of
+    a step stuck behind a collective) raises ``StepTimeoutError`` after ``step_timeout_s``
+    naming this rank's position and the ranks that sent no report; a predicate that turns true
+    returns at once."""
+    import time
+
+    from fzero.errors import StepTimeoutError
+    from fzero.runtime.position import STEP_PHASE, OpPosition
+    from fzero.runtime.watchdog import Watchdog
+    from fzero.schedule.ops import STEP, Trigger
+
+    position = OpPosition()
+    position.active, position.step, position.micro_batch = True, 3, STEP_PHASE
+    position.trigger, position.entry = Trigger(STEP), 0
+    watchdog = Watchdog(position, None, rank=0, timeout_s=0.5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(StepTimeoutError) as raised:
+            watchdog.wait_until(lambda: False, world_size=2)
+        assert 0.5 <= time.monotonic() - start < 5.0
+        text = str(raised.value)
+        assert "within fzero.step_timeout_s (0.5 s)" in text
+        assert "rank 0 timed out at step 3, the step phase, outside fzero's ops" in text, text
+        assert "after @step (entry 0)" in text and "rank 1: no report" in text
+        assert "restart the job" in text
+        answers = iter([False, False, True])
+        start = time.monotonic()
+        watchdog.wait_until(lambda: next(answers), world_size=2)
+        assert time.monotonic() - start < 0.5
+    finally:
+        watchdog.stop()
