@@ -192,7 +192,9 @@ class Trainer(transformers.Trainer):
         try:
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-            scaled_for_accumulation = self.loss_is_scaled_for_ga
+            # Newer releases have Trainer.loss_is_scaled_for_ga; older 5.x ones (5.17) decide as
+            # its None case below.
+            scaled_for_accumulation = getattr(self, "loss_is_scaled_for_ga", None)
             if scaled_for_accumulation is None:
                 scaled_for_accumulation = (
                     self.model_accepts_loss_kwargs and num_items_in_batch is not None
