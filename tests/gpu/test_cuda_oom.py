@@ -39,7 +39,8 @@ def _child(device_type: str) -> None:
     import fzero
 
     device = torch.device(device_type)
-    if device.type == "cuda":
+    if device.type == "cuda":  # the memory cap takes a device with its index
+        device = torch.device("cuda", torch.cuda.current_device())
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(CAP_BYTES / total, device)
     else:
