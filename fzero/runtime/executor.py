@@ -9,17 +9,16 @@ ops ``print(state.schedule)`` shows before the first step, when the model runs i
 order), and ``end_micro_step`` hands the recorded order back so a compiled schedule can be
 installed (``install``).
 
-``HANDLERS`` maps each op type to the component method that runs it: gathers
-(``gathers.py``), gradient reduction (``reductions.py``) and the step phase
-(``step_phase.py``). No handler asks which ZeRO stage it is in: the compiler emits a different
-op where behaviour differs. Nothing the executor does to buffers happens outside an op, so the
-ops it records (``record_ops=True``) are exactly ``schedule.ops(micro_batches)``.
+One table (``handlers.py``) maps each op type to the component method that runs it: gathers
+(``gathers.py``), gradient reduction (``reductions.py``), the step phase (``step_phase.py``) and
+the host optimizer under offload. No handler asks which ZeRO stage it is in: the compiler emits a
+different op where behaviour differs. Nothing the executor does to buffers happens outside an
+op, so the ops it records (``record_ops=True``) are exactly ``schedule.ops(micro_batches)``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from fzero.collectives import Communicator
 from fzero.errors import ScheduleError, StepTimeoutError
 from fzero.runtime.failures import op_failure
 from fzero.runtime.gathers import Gathers
+from fzero.runtime.handlers import handler_table
 from fzero.runtime.position import STEP_PHASE, OpPosition
 from fzero.runtime.reductions import GradientReduction
 from fzero.runtime.step_phase import Hyper, OptimizerBuffers, StepPhase, StepResult
@@ -95,35 +95,9 @@ class Executor:
                 compute_dtype=parts.host_optimizer.compute_dtype,
                 params_on_host=parts.host_optimizer.params_on_host,
             )
-        g, r, s = self.gathers, self.reduction, self.step_phase
-        h = self.host_optimizer or _NoHostOptimizer()
-        self.handlers: dict[type[O.Op], Callable] = {
-            O.AllGather: g.all_gather,
-            O.UploadShard: g.upload_shard,
-            O.WaitGather: g.wait_gather,
-            O.Release: g.release,
-            O.ZeroGrad: r.zero_grad,
-            O.DropGrads: r.drop_grads,
-            O.AllocGrad: r.alloc_grad,
-            O.ReduceScatter: r.reduce_scatter,
-            O.WriteGradShard: r.write_grad_shard,
-            O.AllReduce: r.all_reduce,
-            O.ReduceInOrder: r.reduce_in_order,
-            O.WaitReduce: r.wait_reduce,
-            O.AllocGradShard: r.alloc_grad_shard,
-            O.ZeroGradShard: r.zero_grad_shard,
-            O.FreeGradShard: r.free_grad_shard,
-            O.ReduceScalars: s.reduce_scalars,
-            O.ReduceScalarsInOrder: s.reduce_scalars_in_order,
-            O.OptimizerStep: s.optimizer_step,
-            O.CopyGradToHost: h.copy_grad_to_host,
-            O.ScalarsToHost: h.scalars_to_host,
-            O.HostOptimizerStep: h.host_optimizer_step,
-            O.CopyParamsToDevice: h.copy_params_to_device,
-            O.WaitUploads: h.wait_uploads,
-            O.ApplyPendingUpdate: h.apply_pending_update,
-            O.UploadUpdate: h.upload_update,
-        }
+        self.handlers = handler_table(
+            self.gathers, self.reduction, self.step_phase, self.host_optimizer
+        )
         self.executed: list[O.Op] = []
         # With record_ops: (trigger, gathered parameter bytes, gradient bytes) after its ops.
         self.live_log: list[tuple[Trigger, int, int]] = []
@@ -329,16 +303,3 @@ class Executor:
         for unit in self.released_units:
             self.gathers.release_unit(unit)
         self.reduction.abort(self.shard_persists)
-
-
-class _NoHostOptimizer:
-    """Stands for the host optimizer where the optimizer is not offloaded: a schedule with
-    offload ops cannot run here."""
-
-    def __getattr__(self, name: str) -> Callable:
-        def refuse(op: O.Op) -> None:
-            raise ScheduleError(
-                f"{op} needs optimizer offload, which this model was not built with"
-            )
-
-        return refuse
