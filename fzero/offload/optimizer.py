@@ -159,18 +159,9 @@ class HostOptimizer:
         """Unit ``op.unit``'s updated master into its device shard, before the unit's gather.
         The compute stream waits for the copy, so a gather issued after it (on the gather
         stream or by the communicator) reads the updated values."""
-        target = self.workspace.param_out(op.unit)
-        source = self.optimizer.master[self._range(op.unit)]
-        if not self.on_cuda:
-            target.copy_(source)
-            return
-        stream = self._up_stream
-        with torch.cuda.stream(stream):
-            staged = source.to(self.device, non_blocking=True)
-            target.copy_(staged)
-            event = torch.cuda.Event()
-            event.record(stream)
-        torch.cuda.current_stream(self.device).wait_event(event)
+        event = self._upload(op.unit)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def restart_pending(self) -> None:
         """Another state's values were copied in: whatever it holds pending is all still to
@@ -233,11 +224,18 @@ class HostOptimizer:
     def copy_params_to_device(self, op: O.CopyParamsToDevice) -> None:
         if self._skip:
             return
-        target = self.workspace.param_out(op.unit)
-        source = self.optimizer.master[self._range(op.unit)]
+        event = self._upload(op.unit)
+        if event is not None:
+            self._uploads.append(event)
+
+    def _upload(self, unit: int) -> Any:
+        """Unit ``unit``'s fp32 master up into its device shard, on the upload stream; returns
+        the copy's event (None on CPU, where it is done)."""
+        target = self.workspace.param_out(unit)
+        source = self.optimizer.master[self._range(unit)]
         if not self.on_cuda:
             target.copy_(source)
-            return
+            return None
         stream = self._up_stream
         with torch.cuda.stream(stream):
             # The fp32 master goes up and the device casts it: no cast pass on the host, whose
@@ -246,7 +244,7 @@ class HostOptimizer:
             target.copy_(staged)
             event = torch.cuda.Event()
             event.record(stream)
-        self._uploads.append(event)
+        return event
 
     def wait_uploads(self, op: O.WaitUploads) -> None:
         if self.on_cuda:
