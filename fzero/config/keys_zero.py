@@ -79,12 +79,12 @@ ZERO_RULES: dict[str, Rule] = {
     ),
     "zero_optimization.pipeline_loading_checkpoint": warned("fzero has no pipeline engine", FALSE),
     "zero_optimization.cpu_offload": rejected(
-        "optimizer offload is not implemented (this is the deprecated spelling of "
-        'offload_optimizer.device "cpu")'
+        "this is DeepSpeed's deprecated spelling of optimizer offload: write "
+        '"offload_optimizer": {"device": "cpu"} in zero_optimization instead'
     ),
     "zero_optimization.cpu_offload_param": rejected(
-        "parameter offload is not implemented (this is the deprecated spelling of "
-        'offload_param.device "cpu")'
+        "this is DeepSpeed's deprecated spelling of parameter offload: write "
+        '"offload_param": {"device": "cpu"} in zero_optimization instead'
     ),
     "zero_optimization.zero_hpz_partition_size": rejected(_NO_ZERO_PP, lambda v: v in (0, 1)),
     "zero_optimization.zero_quantized_weights": rejected(_NO_ZERO_PP),

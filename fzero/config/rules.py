@@ -82,5 +82,10 @@ def rejected(reason: str, silent: Callable[[Any], bool] = switched_off) -> Rule:
 
 
 FALSE, TRUE = equals(False), equals(True)
-# Shared by the top-level ``aio`` block and zero_optimization's offload tuning keys.
-NO_OFFLOAD = "it only tunes CPU/NVMe offload, which fzero does not implement"
+# Shared by zero_optimization's keys that tune DeepSpeed's own offload code.
+NO_OFFLOAD = (
+    "it tunes DeepSpeed's offload code; fzero's offload copies each unit's gradient as its "
+    "reduction lands and steps it on the host as the schedule says (docs/offload.md)"
+)
+# The top-level ``aio`` block.
+NO_NVME = 'it only tunes NVMe offload, and offload to "nvme" is rejected for now (docs/offload.md)'
