@@ -19,7 +19,7 @@ import fzero
 from fzero.collectives import run_ranks
 from fzero.errors import BatchError, ScheduleInvariantError
 from fzero.schedule import ops as O
-from fzero.schedule import verify
+from fzero.schedule import schedule_from_json, schedule_to_json, verify
 from tests.harness import Case
 from tests.models import ToyLM, ToySpec
 
@@ -95,6 +95,8 @@ def test_updates_in_forward_train_bit_for_bit_like_updates_in_the_step(
         assert order.index((unit, O.ApplyPendingUpdate)) < order.index((unit, O.AllGather))
     assert set(applied) <= set(gathered)
     assert not any(isinstance(op, O.HostOptimizerStep) for op in schedule.ops(micro))
+    assert schedule_from_json(schedule_to_json(schedule)) == schedule
+    assert "first micro-batch only" in str(schedule)
 
 
 def test_a_state_holding_a_pending_update_is_complete(tmp_path):
