@@ -71,10 +71,19 @@ class HostOptimizer:
         self._uploads: list[Any] = []
         self._skip = False
         self._inverse_scale = torch.ones((), dtype=torch.float32)
-        # Units whose CPU step the schedule runs in the next first forward (ApplyPendingUpdate),
-        # and those of them applied since the update was decided.
+        # Units whose CPU step the schedule runs in the next first forward (ApplyPendingUpdate;
+        # set by ``install``), and those of them applied since the update was decided.
         self.deferred: frozenset[int] = frozenset()
         self._applied: set[int] = set()
+
+    def install(self, schedule: Any) -> None:
+        """Read which units' CPU steps ``schedule`` runs in the next step's first forward."""
+        self.deferred = frozenset(
+            op.unit
+            for entry in schedule.first_micro_extra
+            for op in entry.ops
+            if isinstance(op, O.ApplyPendingUpdate)
+        )
 
     def _range(self, unit: int) -> slice:
         u = self.layout.units[unit]

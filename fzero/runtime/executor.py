@@ -125,13 +125,14 @@ class Executor:
         self.released_units = frozenset(op.unit for op in ops if isinstance(op, O.Release))
         # Stage 0 keeps its all-reduced gradient across steps; the others free it each step.
         self.shard_persists = not any(isinstance(op, O.FreeGradShard) for op in ops)
-        if self.host_optimizer is not None:  # units whose CPU step runs in the next forward
-            self.host_optimizer.deferred = frozenset(
-                op.unit
-                for entry in schedule.first_micro_extra
-                for op in entry.ops
-                if isinstance(op, O.ApplyPendingUpdate)
-            )
+        # The entries of each kind of micro-batch, merged once here rather than per micro-batch.
+        self._micro_entries = {
+            (last, first): schedule.micro_entries(last, first=first)
+            for last in (False, True)
+            for first in (False, True)
+        }
+        if self.host_optimizer is not None:
+            self.host_optimizer.install(schedule)
 
     # -- triggers -------------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class Executor:
         """Start a micro-batch; ``last``: the step's last, which may run other ops."""
         self.reduction.restore_grad_views()
         self._cursor = 0
-        self._entries = self.schedule.micro_entries(last, first=self.micro_steps_run == 0)
+        self._entries = self._micro_entries[(last, self.micro_steps_run == 0)]
         position = self.position
         position.active, position.micro_batch, position.trigger = True, self.micro_steps_run, None
         if not self.schedule.traced:
