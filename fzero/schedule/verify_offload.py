@@ -7,6 +7,7 @@ its ``UploadUpdate`` follows the update. A mixin of ``verify._Checker``."""
 from __future__ import annotations
 
 from fzero.schedule import ops as O
+from fzero.schedule.verify_parameters import RELEASED
 
 
 class OffloadRules:
@@ -53,7 +54,7 @@ class OffloadRules:
     def op_ApplyPendingUpdate(self, op: O.ApplyPendingUpdate) -> None:
         if op.unit not in self.deferred:
             self.fail("pending-update", op.unit, "ApplyPendingUpdate for a unit not deferred")
-        if self.params.get(op.unit) != "released" and op.unit not in self.kept:
+        if self.params.get(op.unit) != RELEASED and op.unit not in self.kept:
             self.fail("pending-update", op.unit, "update applied after the unit was gathered")
         self.pending_units.discard(op.unit)  # nothing pending in the first step: a no-op
         self.applied_now.add(op.unit)
