@@ -1,4 +1,8 @@
-"""AdamW over a flat shard in host memory: the optimizer step of CPU offload.
+"""AdamW over a flat shard in host memory, with the cast into a compute-dtype copy folded in.
+
+Not on the step's path: the offload step (``fzero/offload/optimizer.py``) calls torch's fused CPU
+kernel directly and casts on the device, which ``benchmarks/cpu_adamw.py`` measured faster; this
+kernel stays for host steps that must write a compute-dtype copy on the host.
 
 ``cpu_adamw_step`` takes the arguments of ``adamw_step`` (``fzero/kernels/adamw.py``) and
 computes the same update with torch's fused CPU AdamW kernel (``torch._fused_adamw_``), which
