@@ -26,3 +26,10 @@ def run_child(command: list[str], what: str) -> dict | None:
 def print_result(payload: dict) -> None:
     """The child's side: the one line its parent reads."""
     print("RESULT " + json.dumps(payload), flush=True)
+
+
+def importable(name: str) -> bool:
+    """Whether package ``name`` can be imported here (a row that needs it is skipped if not)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from children import child_args, print_result, run_child  # noqa: E402
+from children import child_args, importable, print_result, run_child  # noqa: E402
 from hf_llama_rows import Sizes  # noqa: E402
 
 STEP_ROWS = ["fzero:3", "fzero:3+ckpt", "fsdp2", "fsdp2+ckpt"]
@@ -98,7 +98,7 @@ def main() -> None:
     if args.one:
         _child(args, sizes)
         return
-    missing = [name for name in ("transformers", "accelerate") if not _importable(name)]
+    missing = [name for name in ("transformers", "accelerate") if not importable(name)]
     if missing:
         sys.exit(f"hf_llama.py needs {' and '.join(missing)}: pip install -e '.[hf]'")
     scratch = None  # the load_pretrained row's folder lives under it; removed at the end
@@ -132,12 +132,6 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1))
     if any(r.get("failed") for r in rows):
         sys.exit(1)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def _save_folder(sizes: Sizes, folder: str, args) -> None:

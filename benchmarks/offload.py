@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from children import child_args, print_result, run_child  # noqa: E402
-from step import _init_single_process_group, _optimizer_config  # noqa: E402
+from children import child_args, importable, print_result, run_child  # noqa: E402
+from step import _init_single_process_group, _optimizer_config, deepspeed_step  # noqa: E402
 from step import run_one as step_run_one  # noqa: E402
 
 DEFAULT_IMPLS = [
@@ -89,28 +89,7 @@ def make_step(impl: str, model, device: torch.device):
 
         return step, extra
     if kind == "deepspeed":
-        import deepspeed
-
-        _init_single_process_group(device)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "optimizer": _optimizer_config(),
-            "gradient_clipping": 1.0,
-            "bf16": {"enabled": bf16},
-            "zero_optimization": _zero_block(int(stage), options, pin),
-        }
-        engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config
-        )
-
-        def step(batch):
-            loss = engine(*batch)
-            engine.backward(loss)
-            engine.step()
-            return loss.detach()
-
-        return step, dict
+        return deepspeed_step(model, device, _zero_block(int(stage), options, pin)), dict
     if kind == "fsdp2":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -169,7 +148,7 @@ def main() -> None:
         return
     rows = []
     for impl in args.impls:
-        if impl.startswith("deepspeed") and not _importable("deepspeed"):
+        if impl.startswith("deepspeed") and not importable("deepspeed"):
             print(f"skip {impl}: deepspeed is not installed", flush=True)
             continue
         command = [sys.executable, *child_args(__file__, impl, args.model, args.steps, args.warmup)]
@@ -182,12 +161,6 @@ def main() -> None:
     print(_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def _table(rows: list[dict]) -> str:

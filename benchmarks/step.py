@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from children import child_args, print_result, run_child  # noqa: E402
+from children import child_args, importable, print_result, run_child  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, block_size=64, batch=4),
@@ -203,29 +203,35 @@ def make_step(impl: str, model, device: torch.device):
 
         return step, dict
     if kind == "deepspeed":
-        import deepspeed
-
-        _init_single_process_group(device)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "optimizer": _optimizer_config(),
-            "gradient_clipping": 1.0,
-            "bf16": {"enabled": bf16},
-            "zero_optimization": {"stage": int(stage)},
-        }
-        engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config
-        )
-
-        def step(batch):
-            loss = engine(*batch)
-            engine.backward(loss)
-            engine.step()
-            return loss.detach()
-
-        return step, dict
+        return deepspeed_step(model, device, {"stage": int(stage)}), dict
     raise ValueError(f"unknown implementation {impl!r}")
+
+
+def deepspeed_step(model, device: torch.device, zero_optimization: dict):
+    """A DeepSpeed engine over ``model`` with this file's optimizer, clipping and precision and
+    the given ``zero_optimization`` block; returns step(batch) -> loss."""
+    import deepspeed
+
+    _init_single_process_group(device)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "optimizer": _optimizer_config(),
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": device.type == "cuda"},
+        "zero_optimization": zero_optimization,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config
+    )
+
+    def step(batch):
+        loss = engine(*batch)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return step
 
 
 def run_one(
@@ -305,7 +311,7 @@ def main() -> None:
     rows = []
     for model_name in args.models:
         for impl in args.impls:
-            if impl.startswith("deepspeed") and not _importable("deepspeed"):
+            if impl.startswith("deepspeed") and not importable("deepspeed"):
                 print(f"skip {impl}: deepspeed is not installed", flush=True)
                 continue
             command = [
@@ -325,12 +331,6 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1))
     if any(r.get("failed") for r in rows):
         sys.exit(1)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def _format(row: dict, rows: list[dict], peak_tflops: float) -> str:
