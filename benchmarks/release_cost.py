@@ -1,8 +1,9 @@
 """What making released stage-3 parameters safe costs: the class switch a release and a gather
 do on each parameter of a unit (``fzero/state/released.py``), timed on one GPT block's
-parameters, both ways in one run: the per-parameter functions (``mark_released`` /
-``mark_gathered``, which look each class up) and the precomputed ``UnitClasses`` the gathers
-use. Forward and backward pay nothing: a gathered parameter is a plain ``nn.Parameter``.
+parameters, both ways in one run: per-parameter functions that look each class up
+(``mark_released`` and ``mark_gathered`` below, the way the gathers did it before) and the
+precomputed ``UnitClasses`` the gathers use. Forward and backward pay nothing: a gathered
+parameter is a plain ``nn.Parameter``.
 
     python benchmarks/release_cost.py
 """
@@ -14,13 +15,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 from gpt import GPT, GPTConfig  # noqa: E402
 
-from fzero.state.released import UnitClasses, mark_gathered, mark_released  # noqa: E402
+from fzero.state.released import (  # noqa: E402
+    _ORIGINAL_CLASS,
+    ReleasedMixin,
+    UnitClasses,
+    mark_released,
+)
+
+
+def mark_gathered(params: list[torch.nn.Parameter]) -> None:
+    """The per-parameter gather the gathers used before ``UnitClasses``: each parameter's own
+    class looked up at every gather."""
+    for param in params:
+        if isinstance(param, ReleasedMixin):
+            param.__class__ = param.__dict__[_ORIGINAL_CLASS]
 
 
 def seconds_per_cycle(cycle: Callable[[], None], cycles: int = 100_000, rounds: int = 5) -> float:

@@ -172,13 +172,6 @@ def mark_released(params: Iterable[nn.Parameter]) -> None:
             param.__class__ = _released_class(cls)
 
 
-def mark_gathered(params: Iterable[nn.Parameter]) -> None:
-    """Give ``params`` (whose storage now holds values) their own class back."""
-    for param in params:
-        if isinstance(param, ReleasedMixin):
-            param.__class__ = param.__dict__[_ORIGINAL_CLASS]
-
-
 def original_class(param: torch.Tensor) -> type:
     """``param``'s own class, released or not."""
     if isinstance(param, ReleasedMixin):
