@@ -1,0 +1,70 @@
+"""Optimizer offload on one CUDA device: the copies down, the CPU steps and the uploads run on
+their streams, and the result is the arithmetic of the schedule.
+
+At stage 3 the CPU steps run in the next step's first forward by default
+(``fzero.offload_update_in_forward``); with it off they run in the step phase. The two do the
+same arithmetic on the same values, so on CUDA too they must agree bit for bit: the losses, the
+master weights and the moments, with pinned host buffers and the asynchronous copies. A race
+(an upload read before it landed, a gradient copied before its reduction) would show as a
+difference.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fzero
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from gpt import GPT, GPTConfig, MarkovCorpus  # noqa: E402
+
+STEPS = 5
+
+
+def _train(stage: int, offload: bool, in_forward: bool = True, bf16: bool = True):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=4, n_embd=128, n_head=4, vocab_size=256, block_size=64)
+    model = GPT(cfg).cuda()
+    zero = {"stage3_param_persistence_threshold": 0}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "fzero": {"offload_update_in_forward": in_forward},
+    }
+    state = fzero.shard(model, stage=stage, config=config)
+    corpus, g = MarkovCorpus(cfg.vocab_size), torch.Generator().manual_seed(3)
+    losses = []
+    for _ in range(STEPS):
+        batch = tuple(t.cuda() for t in corpus.batch(8, cfg.block_size, g))
+        state, metrics = fzero.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    full = fzero.full_state_dict(state)  # applies a pending update first
+    moments = (state.exp_avg.cpu().clone(), state.exp_avg_sq.cpu().clone())
+    return losses, full, moments, state
+
+
+def test_stage3_updates_in_forward_equal_updates_in_the_step_phase_on_cuda():
+    in_forward = _train(3, offload=True, in_forward=True)
+    in_step = _train(3, offload=True, in_forward=False)
+    assert in_forward[0] == in_step[0]
+    for name in in_step[1]:
+        assert torch.equal(in_forward[1][name], in_step[1][name]), name
+    for a, b in zip(in_forward[2], in_step[2], strict=True):
+        assert torch.equal(a, b)
+    state = in_forward[3]
+    assert not state.master.is_cuda  # the master lives on the host
+    assert any(
+        type(op).__name__ == "ApplyPendingUpdate"
+        for entry in state.schedule.first_micro_extra
+        for op in entry.ops
+    )
