@@ -2,7 +2,14 @@
 ZeRO-Offload and FSDP2's CPUOffloadPolicy, on the GPT of examples/gpt.py (untied head, bf16).
 
     python benchmarks/offload.py --model 1.4b                 # on a GPU: the table
+    python benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt   # larger than the card
     python benchmarks/offload.py --cpu-smoke                  # CI: tiny model, fzero only
+
+``--gpu-memory-gib G`` caps each child's CUDA allocator at G GiB
+(``torch.cuda.set_per_process_memory_fraction``) and builds the model on the host, so that each
+library places it itself (a model larger than the cap could not be built on the card);
+``--ckpt`` wraps every block in ``checkpoint_wrapper`` (torch.utils.checkpoint, non-reentrant)
+for every implementation alike.
 
 Each configuration runs in a process of its own (``step.run_one`` times it). Per row: tokens/s,
 step time, GPU peak (allocated, timed steps), host peak RSS, and for fzero the simulator's step
@@ -57,7 +64,14 @@ def _zero_block(stage: int, options: set[str], pin: bool) -> dict:
     return zero
 
 
-def make_step(impl: str, model, device: torch.device):
+def make_step(impl: str, model, device: torch.device, ckpt: bool = False):
+    if ckpt:  # the same model code for every library: each block under torch.utils.checkpoint
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
+
+        for index in range(len(model.h)):
+            model.h[index] = checkpoint_wrapper(model.h[index])
     kind, _, rest = impl.partition(":")
     stage, *options = rest.split("+")
     options = set(options)
@@ -76,7 +90,7 @@ def make_step(impl: str, model, device: torch.device):
             # +stepphase: every CPU step in the step phase (no overlap with the next forward)
             "fzero": {"offload_update_in_forward": "stepphase" not in options},
         }
-        box = {"state": fzero.shard(model, config=config)}
+        box = {"state": fzero.shard(model, config=config, device=device)}
 
         def step(batch):
             box["state"], metrics = fzero.train_step(box["state"], batch)
@@ -122,9 +136,28 @@ def make_step(impl: str, model, device: torch.device):
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def run_one(impl: str, model_name: str, steps: int, warmup: int, device: torch.device) -> dict:
+def run_one(
+    impl: str,
+    model_name: str,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    gpu_memory_gib: float | None = None,
+    ckpt: bool = False,
+) -> dict:
     """``step.run_one`` with this file's configurations, plus the host's peak resident set."""
-    result = step_run_one(impl, model_name, steps, warmup, device, make=make_step)
+    build_device = None
+    if gpu_memory_gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(gpu_memory_gib * 2**30 / total)
+        build_device = torch.device("cpu")
+
+    def make(impl, model, device):
+        return make_step(impl, model, device, ckpt=ckpt)
+
+    result = step_run_one(
+        impl, model_name, steps, warmup, device, make=make, build_device=build_device
+    )
     result["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
@@ -137,6 +170,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, fzero only")
+    parser.add_argument("--gpu-memory-gib", type=float, help="cap the CUDA allocator (GiB)")
+    parser.add_argument("--ckpt", action="store_true", help="checkpoint every block")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -144,7 +179,17 @@ def main() -> None:
         args.impls = ["fzero:2", "fzero:2+opt", "fzero:3+opt", "fzero:3+opt+param"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     if args.one:
-        print_result(run_one(args.one, args.model, args.steps, args.warmup, device))
+        print_result(
+            run_one(
+                args.one,
+                args.model,
+                args.steps,
+                args.warmup,
+                device,
+                args.gpu_memory_gib,
+                args.ckpt,
+            )
+        )
         return
     rows = []
     for impl in args.impls:
@@ -154,6 +199,10 @@ def main() -> None:
         command = [sys.executable, *child_args(__file__, impl, args.model, args.steps, args.warmup)]
         if args.cpu_smoke:
             command.append("--cpu-smoke")
+        if args.gpu_memory_gib is not None:
+            command += ["--gpu-memory-gib", str(args.gpu_memory_gib)]
+        if args.ckpt:
+            command.append("--ckpt")
         row = run_child(command, impl)
         if row is not None:
             rows.append(row)

@@ -37,6 +37,8 @@ MODELS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, block_size=64, batch=4),
     "255m": dict(n_layer=12, n_embd=1024, n_head=16, vocab_size=50304, block_size=1024, batch=16),
     "1.4b": dict(n_layer=24, n_embd=2048, n_head=16, vocab_size=50304, block_size=2048, batch=8),
+    # Larger than a 24 GiB card's model states (benchmarks/offload.py --gpu-memory-gib 24)
+    "3.9b": dict(n_layer=32, n_embd=3072, n_head=24, vocab_size=50304, block_size=2048, batch=4),
 }
 DEFAULT_IMPLS = [
     "fsdp2",
@@ -51,6 +53,7 @@ DEFAULT_IMPLS = [
 
 
 def build_model(name: str, device: torch.device):
+    """The GPT of ``name`` on ``device`` (its parameters; the batches go to the GPU anyway)."""
     from gpt import GPT, GPTConfig
 
     spec = dict(MODELS[name])
@@ -235,13 +238,21 @@ def deepspeed_step(model, device: torch.device, zero_optimization: dict):
 
 
 def run_one(
-    impl: str, model_name: str, steps: int, warmup: int, device: torch.device, make=None
+    impl: str,
+    model_name: str,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    make=None,
+    build_device: torch.device | None = None,
 ) -> dict:
     """One configuration's timed steps; ``make`` builds its step (default: this file's
-    ``make_step``; benchmarks/offload.py passes its own)."""
+    ``make_step``; benchmarks/offload.py passes its own). ``build_device``: where the model is
+    built (default ``device``; the host for models larger than the GPU, which each library
+    then places itself)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, batch, spec = build_model(model_name, device)
+    model, batch, spec = build_model(model_name, build_device or device)
     flops = flops_per_token(model, spec)
     step, extra = (make or make_step)(impl, model, device)
     batches = _batches(batch, spec, device)

@@ -68,7 +68,10 @@ def shard(
     The model's parameters become views into fzero's buffers; keep using the same model object.
     A model built on the meta device is initialised unit by unit, straight into this rank's
     shard, on ``device`` (default: the current CUDA device, else the CPU); see
-    ``fzero/state/materialize.py`` for the seeding rule every rank follows.
+    ``fzero/state/materialize.py`` for the seeding rule every rank follows. A model in host
+    memory may be given with ``device`` an accelerator: its values move there unit by unit as
+    they are sharded, so the device only ever holds what the configuration keeps there (with
+    offload, less than the model: a model larger than the device is sharded from the host).
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
         raise ShardError(f"stage must be an int 0-3, got {stage!r}")
@@ -89,7 +92,7 @@ def shard(
         raise ShardError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
     model_device = devices.pop()
     on_meta = model_device.type == "meta"
-    device = target_device(device) if on_meta else _same_device(model_device, device)
+    device = target_device(device) if on_meta else _placement(model_device, device)
     if getattr(model, "_fzero_runtime", None) is not None:
         raise ShardError("this model is already sharded by fzero; shard a fresh model")
 
@@ -115,6 +118,8 @@ def shard(
     compute_dtype = dtype_from_name(cfg.compute_dtype_name)
     accum_dtype = dtype_from_name(cfg.grad_accum_dtype_name)
     reduce_dtype = dtype_from_name(cfg.reduce_dtype_name)
+    if not on_meta and device != model_device:
+        _move_buffers(model, device)
     if compute_dtype != torch.float32:
         # As DeepSpeed's bf16/fp16 modes do: floating-point buffers compute in the same dtype.
         for buffer in model.buffers():
@@ -239,13 +244,31 @@ def _hidden_size(model: nn.Module) -> int | None:
     return embedding.embedding_dim if embedding is not None else None
 
 
-def _same_device(model_device: torch.device, device: torch.device | str | None) -> torch.device:
-    if device is not None and torch.device(device) != model_device:
-        raise ShardError(
-            f"device={device} is where a model on the meta device is initialised; this model is "
-            f"on {model_device}: move it there first, or leave device out"
-        )
-    return model_device
+def _placement(model_device: torch.device, device: torch.device | str | None) -> torch.device:
+    """Where the shards of a model built on ``model_device`` live: ``device`` when given. A
+    model in host memory may be sharded onto an accelerator (its values are copied there unit
+    by unit, so the whole model never has to fit on it: DeepSpeed's engine takes a host model
+    the same way); any other move is refused."""
+    if device is None:
+        return model_device
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device == model_device or (model_device.type == "cpu" and device.type != "meta"):
+        return device
+    raise ShardError(
+        f"device={device}: this model is on {model_device}, and fzero shards a model from where "
+        f"it is, from host memory onto a device, or from the meta device: move it to {device} "
+        "or to the CPU first, or leave device out"
+    )
+
+
+def _move_buffers(model: nn.Module, device: torch.device) -> None:
+    """The model's buffers (not parameters: sharding moves those) onto ``device``."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
 
 
 def _resolve_units(model: nn.Module, units: list[nn.Module | str] | None, embeddings: bool):

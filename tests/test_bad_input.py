@@ -44,6 +44,13 @@ def test_model_without_parameters():
         fzero.shard(nn.ReLU(), stage=1)
 
 
+def test_a_host_model_cannot_be_sharded_onto_the_meta_device():
+    """Host to an accelerator is a move fzero makes while sharding; to the meta device it is not
+    (the values would be lost). tests/gpu/test_cuda_offload.py shards a host model onto CUDA."""
+    with pytest.raises(ShardError, match="device=meta: this model is on cpu"):
+        fzero.shard(ToyLM(SPEC), stage=3, device="meta")
+
+
 def test_unknown_config_key_is_named_with_a_suggestion():
     message = r"zero_optimization\.reduce_bucket_sise.*reduce_bucket_size"
     with pytest.raises(ConfigError, match=message):

@@ -107,7 +107,8 @@ def test_nvme_swap_benchmark_cpu_smoke_measures_both_directions_against_dd(tmp_p
 
 def test_offload_benchmark_cpu_smoke_runs_every_fzero_offload_configuration(tmp_path):
     out = tmp_path / "rows.json"
-    command = [sys.executable, str(SCRIPT.parent / "offload.py"), "--cpu-smoke", "--json", str(out)]
+    command = [sys.executable, str(SCRIPT.parent / "offload.py"), "--cpu-smoke", "--ckpt"]
+    command += ["--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["impl"]: r for r in json.loads(out.read_text())}

@@ -27,13 +27,22 @@ from gpt import GPT, GPTConfig, MarkovCorpus  # noqa: E402
 STEPS = 5
 
 
-def _train(stage: int, offload: bool, in_forward: bool = True, bf16: bool = True):
+def _train(
+    stage: int,
+    offload: bool,
+    in_forward: bool = True,
+    bf16: bool = True,
+    params: bool = False,
+    from_host: bool = False,
+):
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=4, n_embd=128, n_head=4, vocab_size=256, block_size=64)
-    model = GPT(cfg).cuda()
+    model = GPT(cfg) if from_host else GPT(cfg).cuda()
     zero = {"stage3_param_persistence_threshold": 0}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config = {
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
         "gradient_clipping": 1.0,
@@ -41,7 +50,7 @@ def _train(stage: int, offload: bool, in_forward: bool = True, bf16: bool = True
         "zero_optimization": zero,
         "fzero": {"offload_update_in_forward": in_forward},
     }
-    state = fzero.shard(model, stage=stage, config=config)
+    state = fzero.shard(model, stage=stage, config=config, device="cuda")
     corpus, g = MarkovCorpus(cfg.vocab_size), torch.Generator().manual_seed(3)
     losses = []
     for _ in range(STEPS):
@@ -68,3 +77,16 @@ def test_stage3_updates_in_forward_equal_updates_in_the_step_phase_on_cuda():
         for entry in state.schedule.first_micro_extra
         for op in entry.ops
     )
+
+
+@pytest.mark.parametrize("params", [False, True], ids=["optimizer", "optimizer+params"])
+def test_a_model_built_in_host_memory_shards_onto_cuda_and_trains_as_one_built_there(params):
+    """A model larger than the GPU is built on the host and sharded from there
+    (``shard(model, device="cuda")``): the same values, bit for bit, as the model built on the
+    GPU, and the model's buffers move too."""
+    on_device = _train(3, offload=True, params=params)
+    from_host = _train(3, offload=True, params=params, from_host=True)
+    assert from_host[0] == on_device[0]
+    for name in on_device[1]:
+        assert torch.equal(from_host[1][name], on_device[1][name]), name
+    assert all(b.is_cuda for b in from_host[3].model.buffers())
