@@ -38,6 +38,7 @@ def _train(
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=4, n_embd=128, n_head=4, vocab_size=256, block_size=64)
     model = GPT(cfg) if from_host else GPT(cfg).cuda()
+    model.register_buffer("marker", torch.arange(4.0, device=model.lm_head.weight.device))
     zero = {"stage3_param_persistence_threshold": 0}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -89,4 +90,5 @@ def test_a_model_built_in_host_memory_shards_onto_cuda_and_trains_as_one_built_t
     assert from_host[0] == on_device[0]
     for name in on_device[1]:
         assert torch.equal(from_host[1][name], on_device[1][name]), name
-    assert all(b.is_cuda for b in from_host[3].model.buffers())
+    marker = from_host[3].model.marker  # a buffer: moved, and cast as bf16 casts buffers
+    assert marker.is_cuda and torch.equal(marker, on_device[3].model.marker)
