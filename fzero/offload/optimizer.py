@@ -18,6 +18,11 @@ At stage 3 the CPU steps normally wait for the next step (``fzero/state/pending.
 factor beside it), ``ApplyPendingUpdate`` applies a unit's part right before the unit's first
 gather in the next forward and ``UploadUpdate`` brings it up; ``settle`` applies whatever is
 left for readers between steps, and after a failed micro-batch.
+
+Under partial offload (``offload_optimizer.ratio`` < 1) the schedule gives these ops to the host
+units only; the host gradient buffer then covers their part of the optimizer space alone, which
+starts at ``host_offset_numel``, and the master and moments are ``SplitFlat`` buffers whose host
+part a host unit's optimizer range indexes.
 """
 
 from __future__ import annotations
