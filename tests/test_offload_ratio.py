@@ -295,3 +295,51 @@ def test_memory_counts_each_part_where_it_lives(monkeypatch):
     plain = estimate_memory(10**6, 4, 3, layout="fzero")
     assert (none.total, none.host_nbytes) == (plain.total, 0)
     assert "ratio 0.5" in str(half)
+
+
+def test_readers_route_each_unit_to_its_part(tmp_path):
+    """``load_pretrained`` and ``gathered(modifier_rank=0)`` write each unit's range into the
+    part that holds it; ``full_state_dict`` reads both."""
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    source = ToyLM(SPEC)  # its values, changed so that loading them changes every unit
+    values = {name: tensor.detach() * 0.5 + 0.25 for name, tensor in source.state_dict().items()}
+    save_file(values, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(0)
+    state = fzero.shard(ToyLM(SPEC), stage=2, config=_with_offload({}, 0.5))
+    before = state.master.full()
+    state = fzero.load_pretrained(tmp_path, state)
+    assert isinstance(state.master, SplitFlat)
+    after = state.master.full()
+    cut = state.master.split_numel
+    assert not torch.equal(after[:cut], before[:cut])
+    assert not torch.equal(after[cut:], before[cut:])
+    loaded = fzero.full_state_dict(state)
+    assert all(torch.equal(loaded[name], values[name]) for name in values)
+    with fzero.gathered(state, modifier_rank=0):
+        for param in state.model.parameters():
+            param.data.add_(1.0)
+    shifted = fzero.full_state_dict(state)
+    for name, value in values.items():
+        is_parameter = any(name in slot.names for u in state.layout.units for slot in u.params)
+        assert torch.equal(shifted[name], value + 1.0 if is_parameter else value), name
+
+
+def test_the_schedules_memory_model_keeps_the_device_units_state_on_the_device():
+    """``simulate``'s standing bytes: the master and moments of the device units only (none
+    under full offload), and at stage 3 the compute-dtype shard the gathers read."""
+    from fzero.schedule.memory_model import BytesPerParam, MemoryModel
+
+    b = BytesPerParam.from_dtypes("fp32", "fp32", "fp32")
+    models = {}
+    for ratio in (None, 1.0, 0.5):
+        state = fzero.shard(ToyLM(SPEC), stage=3, config=_with_offload({}, ratio))
+        models[ratio] = (MemoryModel.from_schedule(state.schedule, b), state)
+    split = models[0.5][1].master
+    assert models[0.5][0].optimizer_state_nbytes == split.split_numel * b.optimizer_state
+    assert models[1.0][0].optimizer_state_nbytes == 0
+    assert models[None][0].optimizer_state_nbytes == split.numel() * b.optimizer_state
+    shard_nbytes = models[0.5][1].layout.shard_numel * b.parameter
+    assert models[0.5][0].parameter_shard_nbytes == models[1.0][0].parameter_shard_nbytes
+    assert models[0.5][0].parameter_shard_nbytes == shard_nbytes
