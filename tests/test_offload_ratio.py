@@ -248,6 +248,7 @@ def test_split_rule_keeps_the_last_units_on_the_host():
     assert split_units(units, 1.0).device_numel == 0
     assert split_units(units, 0.0).host_units == frozenset()
     assert split_units(units, 0.05).host_units == {3}
+    assert split_units(units, 1e-18).host_units == {3}  # 1 - ratio rounds to 1
     assert "60.0%" in str(half) and "units 1-3" in str(half)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         split_units(units, 1.5)

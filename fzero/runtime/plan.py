@@ -80,7 +80,8 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
     host_units = None  # every unit's step on the host
     if offload_optimizer and offload.ratio < 1:
         units = ((u.index, u.optimizer_numel) for u in layout.units)
-        host_units = split_units(units, offload.ratio).host_units
+        split = split_units(units, offload.ratio)
+        host_units = split.host_units if split.is_partial else None
     return Knobs(
         prefetch=zero.overlap_comm,
         max_live_nbytes=zero.stage3_max_live_parameters * compute_itemsize,

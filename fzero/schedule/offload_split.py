@@ -12,7 +12,9 @@ units on the host also suits the step: their gradients come down first in the ba
 stage 3 their CPU steps in the next forward run while the device units before them compute.
 
 Because device units come first, this rank's optimizer space splits at one offset: elements
-``[0, device_numel)`` on the device, ``[device_numel, total)`` on the host.
+``[0, device_numel)`` on the device, ``[device_numel, total)`` on the host. Each rank splits its
+own shard: ranks whose shards hold different trainable counts (a unit with frozen parameters)
+may split at different units, which changes none of the collectives.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def split_units(units: Iterable[tuple[int, int]], ratio: float) -> OffloadSplit:
     units = list(units)
     total = sum(numel for _, numel in units)
     budget = (1.0 - ratio) * total  # device elements allowed
+    if ratio > 0:  # some element goes to the host, however small the ratio (1 - ratio may be 1)
+        budget = min(budget, total - 1)
     device: set[int] = set()
     device_numel = 0
     for index, numel in units:
