@@ -143,6 +143,7 @@ def shard(
         host_master=offload.optimizer_on_host,
         host_shards=offload.params_on_host,
         pin_memory=offload.pin_memory,
+        device_master_numel=offload.device_numel(layout),
         initializer=UnitInitializer(model, layout, draw_base_seed(comm), device)
         if on_meta
         else None,
@@ -181,7 +182,7 @@ def shard(
         reduce_dtype,
         layout.decay_ranges(),
         _norm_order(model, layout),
-        host_optimizer=offload.host_optimizer_settings(compute_dtype),
+        host_optimizer=offload.host_optimizer_settings(compute_dtype, layout),
     )
     timeline = MeasuredTimeline(device) if record_timeline else None
     executor = Executor(plan.schedule, parts, record_ops=record_ops, timeline=timeline)

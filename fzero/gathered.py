@@ -25,6 +25,7 @@ from torch import nn
 from fzero.errors import ShardError
 from fzero.runtime import Runtime
 from fzero.state.buffers import is_allocated
+from fzero.state.split import flat_parts
 from fzero.state.zero_state import ZeroState
 
 ModulesOrParams = nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter] | None
@@ -164,7 +165,8 @@ def _copy_into_state(runtime: Runtime, state: ZeroState) -> None:
     """A state copied into the runtime (a ``tree_map`` copy) keeps leaves of its own: give
     them the written values too."""
     executor = runtime.executor
-    ours = (executor.optimizer.master, *executor.workspace.state_leaves())
-    for target, source in zip((state.master, *state.param_shards), ours, strict=True):
+    ours = (*flat_parts(executor.optimizer.master), *executor.workspace.state_leaves())
+    theirs = (*flat_parts(state.master), *state.param_shards)
+    for target, source in zip(theirs, ours, strict=True):
         if target.data_ptr() != source.data_ptr():
             target.copy_(source)

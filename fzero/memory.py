@@ -51,6 +51,7 @@ class MemoryEstimate(ModelStates):
     layout: str = "paper"
     offload_optimizer: str = "none"
     offload_param: str = "none"
+    offload_ratio: float = 1.0  # offload_optimizer.ratio
     host: ModelStates = ModelStates(0, 0, 0)
     file: ModelStates = ModelStates(0, 0, 0)
     host_staging_nbytes: int = 0
@@ -72,9 +73,10 @@ class MemoryEstimate(ModelStates):
             f", {self.between_steps / GB:.2f} GB between steps" if self.transient_gradients else ""
         )
         offload = ""
+        ratio = f" (ratio {self.offload_ratio:g})" if self.offload_ratio < 1 else ""
         if self.offload_optimizer != "none" or self.offload_param != "none":
             offload = (
-                f"; offload_optimizer {self.offload_optimizer}, offload_param "
+                f"; offload_optimizer {self.offload_optimizer}{ratio}, offload_param "
                 f"{self.offload_param}: host {self.host_nbytes / GB:.2f} GB, file "
                 f"{self.file_nbytes / GB:.2f} GB per rank"
             )
@@ -110,6 +112,7 @@ def estimate_memory(
     optimizer_buffer_count: int = 4,
     param_buffer_count: int = 5,
     param_buffer_size: int = 100_000_000,
+    offload_ratio: float = 1.0,
 ) -> MemoryEstimate:
     """Per-rank model-state bytes of ``model_or_param_count`` (an ``nn.Module`` or an element
     count) on ``world_size`` ranks at ZeRO ``stage``, at the optimizer step.
@@ -124,7 +127,9 @@ def estimate_memory(
     ``"none"``, ``"cpu"`` or ``"nvme"``; the buffer counts and ``param_buffer_size`` are the
     config's ``offload_optimizer.buffer_count``, ``offload_param.buffer_count`` and
     ``offload_param.buffer_size``, which size NVMe staging; ``largest_unit_numel`` sizes the
-    optimizer's (None: the whole model as one unit, an upper bound).
+    optimizer's (None: the whole model as one unit, an upper bound). ``offload_ratio``:
+    ``offload_optimizer.ratio``, the share of the optimizer state on the host (``"cpu"``
+    only); the rest stays on the GPU.
     """
     offloaded = offload_optimizer != "none" or offload_param != "none"
     if layout is None:
@@ -168,6 +173,7 @@ def estimate_memory(
         optimizer_buffer_count=optimizer_buffer_count,
         param_buffer_count=param_buffer_count,
         param_buffer_size=param_buffer_size,
+        offload_ratio=offload_ratio,
     )
     device = split.device
     return MemoryEstimate(
@@ -182,6 +188,7 @@ def estimate_memory(
         layout=layout,
         offload_optimizer=offload_optimizer,
         offload_param=offload_param,
+        offload_ratio=offload_ratio,
         host=split.host,
         file=split.file,
         host_staging_nbytes=split.host_staging_nbytes,

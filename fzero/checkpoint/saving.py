@@ -45,6 +45,7 @@ from fzero.checkpoint.manifest import (
 )
 from fzero.checkpoint.sources import ShardReader
 from fzero.errors import CheckpointError, CheckpointWriteError
+from fzero.state.split import as_flat
 from fzero.state.zero_state import ZeroState
 
 
@@ -186,9 +187,11 @@ def _write_rank_file(state: ZeroState, staging: Path, data_state: Any) -> dict[s
         except (TypeError, ValueError) as error:
             raise TypeError(f"data_state must be JSON-serialisable: {error}") from error
     tensors: dict[str, torch.Tensor] = {
-        "master": state.master,
-        "exp_avg": state.exp_avg,
-        "exp_avg_sq": state.exp_avg_sq,
+        # Whole flat buffers, however the state keeps them (a split one is joined), so a
+        # checkpoint loads with or without offload.
+        "master": as_flat(state.master),
+        "exp_avg": as_flat(state.exp_avg),
+        "exp_avg_sq": as_flat(state.exp_avg_sq),
         "step": state.step,
     }
     for index, shard in enumerate(state.param_shards):

@@ -119,11 +119,8 @@ def validate_stage_options(config: Config) -> None:
     if param is not None and param.device != "none" and stage != 3:
         message = f"parameter offload needs stage 3, got stage {stage}"
         raise ConfigError("zero_optimization.offload_param.device", message)
-    optimizer = zero.offload_optimizer
-    partial = optimizer is not None and optimizer.device != "none" and optimizer.ratio < 1
-    if partial and stage != 3:
-        message = f"partial offload (ratio < 1) needs stage 3, got stage {stage}"
-        raise ConfigError("zero_optimization.offload_optimizer.ratio", message)
+    # offload_optimizer.ratio < 1 runs at stages 1-3 (DeepSpeed's only at 3): fzero splits the
+    # optimizer state by unit, and every stage steps unit by unit (fzero/offload/plan.py).
     if stage < 2 and config.fzero.reduce_every_micro_batch is True:
         raise ConfigError(
             "fzero.reduce_every_micro_batch",

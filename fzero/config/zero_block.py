@@ -48,6 +48,8 @@ class OffloadOptimizerConfig:
     pipeline_read: bool = False
     pipeline_write: bool = False
     fast_init: bool = False
+    # Partial offload: the share of the optimizer state on the host, in [0, 1] (DeepSpeed's
+    # meaning, fzero/schedule/offload_split.py; checked with the rest in fzero/offload/plan.py).
     ratio: float = 1.0
     super_offload: bool = False
     convert_grad_on_cpu: bool = True

@@ -18,6 +18,11 @@ At stage 3 the CPU steps normally wait for the next step (``fzero/state/pending.
 factor beside it), ``ApplyPendingUpdate`` applies a unit's part right before the unit's first
 gather in the next forward and ``UploadUpdate`` brings it up; ``settle`` applies whatever is
 left for readers between steps, and after a failed micro-batch.
+
+Under partial offload (``offload_optimizer.ratio`` < 1) the schedule gives these ops to the host
+units only; the host gradient buffer then covers their part of the optimizer space alone, which
+starts at ``host_offset_numel``, and the master and moments are ``SplitFlat`` buffers whose host
+part a host unit's optimizer range indexes.
 """
 
 from __future__ import annotations
@@ -47,12 +52,16 @@ class HostOptimizer:
         pin_memory: bool,
         compute_dtype: torch.dtype,
         params_on_host: bool,
+        host_offset_numel: int = 0,
     ):
         self.layout, self.workspace, self.optimizer = layout, workspace, optimizer
         self.step_phase = step_phase
         # Where gradients come down to; a pending update keeps its gradient there too.
         self.pending = optimizer.pending
         self.host_grad = optimizer.pending.grad
+        # Partial offload: the host gradient buffer holds the host units' part of the optimizer
+        # space only, which starts at this offset (the device part's elements).
+        self.host_offset_numel = host_offset_numel
         self.device = workspace.grad_shard.device
         self.on_cuda = self.device.type == "cuda"
         # Where the CPU step writes each unit's compute-dtype values: the host parameter shard
@@ -89,19 +98,24 @@ class HostOptimizer:
         u = self.layout.units[unit]
         return slice(u.optimizer_offset, u.optimizer_offset + u.optimizer_numel)
 
+    def _grad_range(self, unit: int) -> slice:
+        """Unit ``unit``'s slice of the host gradient buffer."""
+        span, offset = self._range(unit), self.host_offset_numel
+        return slice(span.start - offset, span.stop - offset)
+
     # -- handlers -------------------------------------------------------------------------------
 
     def copy_grad_to_host(self, op: O.CopyGradToHost) -> None:
         span = self._range(op.unit)
-        source = self.workspace.grad_shard[span]
+        source, target = self.workspace.grad_shard[span], self.host_grad[self._grad_range(op.unit)]
         if not self.on_cuda:
-            self.host_grad[span].copy_(source)
+            target.copy_(source)
             self._grad_copies[op.unit] = None
             return
         stream = self._down_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the reduction landed
         with torch.cuda.stream(stream):
-            self.host_grad[span].copy_(source, non_blocking=True)
+            target.copy_(source, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
         # The shard is freed on the compute stream after the host steps, which wait for this.
@@ -117,7 +131,8 @@ class HostOptimizer:
         found_inf = result.found_inf
         self._skip = found_inf is not None and bool(found_inf.item())
         scale = 1.0 / (phase.comm.world_size * hyper.loss_scale)
-        if hyper.max_grad_norm > 0:
+        # A skipped step uses no factor; clipping an infinite norm would make it zero.
+        if hyper.max_grad_norm > 0 and not self._skip:
             norm = float(result.grad_norm)
             scale *= min(hyper.max_grad_norm / (norm + 1e-6), 1.0)
         # torch's fused kernel divides the gradient by its grad_scale: the inverse factor.
@@ -142,8 +157,8 @@ class HostOptimizer:
         """Wait for unit ``unit``'s gradient copy of this step, or copy it now if none ran."""
         copied = self._grad_copies.pop(unit, "missing")
         if copied == "missing":
-            span = self._range(unit)
-            self.host_grad[span].copy_(self.workspace.grad_shard[span])
+            target = self.host_grad[self._grad_range(unit)]
+            target.copy_(self.workspace.grad_shard[self._range(unit)])
         elif copied is not None:
             copied.synchronize()
 
@@ -200,7 +215,7 @@ class HostOptimizer:
         hyper, state = self.step_phase.hyper, self.optimizer
         assert hyper is not None
         span = self._range(unit)
-        grad = self.host_grad[span]  # indexed from the unit's start below
+        grad = self.host_grad[self._grad_range(unit)]  # indexed from the unit's start below
         if grad.dtype != torch.float32:  # torch's kernel wants one dtype throughout
             grad = grad.float()
         by_decay: dict[float, list[slice]] = {}

@@ -5,6 +5,11 @@
   and the step count live in host memory, pinned with ``pin_memory``; the optimizer steps there.
 - ``offload_param.device: "cpu"`` (stage 3, with optimizer offload): this rank's compute-dtype
   parameter shards live in host memory too, and every gather uploads first.
+- ``offload_optimizer.ratio`` < 1 (partial offload): only the last units' optimizer state (about
+  that share of it, ``fzero/schedule/offload_split.py``) lives and steps on the host; the other
+  units' state stays on the device and steps there, and the master and moments are
+  ``SplitFlat`` buffers of two parts (``fzero/state/split.py``). Ratio 0 keeps everything on the
+  device: the same as no optimizer offload.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from fzero.config import Config
 from fzero.errors import ConfigError
 from fzero.offload.host import HostBuffer, check_host_memory
 from fzero.runtime.step_phase import OptimizerBuffers
+from fzero.schedule.offload_split import OffloadSplit, split_units
 from fzero.state.buffers import Workspace
 from fzero.state.layout import FlatLayout
 from fzero.state.pending import PendingUpdate
+from fzero.state.split import SplitFlat
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,9 @@ class HostOptimizerSettings:
     pin_memory: bool
     compute_dtype: torch.dtype
     params_on_host: bool
+    # Partial offload: where the host part starts in the optimizer space (the device part's
+    # elements); 0 when every unit steps on the host.
+    host_offset_numel: int = 0
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class OffloadPlan:
     optimizer_on_host: bool = False
     params_on_host: bool = False
     pin_memory: bool = False
+    ratio: float = 1.0  # offload_optimizer.ratio: the share of the optimizer state on the host
 
     @classmethod
     def from_config(cls, config: Config) -> OffloadPlan:
@@ -45,6 +56,11 @@ class OffloadPlan:
         params = zero.offload_param
         on_host = optimizer is not None and optimizer.device == "cpu"
         params_on_host = params is not None and params.device == "cpu"
+        ratio = 1.0 if optimizer is None else optimizer.ratio
+        if ratio < 1:
+            _check_partial(optimizer.device, ratio, params_on_host)
+        if ratio == 0:  # nothing on the host: the optimizer is the device's (as DeepSpeed)
+            on_host = False
         if on_host and zero.stage == 0:
             raise ConfigError(
                 "zero_optimization.offload_optimizer.device",
@@ -64,17 +80,23 @@ class OffloadPlan:
                 "false is not available with offload_optimizer (the CPU AdamW step always "
                 "corrects the moments' bias): remove it or the offload block",
             )
-        if on_host and optimizer.ratio < 1:
-            raise ConfigError(
-                "zero_optimization.offload_optimizer.ratio",
-                f"partial offload (ratio {optimizer.ratio}) is not available in fzero: set "
-                "ratio to 1 (everything on the host) or remove offload_optimizer",
-            )
         pin = bool(
             (optimizer is not None and optimizer.pin_memory)
             or (params is not None and params.pin_memory)
         )
-        return cls(on_host, params_on_host, pin)
+        return cls(on_host, params_on_host, pin, ratio if on_host else 1.0)
+
+    def split(self, layout: FlatLayout) -> OffloadSplit:
+        """Which units' optimizer state is on the host (every unit's at ratio 1)."""
+        return split_units(((u.index, u.optimizer_numel) for u in layout.units), self.ratio)
+
+    def device_numel(self, layout: FlatLayout) -> int:
+        """Optimizer elements kept on the device under partial offload, at the start of the
+        optimizer space; 0 without it (everything on the host, or nothing offloaded)."""
+        if not self.optimizer_on_host:
+            return 0
+        split = self.split(layout)
+        return split.device_numel if split.is_partial else 0
 
     def check_host_memory(
         self, layout: FlatLayout, compute_dtype: torch.dtype, grad_dtype: torch.dtype
@@ -82,7 +104,7 @@ class OffloadPlan:
         """Raise at shard time, with the numbers, when this host cannot hold the offload."""
         if not self.optimizer_on_host:
             return
-        numel = layout.optimizer_numel
+        numel = layout.optimizer_numel - self.device_numel(layout)  # the host units' only
         nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
         what = f"offload_optimizer (fp32 master weights, moments and gradients of {numel:,} "
         if self.params_on_host:
@@ -95,18 +117,30 @@ class OffloadPlan:
         check_host_memory(nbytes, what, ranks_on_host=ranks)
 
     def optimizer_buffers(
-        self, master: torch.Tensor, numel: int, device: torch.device, workspace: Workspace
+        self,
+        master: torch.Tensor | SplitFlat,
+        numel: int,
+        device: torch.device,
+        workspace: Workspace,
     ) -> OptimizerBuffers:
-        """The AdamW state beside ``master``: on the host under optimizer offload."""
+        """The AdamW state beside ``master``: on the host under optimizer offload; under
+        partial offload the moments split where ``master`` does, and only the host part has a
+        host gradient buffer."""
         if not self.optimizer_on_host:
             zeros = [torch.zeros(numel, dtype=torch.float32, device=device) for _ in range(2)]
             step = torch.zeros((), dtype=torch.float32, device=device)
             return OptimizerBuffers(master, *zeros, step)
+        device_numel = master.split_numel if isinstance(master, SplitFlat) else 0
+        numel -= device_numel
         moments = []
         for _ in range(2):
             buffer = HostBuffer(numel, torch.float32, pin_memory=self.pin_memory)
             workspace.host_buffers.append(buffer)
-            moments.append(buffer.tensor.zero_())
+            moment = buffer.tensor.zero_()
+            if device_numel:
+                on_device = torch.zeros(device_numel, dtype=torch.float32, device=device)
+                moment = SplitFlat(on_device, moment)
+            moments.append(moment)
         # Where gradients come down to, and where a pending update keeps its gradient.
         grad = HostBuffer(numel, workspace.grad_shard.dtype, pin_memory=self.pin_memory)
         workspace.host_buffers.append(grad)
@@ -114,7 +148,37 @@ class OffloadPlan:
         step = torch.zeros((), dtype=torch.float32)
         return OptimizerBuffers(master, *moments, step, pending)
 
-    def host_optimizer_settings(self, compute_dtype: torch.dtype) -> HostOptimizerSettings | None:
+    def host_optimizer_settings(
+        self, compute_dtype: torch.dtype, layout: FlatLayout
+    ) -> HostOptimizerSettings | None:
         if not self.optimizer_on_host:
             return None
-        return HostOptimizerSettings(self.pin_memory, compute_dtype, self.params_on_host)
+        return HostOptimizerSettings(
+            self.pin_memory, compute_dtype, self.params_on_host, self.device_numel(layout)
+        )
+
+
+def _check_partial(device: str, ratio: float, params_on_host: bool) -> None:
+    """Refuse what partial offload (``offload_optimizer.ratio`` < 1) cannot do, naming why."""
+    key = "zero_optimization.offload_optimizer.ratio"
+    if device == "none":
+        raise ConfigError(
+            key,
+            f"ratio {ratio} is the share of the optimizer state that offload_optimizer.device "
+            'moves to the host, but the device is "none": set device to "cpu", or remove ratio',
+        )
+    if device != "cpu":
+        raise ConfigError(
+            key,
+            f"ratio {ratio} splits the optimizer state between the accelerator and CPU Adam, so it "
+            f'needs offload_optimizer.device "cpu" (got {device!r}): set ratio to 1 or the device '
+            'to "cpu"',
+        )
+    if params_on_host:
+        raise ConfigError(
+            key,
+            f'ratio {ratio} with zero_optimization.offload_param.device "cpu" is not available: '
+            "parameter offload keeps every parameter shard on the host for the CPU step to write, "
+            "while partial offload keeps some units' master weights on the device to step there. "
+            "Remove offload_param, or set ratio to 1",
+        )

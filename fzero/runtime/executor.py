@@ -94,6 +94,7 @@ class Executor:
                 pin_memory=parts.host_optimizer.pin_memory,
                 compute_dtype=parts.host_optimizer.compute_dtype,
                 params_on_host=parts.host_optimizer.params_on_host,
+                host_offset_numel=parts.host_optimizer.host_offset_numel,
             )
         self.handlers = handler_table(
             self.gathers, self.reduction, self.step_phase, self.host_optimizer

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from fzero.config import Config
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
+from fzero.schedule.offload_split import split_units
 from fzero.state.layout import FlatLayout, dtype_from_name
 
 
@@ -73,6 +74,14 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
     compute_itemsize = dtype_from_name(config.compute_dtype_name).itemsize
     grad_itemsize = dtype_from_name(config.grad_accum_dtype_name).itemsize
     gather_numel = sum(u.padded_numel for u in layout.units if u.has_trainable)
+    offload = zero.offload_optimizer
+    # Ratio 0 keeps every unit's optimizer on the device: no optimizer offload at all.
+    offload_optimizer = offload_device(offload) != "none" and offload.ratio > 0
+    host_units = None  # every unit's step on the host
+    if offload_optimizer and offload.ratio < 1:
+        units = ((u.index, u.optimizer_numel) for u in layout.units)
+        split = split_units(units, offload.ratio)
+        host_units = split.host_units if split.is_partial else None
     return Knobs(
         prefetch=zero.overlap_comm,
         max_live_nbytes=zero.stage3_max_live_parameters * compute_itemsize,
@@ -84,7 +93,8 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
         gradient_reduction=reduction,
         grad_gather_nbytes=gather_numel * grad_itemsize,
         grad_shard_itemsize=grad_itemsize,
-        offload_optimizer=offload_device(zero.offload_optimizer) != "none",
+        offload_optimizer=offload_optimizer,
+        host_step_units=host_units,
         offload_param=offload_device(zero.offload_param) != "none",
         offload_update_in_forward=config.fzero.offload_update_in_forward,
     )

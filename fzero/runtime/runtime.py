@@ -33,6 +33,7 @@ from fzero.state.buffers import is_allocated
 from fzero.state.layout import dtype_from_name
 from fzero.state.pending import PendingUpdate
 from fzero.state.progress import Progress
+from fzero.state.split import flat_parts, map_parts
 from fzero.state.zero_state import ZeroState
 
 
@@ -96,15 +97,18 @@ class Runtime:
 
     def new_state(self, progress: Progress) -> ZeroState:
         """A state whose leaves are views of the runtime's buffers: installed already."""
-        master, exp_avg, exp_avg_sq, step, grad, lr, scale, armed, *shards = map(
-            _alias, self._buffers()
+        optimizer, workspace = self.executor.optimizer, self.executor.workspace
+        master, exp_avg, exp_avg_sq = (
+            map_parts(buffer, _alias)
+            for buffer in (optimizer.master, optimizer.exp_avg, optimizer.exp_avg_sq)
         )
+        grad, lr, scale, armed = map(_alias, optimizer.pending.tensors())
         state = ZeroState(
             master,
             exp_avg,
             exp_avg_sq,
-            step,
-            param_shards=tuple(shards),
+            _alias(optimizer.step),
+            param_shards=tuple(map(_alias, workspace.state_leaves())),
             pending=PendingUpdate(grad, lr, scale, armed),
             progress=progress,
             runtime=self,
@@ -168,7 +172,12 @@ class Runtime:
     def _buffers(self) -> list[torch.Tensor]:
         """The runtime's own buffers, in the order of a state's tensor leaves."""
         optimizer = self.executor.optimizer
-        leaves = [optimizer.master, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.step]
+        leaves = [
+            *flat_parts(optimizer.master),
+            *flat_parts(optimizer.exp_avg),
+            *flat_parts(optimizer.exp_avg_sq),
+            optimizer.step,
+        ]
         leaves += optimizer.pending.tensors()
         return leaves + list(self.executor.workspace.state_leaves())
 
@@ -183,7 +192,7 @@ class Runtime:
         executor, workspace = self.executor, self.executor.workspace
         for unit in self.layout.units:
             out = workspace.param_out(unit.index)
-            if out is not None:
+            if out is not None:  # a unit's range lies inside one part of a split master
                 lo = unit.optimizer_offset
                 out.copy_(workspace.master[lo : lo + unit.optimizer_numel])
             flat = workspace.param_flats[unit.index]
@@ -213,9 +222,9 @@ def _alias(tensor: torch.Tensor) -> torch.Tensor:
 
 def _tensor_leaves(state: ZeroState) -> list[torch.Tensor]:
     return [
-        state.master,
-        state.exp_avg,
-        state.exp_avg_sq,
+        *flat_parts(state.master),
+        *flat_parts(state.exp_avg),
+        *flat_parts(state.exp_avg_sq),
         state.step,
         *state.pending.tensors(),
         *state.param_shards,

@@ -18,6 +18,7 @@ from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace
 from fzero.state.layout import FlatLayout
 from fzero.state.pending import PendingUpdate
+from fzero.state.split import SplitFlat
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,12 @@ class Hyper:
 
 @dataclass
 class OptimizerBuffers:
-    master: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
+    """The optimizer state the step phase and the host optimizer update in place; under
+    partial offload the master and moments are ``SplitFlat`` (a device and a host part)."""
+
+    master: torch.Tensor | SplitFlat
+    exp_avg: torch.Tensor | SplitFlat
+    exp_avg_sq: torch.Tensor | SplitFlat
     step: torch.Tensor
     # An update decided but not applied yet (optimizer offload at stage 3; see pending.py).
     pending: PendingUpdate = field(default_factory=PendingUpdate.empty)
@@ -74,12 +78,9 @@ class StepPhase:
         # Trainable parameters in model order as (unit, offset, shape): the order
         # deterministic mode sums squared norms in.
         self.norm_order = norm_order
-        self.runs = optimizer_runs(layout, workspace)
-        decay = WeightDecaySegments.from_ranges(decay_ranges, layout.optimizer_numel)
-        self.decay_runs = [
-            WeightDecaySegments.from_ranges(decay.within(lo, hi), hi - lo)
-            for lo, hi, _ in self.runs
-        ]
+        self._decay = WeightDecaySegments.from_ranges(decay_ranges, layout.optimizer_numel)
+        # Per OptimizerStep.units (() for every unit): its runs and their weight decay.
+        self._runs: dict[tuple[int, ...], list] = {}
         self.loss_sum: torch.Tensor | None = None
         self.micro_batches = 0
         self.ran = 0  # micro-steps this rank really ran in the step
@@ -202,9 +203,12 @@ class StepPhase:
             coef = hyper.max_grad_norm / (self.result.grad_norm + 1e-6)
             scale = scale * torch.clamp(coef, max=1.0)
         found_inf = self.result.found_inf
-        # A skipped step leaves the step count too (on the device: no host sync).
-        state.step.add_(1 if found_inf is None else 1 - found_inf)
-        for (lo, hi, param_out), decay in zip(self.runs, self.decay_runs):
+        step = state.step
+        if op.units:  # partial offload: ScalarsToHost counted the step, on the host
+            step = step.to(scale.device)
+        else:  # a skipped step leaves the step count too (on the device: no host sync)
+            step.add_(1 if found_inf is None else 1 - found_inf)
+        for lo, hi, param_out, decay in self._runs_of(op.units):
             adamw_step(
                 state.master[lo:hi],
                 self.workspace.grad_shard[lo:hi],
@@ -214,7 +218,7 @@ class StepPhase:
                 beta1=hyper.beta1,
                 beta2=hyper.beta2,
                 eps=hyper.eps,
-                step=state.step,
+                step=step,
                 decay=decay,
                 grad_scale=scale,
                 found_inf=found_inf,
@@ -222,15 +226,27 @@ class StepPhase:
                 bias_correction=hyper.bias_correction,
             )
 
+    def _runs_of(self, units: tuple[int, ...]) -> list:
+        """The kernel launches of an ``OptimizerStep`` over ``units`` (() for all), each as
+        (lo, hi, param_out, weight decay), built once."""
+        if units not in self._runs:
+            runs = optimizer_runs(self.layout, self.workspace, frozenset(units) or None)
+            self._runs[units] = [
+                (lo, hi, out, WeightDecaySegments.from_ranges(self._decay.within(lo, hi), hi - lo))
+                for lo, hi, out in runs
+            ]
+        return self._runs[units]
 
-def optimizer_runs(layout: FlatLayout, workspace: Workspace):
+
+def optimizer_runs(layout: FlatLayout, workspace: Workspace, units: frozenset[int] | None = None):
     """Split the optimizer space into runs, one kernel launch each, whose compute-dtype
     destinations are contiguous too: one run in stages 0 and 3 unless a unit holds frozen
     parameters, one per unit in stages 1 and 2 (each unit's shard is a slice of its own buffer).
-    The destination is None where nothing besides the master is kept."""
+    The destination is None where nothing besides the master is kept. ``units``: only these
+    (partial offload's device units); None: every unit."""
     runs: list[tuple[int, int, torch.Tensor | None]] = []
     for u in layout.units:
-        if u.optimizer_numel == 0:
+        if u.optimizer_numel == 0 or (units is not None and u.index not in units):
             continue
         lo, hi = u.optimizer_offset, u.optimizer_offset + u.optimizer_numel
         dest = workspace.param_out(u.index)

@@ -105,6 +105,9 @@ class Knobs:
     # zero_optimization.offload_optimizer / offload_param device "cpu" (see offload.py)
     offload_optimizer: bool = False
     offload_param: bool = False
+    # offload_optimizer.ratio < 1: the units whose optimizer steps on the host (the others step
+    # on the device, ``offload_split.py``); None: every unit's.
+    host_step_units: frozenset[int] | None = None
     # fzero.offload_update_in_forward: stage 3's CPU steps move into the next first forward
     offload_update_in_forward: bool = False
 
@@ -186,14 +189,16 @@ def compile_schedule(
     last_micro = micro_pass(reduce=True) if last else None
     if knobs.offload_optimizer:
         itemsize = knobs.grad_shard_itemsize
+        host = knobs.host_step_units
         if reduction != "step" and traced:  # reduced in the micro-step: copy after the last
-            last_micro = copy_grads_down(units, last_micro or micro, itemsize)
+            last_micro = copy_grads_down(units, last_micro or micro, itemsize, host)
         ops = host_step_ops(
             units,
             ops,
             reduces_in_step=reduction == "step",
             grad_itemsize=itemsize,
             param_offload=knobs.offload_param,
+            host_units=host,
         )
     first_extra: tuple[Entry, ...] = ()
     if knobs.offload_optimizer and stage == 3 and knobs.offload_update_in_forward:

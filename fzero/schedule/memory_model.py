@@ -167,21 +167,32 @@ class MemoryModel:
         """Read fzero's sizes from the schedule: the padded parameter bytes of its units and
         the optimizer shard of its ``OptimizerStep``; ``bytes_per_param`` converts element
         counts to bytes (its K should count the fp32 master, which fzero keeps apart from the
-        compute-dtype parameters in stages 1-3)."""
+        compute-dtype parameters in stages 1-3).
+
+        Under optimizer offload only what steps on the device (a partial offload's
+        ``OptimizerStep`` over the device units; nothing under full offload) keeps its master
+        and moments here, and stage 3 keeps a compute-dtype shard of every unit for the gathers
+        (in host memory, so not counted, with parameter offload's ``UploadShard``)."""
         b, stage = bytes_per_param, schedule.stage
         step_ops = [op for entry in schedule.step for op in entry.ops]
         shard_world = schedule.world_size if stage > 0 else 1
         padded_numel = sum(u.param_nbytes for u in schedule.units) // b.parameter
         shard_numel = -(-padded_numel // shard_world)
+        first = [op for entry in schedule.first_micro_extra for op in entry.ops]
+        on_host = any(isinstance(op, (O.HostOptimizerStep, O.ApplyPendingUpdate)) for op in first)
+        on_host = on_host or any(isinstance(op, O.HostOptimizerStep) for op in step_ops)
         optimizer_numel = next(
-            (op.shard_numel for op in step_ops if isinstance(op, O.OptimizerStep)), shard_numel
+            (op.shard_numel for op in step_ops if isinstance(op, O.OptimizerStep)),
+            0 if on_host else shard_numel,
         )
+        # Stage 3's frozen parameters: the shard elements the optimizer does not own.
+        parameter_shard_numel = shard_numel - optimizer_numel if stage == 3 else 0
+        if stage == 3 and on_host:
+            uploads = any(isinstance(op, O.UploadShard) for op in schedule.ops(1))
+            parameter_shard_numel = 0 if uploads else shard_numel
         aliased = b.gradient_shard == b.gradient  # stage 0 accumulates in the gradient buffers
         return cls(
-            # Stage 3's frozen parameters: the shard elements the optimizer does not own.
-            parameter_shard_nbytes=(shard_numel - optimizer_numel) * b.parameter
-            if stage == 3
-            else 0,
+            parameter_shard_nbytes=parameter_shard_numel * b.parameter,
             # Deterministic mode allocates stage 0's shard with ops, as stages 1-3 do.
             gradient_shard_nbytes=optimizer_numel * b.gradient_shard
             if stage == 0 and not aliased and schedule.gradient_reduction == "step"

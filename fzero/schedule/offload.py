@@ -50,23 +50,30 @@ from fzero.schedule.schedule import UnitInfo
 
 
 def copy_grads_down(
-    units: tuple[UnitInfo, ...], entries: tuple[Entry, ...], grad_itemsize: int
+    units: tuple[UnitInfo, ...],
+    entries: tuple[Entry, ...],
+    grad_itemsize: int,
+    host_units: frozenset[int] | None = None,
 ) -> tuple[Entry, ...]:
-    """``CopyGradToHost`` after every unit's ``WaitReduce`` (the step's last reduction)."""
+    """``CopyGradToHost`` after every host unit's ``WaitReduce`` (the step's last reduction);
+    ``host_units`` None: every unit is one."""
     return tuple(
-        replace(entry, ops=_copies_after_waits(units, entry.ops, grad_itemsize))
+        replace(entry, ops=_copies_after_waits(units, entry.ops, grad_itemsize, host_units))
         for entry in entries
     )
 
 
 def _copies_after_waits(
-    units: tuple[UnitInfo, ...], ops: tuple[Op, ...], grad_itemsize: int
+    units: tuple[UnitInfo, ...],
+    ops: tuple[Op, ...],
+    grad_itemsize: int,
+    host_units: frozenset[int] | None,
 ) -> tuple[Op, ...]:
     by_index = {u.index: u for u in units}
     out: list[Op] = []
     for op in ops:
         out.append(op)
-        if isinstance(op, WaitReduce):
+        if isinstance(op, WaitReduce) and (host_units is None or op.unit in host_units):
             unit = by_index[op.unit]
             nbytes = unit.optimizer_numel * grad_itemsize
             out.append(CopyGradToHost(unit.index, unit.name, nbytes))
@@ -80,17 +87,24 @@ def host_step_ops(
     reduces_in_step: bool,
     grad_itemsize: int,
     param_offload: bool,
+    host_units: frozenset[int] | None = None,
 ) -> tuple[Op, ...]:
-    """The step phase with the device ``OptimizerStep`` replaced by the host steps."""
+    """The step phase with the device ``OptimizerStep`` replaced by the host steps (of
+    ``host_units``, None: of every unit; the others keep an ``OptimizerStep`` of their own)."""
     if reduces_in_step:  # stage 1: the reductions are here
-        step_ops = _copies_after_waits(units, step_ops, grad_itemsize)
+        step_ops = _copies_after_waits(units, step_ops, grad_itemsize, host_units)
+    on_host = [u for u in units if host_units is None or u.index in host_units]
+    on_device = [u for u in units if u not in on_host and u.optimizer_numel]
     ops: list[Op] = []
     for op in step_ops:
         if not isinstance(op, OptimizerStep):
             ops.append(op)
             continue
         ops.append(ScalarsToHost())
-        for unit in units:
+        if on_device:
+            numel = sum(u.optimizer_numel for u in on_device)
+            ops.append(OptimizerStep(numel, tuple(u.index for u in on_device)))
+        for unit in on_host:
             if unit.optimizer_numel == 0:
                 continue
             ops.append(HostOptimizerStep(unit.index, unit.name, unit.optimizer_numel))

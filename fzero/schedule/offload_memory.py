@@ -8,6 +8,11 @@ K the optimizer bytes per element, g the gradient-shard bytes and c the compute-
   the host, beside the g P the gradient shard is copied down into and a c P staging buffer the
   CPU step writes the updated parameters into for the upload. At stage 3 the device now keeps a
   c F parameter shard to gather from (without offload it casts the master on the fly).
+- ``offload_ratio`` r < 1 (``offload_optimizer.ratio``, ``"cpu"`` only): only r P of the
+  optimizer shard is offloaded as above (K, g and c bytes per element on the host); the device
+  keeps the other (1 - r) P of master weights and moments, which step there. The estimate takes
+  r as exact (r P rounded to an element); the unit split rounds the host's share up to whole
+  units, which ``print(state.schedule)`` reports.
 - ``offload_optimizer`` ``"nvme"``: the K P go to files; the host keeps the g P and c P buffers
   and ``optimizer_buffer_count`` staging buffers of one state (4 bytes) of the largest unit's
   shard, through which units' states are read, stepped and written back.
@@ -68,6 +73,7 @@ def offload_states(
     optimizer_buffer_count: int = 4,
     param_buffer_count: int = 5,
     param_buffer_size: int = 100_000_000,
+    offload_ratio: float = 1.0,
 ) -> OffloadStates:
     """Split ``without_offload`` (fzero's layout, ``model_states(..., layout="fzero")``) by
     residence; see the module docstring for each formula. ``largest_unit_numel`` sizes NVMe
@@ -79,6 +85,15 @@ def offload_states(
         raise ValueError("offload_optimizer needs stage 1, 2 or 3 (stage 0 keeps no shard)")
     if offload_param != "none" and stage != 3:
         raise ValueError(f"offload_param needs stage 3, got stage {stage}")
+    if not 0.0 <= offload_ratio <= 1.0:
+        raise ValueError(f"offload_ratio must lie in [0, 1], got {offload_ratio}")
+    if offload_ratio < 1 and (offload_optimizer != "cpu" or offload_param != "none"):
+        raise ValueError(
+            'offload_ratio < 1 needs offload_optimizer "cpu" and no offload_param, as '
+            "zero_optimization.offload_optimizer.ratio does"
+        )
+    if offload_ratio == 0:  # everything on the device: no optimizer offload
+        offload_optimizer = "none"
     b = bytes_per_param
     optimizer_numel = -(-trainable_numel // world_size)
     shard_numel = -(-numel // world_size)
@@ -86,13 +101,15 @@ def offload_states(
     zero = ModelStates(0, 0, 0)
     host, file, staging = zero, zero, 0
     if offload_optimizer != "none":
-        gradient_copy = optimizer_numel * b.gradient_shard
-        upload = optimizer_numel * b.parameter
+        host_numel = round(offload_ratio * optimizer_numel)
+        kept = (optimizer_numel - host_numel) * b.optimizer_state  # on the device
+        gradient_copy = host_numel * b.gradient_shard
+        upload = host_numel * b.parameter
         parameters = device.parameters
         if stage == 3:  # a compute-dtype shard to gather from, where the master was
             parameters = shard_numel * b.parameter
-        device = ModelStates(parameters, device.gradients, 0, device.transient_gradients)
-        state = optimizer_numel * b.optimizer_state
+        device = ModelStates(parameters, device.gradients, kept, device.transient_gradients)
+        state = host_numel * b.optimizer_state
         if offload_optimizer == "cpu":
             host = ModelStates(upload, gradient_copy, state)
         else:

@@ -29,10 +29,15 @@ from fzero.schedule.ops import (
     POST_BACKWARD,
     PRE_BACKWARD,
     PRE_RECOMPUTE,
+    ApplyPendingUpdate,
     Entry,
+    HostOptimizerStep,
     Op,
+    OptimizerStep,
     _size,
 )
+
+HOST_STEPS = (HostOptimizerStep, ApplyPendingUpdate)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,22 @@ class Schedule:
             ops.extend(entry.ops)
         return ops
 
+    def optimizer_placement(self) -> str:
+        """Partial optimizer offload: which units step on the device and which on the host,
+        with the host's share of this rank's optimizer elements; "" otherwise."""
+        ops = [op for entry in self.first_micro_extra + self.step for op in entry.ops]
+        device = next((op for op in ops if isinstance(op, OptimizerStep) and op.units), None)
+        if device is None:
+            return ""
+        host = {op.unit: op.numel for op in ops if isinstance(op, HOST_STEPS)}
+        host_numel = sum(host.values())
+        share = host_numel / (host_numel + device.shard_numel)
+        return (
+            f"units {_listed(host)} on the host ({host_numel:,} elements, {share:.1%} of the "
+            f"optimizer state), units {_listed(device.units)} on the device "
+            f"({device.shard_numel:,} elements)"
+        )
+
     @property
     def peak_live_nbytes(self) -> int:
         entries = self.micro_step + (self.last_micro_step or ())
@@ -135,6 +156,9 @@ class Schedule:
             f"  peak gathered bytes alive: {_size(self.peak_live_nbytes)}",
             f"  gradients reduced: {_REDUCTION_TEXT[self.gradient_reduction]}",
         ]
+        placement = self.optimizer_placement()
+        if placement:
+            lines.append(f"  optimizer steps: {placement}")
         which = "each micro-batch"
         phases = [(self.micro_step, which)]
         if self.last_micro_step is not None:
@@ -149,6 +173,10 @@ class Schedule:
             lines += _entry_lines(self.units, entries, micro_label, live=True)
         lines += _entry_lines(self.units, self.step, "", live=False)
         return "\n".join(lines)
+
+
+def _listed(units) -> str:
+    return ", ".join(str(u) for u in sorted(units)) or "none"
 
 
 GRADIENT_REDUCTIONS = ("step", "micro_batch", "last_micro_batch", "ordered")

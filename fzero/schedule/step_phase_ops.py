@@ -40,9 +40,18 @@ class ReduceScalarsInOrder(Op):
 class OptimizerStep(Op):
     """AdamW over this rank's whole flat shard in one pass (one launch per contiguous run); in
     stages 0-2 it also writes the compute-dtype parameters, in stage 3 the next gathers cast
-    the master. ``shard_numel`` elements."""
+    the master. ``shard_numel`` elements.
+
+    ``units`` (partial optimizer offload, ``offload_optimizer.ratio`` < 1): only these units'
+    part of the shard, the device part, which steps here while the host steps the rest
+    (``HostOptimizerStep``); ``ScalarsToHost`` before it has counted the step. Empty: every
+    unit, and this op counts the step."""
 
     shard_numel: int
+    units: tuple[int, ...] = ()
 
     def __str__(self) -> str:
-        return f"OptimizerStep {self.shard_numel:,} elements"
+        if not self.units:
+            return f"OptimizerStep {self.shard_numel:,} elements"
+        listed = ", ".join(str(u) for u in self.units)
+        return f"OptimizerStep {self.shard_numel:,} elements on the device: units {listed}"

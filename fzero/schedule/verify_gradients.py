@@ -241,4 +241,7 @@ class GradientRules:
             )
         if self.optimizer_done:
             self.fail("optimizer-after-reduce", -1, "OptimizerStep runs twice in one step")
+        if op.units:  # partial offload: the device part; the host steps the other units
+            self.step_device_part(op)
+            return
         self.optimizer_done = self.shard_consumed = True

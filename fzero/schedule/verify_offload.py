@@ -88,6 +88,24 @@ class OffloadRules:
         if stepping <= self.host_stepped and not self.uploads_pending:
             self.optimizer_done = True
 
+    def step_device_part(self, op: O.OptimizerStep) -> None:
+        """Partial offload's ``OptimizerStep`` over the device units (``op.units``): after
+        ``ScalarsToHost``, which counts the step it reads; each of its units steps once, and
+        the step is done once the host units have stepped too."""
+        if not self.host_scalars:
+            self.fail(
+                "optimizer-after-reduce",
+                -1,
+                "OptimizerStep of the device units runs before ScalarsToHost counted the step",
+            )
+        twice = self.host_stepped & set(op.units)
+        if twice:
+            self.fail("optimizer-after-reduce", min(twice), "steps on the host and the device")
+        self.host_stepped |= set(op.units)  # every unit stepped, on the host or the device
+        self.shard_consumed = True
+        stepping = {u.index for u in self.units.values() if u.optimizer_numel}
+        self.optimizer_done = stepping <= self.host_stepped and not self.uploads_pending
+
     def op_CopyParamsToDevice(self, op: O.CopyParamsToDevice) -> None:
         if op.unit not in self.host_stepped:
             self.fail("offload-copy", op.unit, "uploaded before its HostOptimizerStep")

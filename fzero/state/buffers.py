@@ -18,6 +18,7 @@ from torch import nn
 from fzero.offload.host import HostBuffer
 from fzero.state.layout import FlatLayout, Unit
 from fzero.state.released import mark_released, name_params
+from fzero.state.split import SplitFlat
 
 
 def free_storage(tensor: torch.Tensor) -> None:
@@ -60,7 +61,7 @@ class Workspace:
 
     layout: FlatLayout
     stage: int
-    master: torch.Tensor
+    master: torch.Tensor | SplitFlat  # split in two under partial optimizer offload
     param_flats: list[torch.Tensor]  # per unit, compute dtype, padded length
     # Per unit, compute dtype, stages 0 and 1 only (the persistent full gradients); None for
     # frozen units and in stages 2 and 3, where autograd's own gradients are packed at reduction.
@@ -190,6 +191,7 @@ def build_workspace(
     host_master=False,
     host_shards=False,
     pin_memory=False,
+    device_master_numel=0,
 ):
     """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
     point the parameters there; each unit's original storage is released before the next one
@@ -203,14 +205,20 @@ def build_workspace(
     Offload: ``host_master`` puts the master in host memory (the optimizer steps there; pinned
     with ``pin_memory``); stage 3 then keeps a compute-dtype shard for its gathers to read, on
     the device, or on the host with ``host_shards`` (parameter offload). Host buffers stay
-    alive in ``workspace.host_buffers``."""
+    alive in ``workspace.host_buffers``. ``device_master_numel`` (partial offload): the first
+    elements of the master, the device units', stay on the device (a ``SplitFlat``)."""
     host_buffers: list[HostBuffer] = []
 
     def host_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
         host_buffers.append(HostBuffer(numel, dtype, pin_memory=pin_memory))
         return host_buffers[-1].tensor.zero_()
 
-    if host_master:
+    if host_master and 0 < device_master_numel < layout.optimizer_numel:
+        master = SplitFlat(
+            torch.zeros(device_master_numel, dtype=torch.float32, device=device),
+            host_zeros(layout.optimizer_numel - device_master_numel, torch.float32),
+        )
+    elif host_master:
         master = host_zeros(layout.optimizer_numel, torch.float32)
     else:
         master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
@@ -244,7 +252,7 @@ def build_workspace(
             comm.broadcast(flat, src=0)
         lo, _ = layout.owned_range(unit)
         opt = slice(unit.optimizer_offset, unit.optimizer_offset + unit.optimizer_numel)
-        master[opt] = flat[lo : lo + unit.optimizer_numel]
+        master[opt].copy_(flat[lo : lo + unit.optimizer_numel])
         if stage == 0:  # shards are whole units: the unit buffer is a view into the shard
             span = slice(unit.shard_offset, unit.shard_offset + unit.shard_numel)
             if param_shard is not master:

@@ -9,6 +9,11 @@ reads the applied-step count). Everything static (layout, schedule,
 config, the model and the runtime that drives it) is the pytree's metadata, so
 ``optree.tree_map(f, state, namespace="fzero")`` touches exactly the tensors a checkpoint must
 hold, and a ``tree_map`` copy of a state is a state: ``train_step`` accepts it and trains from it.
+
+Under partial optimizer offload (``offload_optimizer.ratio`` < 1) ``master``, ``exp_avg`` and
+``exp_avg_sq`` are ``SplitFlat`` buffers (``fzero/state/split.py``): the device units' part and
+the host units' part, two leaves each, never one partial tensor. ``split.full()`` (or
+``fzero.state.split.as_flat``) is the whole flat buffer, the one a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ import torch
 from fzero.errors import DonatedStateError
 from fzero.state.pending import PendingUpdate
 from fzero.state.progress import Progress
+from fzero.state.split import SplitFlat
 
 
 @dataclass(frozen=True, eq=False)
 class ZeroState:
-    master: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
+    # This rank's optimizer space, fp32; SplitFlat (a device and a host part) under partial
+    # optimizer offload.
+    master: torch.Tensor | SplitFlat
+    exp_avg: torch.Tensor | SplitFlat
+    exp_avg_sq: torch.Tensor | SplitFlat
     step: torch.Tensor  # 0-dim fp32: optimizer updates applied so far
     # Per unit, this rank's compute-dtype slice (views into the workspace); empty when those
     # are the fp32 master itself (fp32 stages 0 and 3 with no frozen parameters).
@@ -64,8 +72,11 @@ class ZeroState:
     def __repr__(self) -> str:
         # Never print buffer contents: stage 3 frees storages between uses, and a summary is
         # what a reader wants anyway.
-        def describe(t: torch.Tensor) -> str:
-            return f"{t.numel():,} x {str(t.dtype).removeprefix('torch.')}"
+        def describe(t: torch.Tensor | SplitFlat) -> str:
+            text = f"{t.numel():,} x {str(t.dtype).removeprefix('torch.')}"
+            if isinstance(t, SplitFlat):
+                text += f" ({t.split_numel:,} on the device, {t.on_host.numel():,} on the host)"
+            return text
 
         return (
             f"ZeroState(stage {self.runtime.config.stage}, rank {self.rank}/{self.world_size}, "
