@@ -20,7 +20,10 @@ and the ratio to DeepSpeed's best row.
 Implementations: fsdp2 (no offload), fsdp2:offload (CPUOffloadPolicy(pin_memory=True)),
 deepspeed:2+opt, deepspeed:3+opt, deepspeed:3+opt+param, fzero:N (no offload), fzero:N+opt,
 fzero:3+opt+param; fzero:3+opt+stepphase runs every CPU step in the step phase
-(``fzero.offload_update_in_forward: false``).
+(``fzero.offload_update_in_forward: false``); ``+rX`` (fzero:3+opt+r0.6, deepspeed:3+opt+r0.6)
+is partial offload, ``offload_optimizer.ratio`` X; fzero's ``+bf16grad`` keeps the reduced gradient
+in bf16 (``data_types.grad_accum_dtype``), the same values on one rank without accumulation
+(autograd's gradients of bf16 parameters are bf16), in half the device and host memory.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ def _zero_block(stage: int, options: set[str], pin: bool) -> dict:
     zero: dict = {"stage": stage}
     if "opt" in options:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        # +r0.6: partial offload, that fraction of the optimizer state on the host
+        ratios = [float(o[1:]) for o in options if o.startswith("r")]
+        if ratios:
+            zero["offload_optimizer"]["ratio"] = ratios[0]
     if "param" in options:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return zero
@@ -90,6 +97,8 @@ def make_step(impl: str, model, device: torch.device, ckpt: bool = False):
             # +stepphase: every CPU step in the step phase (no overlap with the next forward)
             "fzero": {"offload_update_in_forward": "stepphase" not in options},
         }
+        if "bf16grad" in options:  # exact here: one rank, no accumulation, bf16 gradients
+            config["data_types"] = {"grad_accum_dtype": "bf16"}
         box = {"state": fzero.shard(model, config=config, device=device)}
 
         def step(batch):

@@ -84,6 +84,7 @@ class HostOptimizer:
         # set by ``install``), and those of them applied since the update was decided.
         self.deferred: frozenset[int] = frozenset()
         self._applied: set[int] = set()
+        self._fp32_grad: torch.Tensor | None = None  # see _widened
 
     def install(self, schedule: Any) -> None:
         """Read which units' CPU steps ``schedule`` runs in the next step's first forward."""
@@ -206,6 +207,15 @@ class HostOptimizer:
         self._applied = set(self.deferred)
         self.pending.armed.zero_()
 
+    def _widened(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` (a unit's bf16 or fp16 host gradient) in fp32, in one buffer kept for every
+        unit: a fresh one per unit would make the host allocator map and fault in a unit's worth
+        of pages each time (large blocks come from mmap)."""
+        if self._fp32_grad is None or self._fp32_grad.numel() < grad.numel():
+            largest = max(u.optimizer_numel for u in self.layout.units)
+            self._fp32_grad = torch.empty(max(largest, grad.numel()), dtype=torch.float32)
+        return self._fp32_grad[: grad.numel()].copy_(grad)
+
     def _adamw(self, unit: int, lr: float, inverse_scale: torch.Tensor) -> None:
         """AdamW over unit ``unit``'s slice of the master and moments, with the gradient in
         ``host_grad`` divided by ``inverse_scale``; with parameter offload it also writes the
@@ -217,7 +227,7 @@ class HostOptimizer:
         span = self._range(unit)
         grad = self.host_grad[self._grad_range(unit)]  # indexed from the unit's start below
         if grad.dtype != torch.float32:  # torch's kernel wants one dtype throughout
-            grad = grad.float()
+            grad = self._widened(grad)
         by_decay: dict[float, list[slice]] = {}
         for lo, hi, decay in self.decay_runs[unit]:
             by_decay.setdefault(decay, []).append(slice(lo, hi))
