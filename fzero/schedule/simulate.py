@@ -104,7 +104,10 @@ class _Replay:
         self.schedule, self.cost, self.memory = schedule, cost, memory
         self.world_size = schedule.world_size
         self.units = {u.index: u for u in schedule.units}
-        self.now = 0.0
+        self.now = 0.0  # the compute stream's clock
+        # The clock of the host thread that issues the device's work: the CPU optimizer steps
+        # and the step's one host sync hold it; the device runs on what was issued meanwhile.
+        self.host_now = 0.0
         self.stream_free = {
             O.GATHER: 0.0,
             O.REDUCE: 0.0,
@@ -136,12 +139,14 @@ class _Replay:
         )
 
     def compute(self, name: str, seconds: float, micro: int) -> None:
-        self.spans.append(Span(name, O.COMPUTE, "compute", self.now, self.now + seconds, micro))
-        self.now += seconds
+        start = max(self.now, self.host_now)  # issued once the host thread gets there
+        self.spans.append(Span(name, O.COMPUTE, "compute", start, start + seconds, micro))
+        self.now = start + seconds
         self.compute_seconds += seconds
 
     def collective(self, op: O.Op, stream: str, seconds: float, micro: int) -> float:
-        start = max(self.now, self.stream_free[stream])
+        # After the compute it follows on the device, and once the host thread issued it.
+        start = max(self.now, self.host_now, self.stream_free[stream])
         end = start + seconds
         self.stream_free[stream] = end
         self.spans.append(Span(_op_text(op), stream, "collective", start, end, micro))
@@ -193,6 +198,7 @@ class _Replay:
                 }
                 self.wait(op, max(ends, default=self.now), micro)
             elif isinstance(op, O.ScalarsToHost):  # the host waits for the device: one sync
+                self.host_now = max(self.host_now, self.now)
                 self.spans.append(Span(_op_text(op), O.COMPUTE, "op", self.now, self.now, micro))
             elif isinstance(op, O.WriteGradShard):  # one rank: a local write, no collective
                 self.in_flight[(O.REDUCE, op.unit)] = self.now
@@ -229,15 +235,13 @@ class _Replay:
             self.samples.append(self.sample())
 
     def host_step(self, op: O.HostOptimizerStep | O.ApplyPendingUpdate, micro: int) -> None:
-        """The host runs the CPU step once the unit's gradient is down; the thread that issues
-        the device's work is busy meanwhile, so the compute clock waits for it too."""
-        ready = self.in_flight.pop((O.DEVICE_TO_HOST, op.unit), self.now)
-        self.wait(op, ready, micro)
+        """The host runs the CPU step once the unit's gradient is down (it waits for the copy);
+        the thread that issues the device's work is busy meanwhile, so nothing new reaches the
+        device until it is done, while what was issued before runs on."""
+        start = max(self.host_now, self.in_flight.pop((O.DEVICE_TO_HOST, op.unit), 0.0))
         seconds = self.cost.cpu_optimizer(op.numel)
-        self.spans.append(
-            Span(_op_text(op), O.HOST, "compute", self.now, self.now + seconds, micro)
-        )
-        self.now += seconds
+        self.spans.append(Span(_op_text(op), O.HOST, "compute", start, start + seconds, micro))
+        self.host_now = start + seconds
         self.compute_seconds += seconds
 
     def bookkeeping(self, op: O.Op) -> None:
@@ -251,7 +255,9 @@ class _Replay:
             self.grad_shard_nbytes = None
 
     def timeline(self, micro_batches: int) -> Timeline:
-        end = max([self.now, *self.in_flight.values(), *self.stream_free.values()])
+        end = max(
+            [self.now, self.host_now, *self.in_flight.values(), *self.stream_free.values()]
+        )
         return Timeline(
             stage=self.schedule.stage,
             world_size=self.world_size,
