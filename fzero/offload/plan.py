@@ -5,6 +5,8 @@
   and the step count live in host memory, pinned with ``pin_memory``; the optimizer steps there.
 - ``offload_param.device: "cpu"`` (stage 3, with optimizer offload): this rank's compute-dtype
   parameter shards live in host memory too, and every gather uploads first.
+- ``"nvme"`` for either: the same, with those buffers in swap files under ``nvme_path``
+  instead of host memory (``FileResidence``, ``fzero/offload/files.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from fzero.config import Config
 from fzero.errors import ConfigError
+from fzero.offload.files import FileResidence
 from fzero.offload.host import HostBuffer, check_host_memory
 from fzero.runtime.step_phase import OptimizerBuffers
 from fzero.state.buffers import Workspace
@@ -30,6 +33,7 @@ class HostOptimizerSettings:
     pin_memory: bool
     compute_dtype: torch.dtype
     params_on_host: bool
+    files: FileResidence | None = None  # NVMe offload: the swap files and their staging
 
 
 @dataclass(frozen=True)
@@ -37,14 +41,17 @@ class OffloadPlan:
     optimizer_on_host: bool = False
     params_on_host: bool = False
     pin_memory: bool = False
+    # device "nvme": the optimizer state / the parameter shards live in swap files
+    optimizer_in_files: bool = False
+    params_in_files: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> OffloadPlan:
         zero = config.zero_optimization
         optimizer = zero.offload_optimizer
         params = zero.offload_param
-        on_host = optimizer is not None and optimizer.device == "cpu"
-        params_on_host = params is not None and params.device == "cpu"
+        on_host = optimizer is not None and optimizer.device in ("cpu", "nvme")
+        params_on_host = params is not None and params.device in ("cpu", "nvme")
         if on_host and zero.stage == 0:
             raise ConfigError(
                 "zero_optimization.offload_optimizer.device",
@@ -55,8 +62,8 @@ class OffloadPlan:
             raise ConfigError(
                 "zero_optimization.offload_param.device",
                 "parameter offload in fzero runs with optimizer offload: set "
-                'offload_optimizer.device to "cpu" as well (the updated parameters are then '
-                "written into the host shards by the CPU step, with no copy)",
+                'offload_optimizer.device to "cpu" or "nvme" as well (the updated parameters '
+                "are then written into the offloaded shards by the CPU step, with no copy)",
             )
         if on_host and not config.optimizer.bias_correction:
             raise ConfigError(
@@ -74,7 +81,25 @@ class OffloadPlan:
             (optimizer is not None and optimizer.pin_memory)
             or (params is not None and params.pin_memory)
         )
-        return cls(on_host, params_on_host, pin)
+        in_files = on_host and optimizer.device == "nvme"
+        params_in_files = params_on_host and params.device == "nvme"
+        return cls(on_host, params_on_host, pin, in_files, params_in_files)
+
+    def file_residence(
+        self, config: Config, layout: FlatLayout, compute_dtype: torch.dtype, rank: int
+    ) -> FileResidence | None:
+        """The swap files of NVMe offload, checked and allocated (None without "nvme")."""
+        if not (self.optimizer_in_files or self.params_in_files):
+            return None
+        return FileResidence(
+            config,
+            layout,
+            compute_dtype,
+            rank=rank,
+            optimizer_in_files=self.optimizer_in_files,
+            params_in_files=self.params_in_files,
+            pin_memory=self.pin_memory,
+        )
 
     def check_host_memory(
         self, layout: FlatLayout, compute_dtype: torch.dtype, grad_dtype: torch.dtype
@@ -83,27 +108,43 @@ class OffloadPlan:
         if not self.optimizer_on_host:
             return
         numel = layout.optimizer_numel
-        nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
-        what = f"offload_optimizer (fp32 master weights, moments and gradients of {numel:,} "
-        if self.params_on_host:
+        if self.optimizer_in_files:  # the master and moments are in files: the gradient copy
+            nbytes = numel * grad_dtype.itemsize
+            what = f"offload_optimizer (the gradients of {numel:,} elements"
+        else:
+            nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
+            what = f"offload_optimizer (fp32 master weights, moments and gradients of {numel:,} "
+            what += "elements"
+        if self.params_in_files:
+            what += "; the parameter shards are in a file)"
+        elif self.params_on_host:
             nbytes += layout.shard_numel * compute_dtype.itemsize
-            what += "elements, and offload_param's parameter shards)"
+            what += ", and offload_param's parameter shards)"
         else:
             nbytes += numel * compute_dtype.itemsize  # the upload buffer
-            what += "elements, and the upload buffer)"
+            what += ", and the upload buffer)"
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         check_host_memory(nbytes, what, ranks_on_host=ranks)
 
     def optimizer_buffers(
-        self, master: torch.Tensor, numel: int, device: torch.device, workspace: Workspace
+        self,
+        master: torch.Tensor,
+        numel: int,
+        device: torch.device,
+        workspace: Workspace,
+        files: FileResidence | None = None,
     ) -> OptimizerBuffers:
-        """The AdamW state beside ``master``: on the host under optimizer offload."""
+        """The AdamW state beside ``master``: on the host under optimizer offload, in files
+        under NVMe optimizer offload."""
         if not self.optimizer_on_host:
             zeros = [torch.zeros(numel, dtype=torch.float32, device=device) for _ in range(2)]
             step = torch.zeros((), dtype=torch.float32, device=device)
             return OptimizerBuffers(master, *zeros, step)
         moments = []
-        for _ in range(2):
+        for name in ("exp_avg", "exp_avg_sq"):
+            if files is not None and files.holds(name):
+                moments.append(files.tensor(name))
+                continue
             buffer = HostBuffer(numel, torch.float32, pin_memory=self.pin_memory)
             workspace.host_buffers.append(buffer)
             moments.append(buffer.tensor.zero_())
@@ -114,7 +155,9 @@ class OffloadPlan:
         step = torch.zeros((), dtype=torch.float32)
         return OptimizerBuffers(master, *moments, step, pending)
 
-    def host_optimizer_settings(self, compute_dtype: torch.dtype) -> HostOptimizerSettings | None:
+    def host_optimizer_settings(
+        self, compute_dtype: torch.dtype, files: FileResidence | None = None
+    ) -> HostOptimizerSettings | None:
         if not self.optimizer_on_host:
             return None
-        return HostOptimizerSettings(self.pin_memory, compute_dtype, self.params_on_host)
+        return HostOptimizerSettings(self.pin_memory, compute_dtype, self.params_on_host, files)

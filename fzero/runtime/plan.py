@@ -87,6 +87,8 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
         offload_optimizer=offload_device(zero.offload_optimizer) != "none",
         offload_param=offload_device(zero.offload_param) != "none",
         offload_update_in_forward=config.fzero.offload_update_in_forward,
+        optimizer_in_files=offload_device(zero.offload_optimizer) == "nvme",
+        params_in_files=offload_device(zero.offload_param) == "nvme",
     )
 
 

@@ -97,6 +97,9 @@ def _compute_placement(
     return before, after
 
 
+SHARD_READ = "file-shard"  # in-flight key of a parameter shard's read (the state's: O.FILE)
+
+
 class _Replay:
     """The clocks and buffers of one rank while the schedule runs."""
 
@@ -110,6 +113,7 @@ class _Replay:
             O.REDUCE: 0.0,
             O.DEVICE_TO_HOST: 0.0,
             O.HOST_TO_DEVICE: 0.0,
+            O.FILE: 0.0,
         }
         self.in_flight: dict[tuple[str, int], float] = {}  # (stream, unit) -> collective end
         self.spans: list[Span] = []
@@ -172,7 +176,16 @@ class _Replay:
                     seconds = self.cost.reduce_scatter(op.nbytes, n)
                 self.in_flight[(O.REDUCE, op.unit)] = self.collective(op, O.REDUCE, seconds, micro)
             elif isinstance(op, O.UploadShard):  # before its gather, on the gather stream
+                self.wait(op, self.in_flight.pop((SHARD_READ, op.unit), self.now), micro)
                 self.collective(op, O.GATHER, self.cost.upload(op.nbytes), micro)
+            elif isinstance(op, (O.ReadStateFromFile, O.ReadShardFromFile)):
+                seconds = self.cost.file_read(op.nbytes)
+                key = O.FILE if isinstance(op, O.ReadStateFromFile) else SHARD_READ
+                self.in_flight[(key, op.unit)] = self.collective(op, O.FILE, seconds, micro)
+            elif isinstance(op, O.WriteStateToFile):
+                self.collective(op, O.FILE, self.cost.file_write(op.nbytes), micro)
+            elif isinstance(op, O.WaitFileWrites):  # the file stream runs reads and writes
+                self.wait(op, self.stream_free[O.FILE], micro)
             elif isinstance(op, O.CopyGradToHost):
                 seconds = self.cost.download(op.nbytes)
                 end = self.collective(op, O.DEVICE_TO_HOST, seconds, micro)
@@ -232,6 +245,7 @@ class _Replay:
         """The host runs the CPU step once the unit's gradient is down; the thread that issues
         the device's work is busy meanwhile, so the compute clock waits for it too."""
         ready = self.in_flight.pop((O.DEVICE_TO_HOST, op.unit), self.now)
+        ready = max(ready, self.in_flight.pop((O.FILE, op.unit), self.now))  # its state's read
         self.wait(op, ready, micro)
         seconds = self.cost.cpu_optimizer(op.numel)
         self.spans.append(
