@@ -59,13 +59,34 @@ class FileResidence:
             nbytes = round_up(layout.shard_numel * compute_dtype.itemsize)
             _need(needs, zero.offload_param.nvme_path, f"{PARAM_KEY}.nvme_path", nbytes)
         self.swappers: dict[str, NvmeSwapper] = {}
-        for directory, (key, nbytes, path) in needs.items():
-            self.swappers[directory] = NvmeSwapper(
-                path, key=key, needed_nbytes=nbytes, rank=rank, aio=aio
-            )
         self.files: dict[str, MappedFile] = {}
         self.optimizer: OptimizerStaging | None = None
         self.shards: ShardStaging | None = None
+        try:
+            for directory, (key, nbytes, path) in needs.items():
+                self.swappers[directory] = NvmeSwapper(
+                    path, key=key, needed_nbytes=nbytes, rank=rank, aio=aio
+                )
+            self._allocate(
+                zero, layout, compute_dtype, pin_memory, optimizer_in_files, params_in_files
+            )
+        except BaseException:  # leave no directory behind a refused shard
+            _close(list(self.files.values()), list(self.swappers.values()))
+            raise
+        self._finalizer = weakref.finalize(
+            self, _close, list(self.files.values()), list(self.swappers.values())
+        )
+
+    def _allocate(
+        self,
+        zero,
+        layout: FlatLayout,
+        compute_dtype: torch.dtype,
+        pin_memory: bool,
+        optimizer_in_files: bool,
+        params_in_files: bool,
+    ) -> None:
+        """The file-backed tensors and their staging buffers."""
         if optimizer_in_files:
             swapper = self._swapper(zero.offload_optimizer.nvme_path)
             for name in OPTIMIZER_FILES:
@@ -92,9 +113,6 @@ class FileResidence:
             }
             count = zero.offload_param.buffer_count
             self.shards = ShardStaging(file, ranges, count, pin_memory)
-        self._finalizer = weakref.finalize(
-            self, _close, list(self.files.values()), list(self.swappers.values())
-        )
 
     def __repr__(self) -> str:
         where = ", ".join(repr(s) for s in self.swappers.values())
