@@ -39,13 +39,15 @@ TIMEOUT_S = 120
 KEY = "zero_optimization.offload_optimizer.nvme_path"
 
 
-def _config(case: Case, device: str, params: bool, directory) -> dict:
+def _config(
+    case: Case, device: str, params: bool, directory, optimizer_device: str | None = None
+) -> dict:
     config = case.config()
     zero = dict(config["zero_optimization"])
     offload = {"device": device, "pin_memory": True, "buffer_count": 2}
     if device == "nvme":
         offload["nvme_path"] = str(directory)
-    zero["offload_optimizer"] = offload
+    zero["offload_optimizer"] = {**offload, "device": optimizer_device or device}
     if params:
         zero["offload_param"] = {**offload, "buffer_count": 3}
     # Requests of two pages on 2 x 2 threads: a unit's range is cut into several.
@@ -132,15 +134,41 @@ def test_gloo_nvme_offload_trains_bitwise_like_cpu_offload(pool, tmp_path):
         assert list(directory.iterdir()) == []  # every run's files went with its state
 
 
+PERSISTENT_ROOT = {"zero_optimization": {"stage3_param_persistence_threshold": 1000}}
+
+
 @pytest.mark.parametrize(
     "stage, micro, params, extra",
-    [(3, 2, True, {"bf16": {"enabled": True}}), (2, 2, False, {}), (1, 1, False, FP16)],
+    [
+        (3, 2, True, {"bf16": {"enabled": True}}),
+        (3, 2, True, PERSISTENT_ROOT),  # the root unit steps and gathers in the step phase
+        (2, 2, False, {}),
+        (1, 1, False, FP16),
+    ],
 )
 def test_one_rank_nvme_offload_trains_bitwise_like_cpu_offload(
     tmp_path, stage, micro, params, extra
 ):
     results = [_both(0, 1, stage, micro, params, extra, tmp_path)]
     _check(results, params, skipped_first=extra is FP16)
+
+
+def test_parameter_shards_in_a_file_with_the_optimizer_on_the_host(tmp_path):
+    """offload_param nvme beside offload_optimizer cpu: the CPU step writes each unit's shard
+    to the file (WriteStateToFile), the gathers read it back; bit for bit CPU offload."""
+    torch.set_num_threads(1)
+    case = Case(SPEC, 1, 3, 2, steps=3, clip=0.05)
+    expected, expected_losses = _train(case, _config(case, "cpu", True, tmp_path))
+    state, losses = _train(case, _config(case, "nvme", True, tmp_path, optimizer_device="cpu"))
+    assert losses == expected_losses
+    for a, b in zip(expected.param_shards, state.param_shards, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(state.master, expected.master)
+    ops = state.schedule.ops(2)
+    assert not any(isinstance(op, O.ReadStateFromFile) for op in ops)
+    assert any(isinstance(op, O.WriteStateToFile) for op in ops)
+    assert state.param_shards[0].untyped_storage().filename is not None
+    assert state.master.untyped_storage().filename is None
 
 
 def test_mapped_file_ranges_round_trip_beside_neighbours_staged_at_once(tmp_path):
