@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 
 from fzero.config import Config
-from fzero.errors import ConfigError
+from fzero.errors import ConfigError, SwapIOError, SwapPathError
 from fzero.offload.aio import AioSettings, round_up
 from fzero.offload.mapped import MappedFile
 from fzero.offload.staging import OptimizerStaging, ShardStaging
@@ -88,9 +88,11 @@ class FileResidence:
     ) -> None:
         """The file-backed tensors and their staging buffers."""
         if optimizer_in_files:
-            swapper = self._swapper(zero.offload_optimizer.nvme_path)
+            path = zero.offload_optimizer.nvme_path
             for name in OPTIMIZER_FILES:
-                self.files[name] = MappedFile(swapper, name, layout.optimizer_numel, torch.float32)
+                self.files[name] = self._mapped(
+                    f"{OPTIMIZER_KEY}.nvme_path", path, name, layout.optimizer_numel, torch.float32
+                )
             ranges = {
                 u.index: (u.optimizer_offset, u.optimizer_offset + u.optimizer_numel)
                 for u in layout.units
@@ -100,8 +102,9 @@ class FileResidence:
             count = zero.offload_optimizer.buffer_count
             self.optimizer = OptimizerStaging(files, ranges, count, pin_memory)
         if params_in_files:
-            swapper = self._swapper(zero.offload_param.nvme_path)
-            file = MappedFile(swapper, SHARD_FILE, layout.shard_numel, compute_dtype)
+            path = zero.offload_param.nvme_path
+            key = f"{PARAM_KEY}.nvme_path"
+            file = self._mapped(key, path, SHARD_FILE, layout.shard_numel, compute_dtype)
             self.files[SHARD_FILE] = file
             ranges = {
                 u.index: (
@@ -118,8 +121,15 @@ class FileResidence:
         where = ", ".join(repr(s) for s in self.swappers.values())
         return f"FileResidence({sorted(self.files)}, {where})"
 
-    def _swapper(self, nvme_path: str) -> NvmeSwapper:
-        return self.swappers[os.path.realpath(nvme_path)]
+    def _mapped(
+        self, key: str, nvme_path: str, name: str, numel: int, dtype: torch.dtype
+    ) -> MappedFile:
+        """A new mapped file in ``nvme_path``'s swapper; a disk that cannot hold it (other
+        ranks or programs filled it since the check) is refused naming ``key``."""
+        try:
+            return MappedFile(self.swappers[os.path.realpath(nvme_path)], name, numel, dtype)
+        except SwapIOError as error:
+            raise SwapPathError(key, nvme_path, f"{error}") from error
 
     def holds(self, name: str) -> bool:
         return name in self.files
