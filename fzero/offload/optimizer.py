@@ -302,8 +302,8 @@ class HostOptimizer:
         the copy's event (None on CPU, where it is done)."""
         target = self.workspace.param_out(unit)
         source = self.state_files.master(unit) if self.state_files is not None else None
-        staged = source is not None
-        if not staged:
+        from_staging = source is not None  # NVMe: the step's staged copy of the master
+        if not from_staging:
             source = self.optimizer.master[self._range(unit)]
         if not self.on_cuda:
             target.copy_(source)
@@ -316,7 +316,7 @@ class HostOptimizer:
             target.copy_(staged)
             event = torch.cuda.Event()
             event.record(stream)
-        if staged:  # the staging buffer is reused only once the copy ran
+        if from_staging:  # the staging buffer is reused only once the copy ran
             self.state_files.uploading(unit, event)
         return event
 
