@@ -188,6 +188,40 @@ def test_parameter_shards_in_a_file_with_the_optimizer_on_the_host(tmp_path):
     assert state.master.untyped_storage().filename is None
 
 
+def test_the_file_io_is_in_the_printed_serialized_and_verified_schedule(tmp_path):
+    """The reads and writes print, round-trip through JSON, and verify refuses a schedule that
+    ends the step with writes in flight or steps a unit whose state it never read."""
+    from dataclasses import replace
+
+    from fzero.errors import ScheduleInvariantError
+    from fzero.schedule import schedule_from_json, schedule_to_json
+
+    case = Case(SPEC, 1, 3, 1, steps=1)
+    state, _ = _train(case, _config(case, "nvme", True, tmp_path))
+    schedule = state.schedule
+    text = str(schedule)
+    for name in ("ReadStateFromFile", "WriteStateToFile", "ReadShardFromFile", "WaitFileWrites"):
+        assert name in text
+    assert schedule_from_json(schedule_to_json(schedule)) == schedule
+    (step,) = schedule.step
+    unwaited = replace(step, ops=tuple(op for op in step.ops if type(op) is not O.WaitFileWrites))
+    with pytest.raises(ScheduleInvariantError, match="file writes in flight"):
+        verify(replace(schedule, step=(unwaited,)))
+    extra = tuple(
+        replace(e, ops=tuple(op for op in e.ops if type(op) is not O.ReadStateFromFile))
+        for e in schedule.first_micro_extra
+    )
+    with pytest.raises(ScheduleInvariantError, match="without ReadStateFromFile"):
+        verify(replace(schedule, first_micro_extra=extra))
+    micro = tuple(
+        replace(e, ops=tuple(op for op in e.ops if type(op) is not O.ReadShardFromFile))
+        for e in schedule.micro_step
+    )
+    with pytest.raises(ScheduleInvariantError, match="without ReadShardFromFile"):
+        verify(replace(schedule, micro_step=micro, last_micro_step=None))
+    state.runtime.executor.host_optimizer.files.close()
+
+
 def test_mapped_file_ranges_round_trip_beside_neighbours_staged_at_once(tmp_path):
     """Ranges at odd offsets, read into their own staging buffers before any of them is
     written back (as prefetch does), each written back changed: the file holds every change

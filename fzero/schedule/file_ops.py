@@ -39,20 +39,28 @@ class ReadStateFromFile(Op):
 
 @dataclass(frozen=True)
 class WriteStateToFile(Op):
-    """After unit ``unit``'s CPU step: start writing what of it lives in files back (``nbytes``:
-    the staged master and moments, and the compute-dtype shard under parameter offload to
-    nvme). Nothing is written for a unit that did not step."""
+    """After unit ``unit``'s CPU step: start writing what of it lives in files back: the staged
+    master and moments (``state_nbytes``, 0 when they are in host memory) and the new
+    compute-dtype shard (``shard_nbytes``, under parameter offload to nvme). Nothing is
+    written for a unit that did not step."""
 
     unit: int
     name: str
-    nbytes: int
+    state_nbytes: int
+    shard_nbytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.state_nbytes + self.shard_nbytes
 
     @property
     def stream(self) -> str:
         return FILE
 
     def __str__(self) -> str:
-        return f"WriteStateToFile {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+        parts = [f"state {_size(self.state_nbytes)}"] if self.state_nbytes else []
+        parts += [f"shard {_size(self.shard_nbytes)}"] if self.shard_nbytes else []
+        return f"WriteStateToFile {_unit_label(self.unit, self.name)}  {', '.join(parts)}"
 
 
 @dataclass(frozen=True)

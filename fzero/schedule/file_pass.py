@@ -66,10 +66,9 @@ def file_io_steps(
                     ops.append(read(following[op.unit]))
             first = False
             ops.append(op)
-            nbytes = info.optimizer_numel * 12 if optimizer_in_files else 0
-            if params_in_files:
-                nbytes += info.optimizer_numel * info.param_itemsize
-            ops.append(WriteStateToFile(op.unit, info.name, nbytes))
+            state_nbytes = info.optimizer_numel * 12 if optimizer_in_files else 0
+            shard_nbytes = info.optimizer_numel * info.param_itemsize if params_in_files else 0
+            ops.append(WriteStateToFile(op.unit, info.name, state_nbytes, shard_nbytes))
         out.append(replace(entry, ops=tuple(ops)))
     return tuple(out)
 

@@ -11,8 +11,12 @@ from fzero.schedule import ops as O
 class FileRules:
     def init_files(self, schedule) -> None:
         ops = schedule.ops(1) + [op for e in schedule.first_micro_extra for op in e.ops]
-        self.state_in_files = any(isinstance(op, O.ReadStateFromFile) for op in ops)
-        self.shards_in_files = any(isinstance(op, O.ReadShardFromFile) for op in ops)
+        # Parameter shards in a file: some op reads one, or a CPU step writes one.
+        self.shards_in_files = any(
+            isinstance(op, O.ReadShardFromFile)
+            or (isinstance(op, O.WriteStateToFile) and op.shard_nbytes)
+            for op in ops
+        )
         self.state_reads: set[int] = set()  # read, not yet stepped and written
         self.shard_reads: set[int] = set()  # read, not yet uploaded
         self.file_writes = False
@@ -25,7 +29,7 @@ class FileRules:
     def op_WriteStateToFile(self, op: O.WriteStateToFile) -> None:
         if op.unit not in self.host_stepped and op.unit not in self.applied_now:
             self.fail("file-io", op.unit, "state written to its file before its CPU step")
-        if self.state_in_files:
+        if op.state_nbytes:  # the master and moments are in files: the step read them
             if op.unit not in self.state_reads:
                 self.fail("file-io", op.unit, "stepped without ReadStateFromFile before")
             self.state_reads.discard(op.unit)
