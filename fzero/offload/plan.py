@@ -44,6 +44,9 @@ class OffloadPlan:
     # device "nvme": the optimizer state / the parameter shards live in swap files
     optimizer_in_files: bool = False
     params_in_files: bool = False
+    # NVMe staging buffers (offload_optimizer.buffer_count, offload_param.buffer_count)
+    optimizer_buffer_count: int = 0
+    param_buffer_count: int = 0
 
     @classmethod
     def from_config(cls, config: Config) -> OffloadPlan:
@@ -83,7 +86,15 @@ class OffloadPlan:
         )
         in_files = on_host and optimizer.device == "nvme"
         params_in_files = params_on_host and params.device == "nvme"
-        return cls(on_host, params_on_host, pin, in_files, params_in_files)
+        return cls(
+            on_host,
+            params_on_host,
+            pin,
+            in_files,
+            params_in_files,
+            optimizer.buffer_count if in_files else 0,
+            params.buffer_count if params_in_files else 0,
+        )
 
     def file_residence(
         self, config: Config, layout: FlatLayout, compute_dtype: torch.dtype, rank: int
@@ -110,21 +121,37 @@ class OffloadPlan:
         numel = layout.optimizer_numel
         if self.optimizer_in_files:  # the master and moments are in files: the gradient copy
             nbytes = numel * grad_dtype.itemsize
-            what = f"offload_optimizer (the gradients of {numel:,} elements"
+            parts = [f"the gradients of {numel:,} elements"]
         else:
             nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
-            what = f"offload_optimizer (fp32 master weights, moments and gradients of {numel:,} "
-            what += "elements"
+            parts = [f"fp32 master weights, moments and gradients of {numel:,} elements"]
         if self.params_in_files:
-            what += "; the parameter shards are in a file)"
+            parts.append("the parameter shards are in a file")
         elif self.params_on_host:
             nbytes += layout.shard_numel * compute_dtype.itemsize
-            what += ", and offload_param's parameter shards)"
+            parts.append("offload_param's parameter shards")
         else:
             nbytes += numel * compute_dtype.itemsize  # the upload buffer
-            what += ", and the upload buffer)"
+            parts.append("the upload buffer")
+        if self.optimizer_in_files or self.params_in_files:
+            nbytes += self.staging_nbytes(layout, compute_dtype)
+            parts.append("the NVMe staging buffers")
+        what = f"offload_optimizer ({', '.join(parts[:-1])}, and {parts[-1]})"
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         check_host_memory(nbytes, what, ranks_on_host=ranks)
+
+    def staging_nbytes(self, layout: FlatLayout, compute_dtype: torch.dtype) -> int:
+        """Host bytes of NVMe offload's staging buffers (``fzero/offload/staging.py``): each
+        one unit's master and moments, or its parameter shard, plus a page either side."""
+        nbytes = 0
+        if self.optimizer_in_files:
+            largest = max(u.optimizer_numel for u in layout.units)
+            nbytes += self.optimizer_buffer_count * 3 * (largest * 4 + 2 * 4096)
+        if self.params_in_files:
+            largest = max(u.shard_numel for u in layout.units)
+            buffers = self.param_buffer_count + 2  # and two the CPU step writes from
+            nbytes += buffers * (largest * compute_dtype.itemsize + 2 * 4096)
+        return nbytes
 
     def optimizer_buffers(
         self,
