@@ -225,12 +225,7 @@ class HostOptimizer:
             grad = grad.float()
         by_decay: dict[float, list[slice]] = {}
         for lo, hi, decay in self.decay_runs[unit]:
-            by_decay.setdefault(decay, []).append(slice(lo, hi))
-        start = span.start
-        by_decay = {
-            decay: [slice(s.start - start, s.stop - start) for s in spans]
-            for decay, spans in by_decay.items()
-        }
+            by_decay.setdefault(decay, []).append(slice(lo - span.start, hi - span.start))
         for decay, spans in by_decay.items():
             # One fused pass over every range of this decay: reads and writes each element
             # once across torch's intra-op threads (28 bytes per element).
