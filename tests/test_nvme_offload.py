@@ -222,6 +222,45 @@ def test_the_file_io_is_in_the_printed_serialized_and_verified_schedule(tmp_path
     state.runtime.executor.host_optimizer.files.close()
 
 
+def _cached_pages(path: Path) -> int:
+    """Pages of the file ``path`` in the page cache (mincore over a private mapping of it)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        mapping = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        # The exporting c_char is dropped at once, so the mapping can be closed below.
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        pages = -(-size // mmap.PAGESIZE)
+        vector = (ctypes.c_ubyte * pages)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0:
+            pytest.skip(f"mincore failed: {os.strerror(ctypes.get_errno())}")
+        return sum(v & 1 for v in vector)
+    finally:
+        mapping.close()
+
+
+def test_the_step_moves_the_state_through_staging_not_through_the_mapping(tmp_path):
+    """After a step, of the pages shard wrote through the mapping only the partial pages at
+    the units' ends remain cached: the step read and wrote everything else directly."""
+    case = Case(SPEC, 1, 2, 1, steps=1)
+    config = _config(case, "nvme", False, tmp_path)
+    torch.manual_seed(0)
+    state = fzero.shard(ToyLM(SPEC), stage=2, config=config)
+    files = state.runtime.executor.host_optimizer.files
+    master = files.files["master"].path
+    total = files.files["master"].reserved_nbytes // 4096
+    assert _cached_pages(master) >= total - 1  # shard wrote every value through the mapping
+    state, _ = fzero.train_step(state, case.batches()[0][0][0])
+    assert _cached_pages(master) <= 2 * len(state.layout.units)
+    fzero.full_state_dict(state)  # a reader between steps faults the mapping in again
+    assert _cached_pages(master) >= total - 1
+    files.close()
+
+
 def test_mapped_file_ranges_round_trip_beside_neighbours_staged_at_once(tmp_path):
     """Ranges at odd offsets, read into their own staging buffers before any of them is
     written back (as prefetch does), each written back changed: the file holds every change
