@@ -387,8 +387,14 @@ def test_a_micro_batch_that_fails_while_the_update_streams_through_the_files_los
         assert torch.equal(a, b)
 
 
-def test_bad_nvme_paths_and_buffer_counts_are_refused_at_shard_time(tmp_path):
+def test_bad_nvme_paths_and_buffer_counts_are_refused_at_shard_time(tmp_path, monkeypatch):
     case = Case(SPEC, 1, 2, 1)
+    from fzero.offload import aio
+
+    with monkeypatch.context() as patch:  # as root every directory is writable: pretend
+        patch.setattr(aio.os, "access", lambda path, mode: False)
+        with pytest.raises(SwapPathError, match=f"{KEY}: .*is not writable by this user"):
+            fzero.shard(ToyLM(SPEC), stage=2, config=_config(case, "nvme", False, tmp_path))
     for path, message in [
         (tmp_path / "missing", "does not exist"),
         (tmp_path / "file", "is not a directory"),
