@@ -415,6 +415,22 @@ def test_bad_nvme_paths_and_buffer_counts_are_refused_at_shard_time(tmp_path, mo
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]
 
 
+def test_the_host_memory_check_counts_what_nvme_offload_keeps_on_the_host(tmp_path, monkeypatch):
+    """The gradient copy and the staging buffers, not the state in files; the remedy does not
+    suggest the offload already configured. Refused before any file is made."""
+    from fzero.errors import HostMemoryError
+    from fzero.offload import host
+
+    monkeypatch.setattr(
+        host, "read_host_memory", lambda root="/": host.HostMemory(1000, 1000, None)
+    )
+    config = _config(Case(SPEC, 1, 2, 1), "nvme", False, tmp_path)
+    with pytest.raises(HostMemoryError, match=r"gradients .* and the NVMe staging buffers\)") as e:
+        fzero.shard(ToyLM(SPEC), stage=2, config=config)
+    assert 'Offload the parameters to "nvme" too' in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A real 256 KiB tmpfs (needs the right to mount; skipped without it)."""

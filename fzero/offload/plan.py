@@ -138,6 +138,13 @@ class OffloadPlan:
             parts.append("the NVMe staging buffers")
         what = f"offload_optimizer ({', '.join(parts[:-1])}, and {parts[-1]})"
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if self.optimizer_in_files:  # already on NVMe: what is left to move or shrink
+            remedy = (
+                'Offload the parameters to "nvme" too, lower offload_optimizer.buffer_count '
+                "(its staging buffers), or shard over more hosts."
+            )
+            check_host_memory(nbytes, what, ranks_on_host=ranks, remedy=remedy)
+            return
         check_host_memory(nbytes, what, ranks_on_host=ranks)
 
     def staging_nbytes(self, layout: FlatLayout, compute_dtype: torch.dtype) -> int:
