@@ -65,7 +65,8 @@ class ZeroState:
         # Never print buffer contents: stage 3 frees storages between uses, and a summary is
         # what a reader wants anyway.
         def describe(t: torch.Tensor) -> str:
-            return f"{t.numel():,} x {str(t.dtype).removeprefix('torch.')}"
+            where = " in a file" if t.untyped_storage().filename else ""  # NVMe offload
+            return f"{t.numel():,} x {str(t.dtype).removeprefix('torch.')}{where}"
 
         return (
             f"ZeroState(stage {self.runtime.config.stage}, rank {self.rank}/{self.world_size}, "
