@@ -27,6 +27,7 @@ parameter shards in a file, the step's compute-dtype values are written to it th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -130,8 +131,10 @@ class HostOptimizer:
         if hyper.max_grad_norm > 0:
             norm = float(result.grad_norm)
             scale *= min(hyper.max_grad_norm / (norm + 1e-6), 1.0)
-        # torch's fused kernel divides the gradient by its grad_scale: the inverse factor.
-        self._inverse_scale = torch.tensor(1.0 / scale, dtype=torch.float32)
+        # torch's fused kernel divides the gradient by its grad_scale: the inverse factor. An
+        # infinite norm (an fp16 overflow, which skips the step) clips the factor to 0.
+        inverse = 1.0 / scale if scale else math.inf
+        self._inverse_scale = torch.tensor(inverse, dtype=torch.float32)
         if not self._skip:
             self.optimizer.step.add_(1)
         self._uploads = []
@@ -178,6 +181,11 @@ class HostOptimizer:
         """Unit ``op.unit``'s updated master into its device shard, before the unit's gather.
         The compute stream waits for the copy, so a gather issued after it (on the gather
         stream or by the communicator) reads the updated values."""
+        if self.state_files is not None and self.state_files.master(op.unit) is None:
+            # NVMe: no update of the unit was staged in this forward (nothing was pending, or a
+            # reader settled it and wrote the device shard): the shard holds the master already,
+            # and reading the master through the file's mapping would fault it in page by page.
+            return
         event = self._upload(op.unit)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
