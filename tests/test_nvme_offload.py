@@ -206,6 +206,11 @@ def test_the_file_io_is_in_the_printed_serialized_and_verified_schedule(tmp_path
     for name in ("ReadStateFromFile", "WriteStateToFile", "ReadShardFromFile", "WaitFileWrites"):
         assert name in text
     assert schedule_from_json(schedule_to_json(schedule)) == schedule
+    from fzero.schedule.trace_export import chrome_trace
+
+    events = chrome_trace(simulate(schedule))["traceEvents"]
+    file_thread = next(e["tid"] for e in events if e.get("args", {}).get("name") == O.FILE)
+    assert any(e.get("tid") == file_thread and e.get("ph") == "X" for e in events)
     (step,) = schedule.step
     unwaited = replace(step, ops=tuple(op for op in step.ops if type(op) is not O.WaitFileWrites))
     with pytest.raises(ScheduleInvariantError, match="file writes in flight"):
