@@ -53,7 +53,10 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
             "args": {"name": f"fzero ZeRO-{timeline.stage} x{timeline.world_size} (simulated)"},
         },
     ]
+    used = {span.stream for span in timeline.spans}
     for stream, tid in STREAM_TIDS.items():
+        if stream not in (COMPUTE, GATHER, REDUCE) and stream not in used:
+            continue  # offload's streams: only where the step has them
         events.append(
             {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": stream}}
         )
