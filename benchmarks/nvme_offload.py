@@ -2,8 +2,12 @@
 ``dd`` with direct I/O on the same directory in the same run, and the step time beside CPU
 offload of the same configuration (the GPT of examples/gpt.py).
 
-    python benchmarks/nvme_offload.py --dir /local_nvme --model 1.4b    # on the GPU machine
+    python benchmarks/nvme_offload.py --dir /local_nvme --model 255m    # on the GPU machine
     python benchmarks/nvme_offload.py --cpu-smoke                       # CI: tiny model on CPU
+
+A step moves the optimizer state through the disk twice (12 bytes per parameter each way), so
+at 1.5 GB/s the 255m model's NVMe step takes about 2 s and the 1.4b model's about 20 s: mind
+the device machine's per-command limit with ``--model 1.4b`` (run fewer ``--impls``).
 
 Each configuration runs in a process of its own (``step.run_one`` times it). Implementations:
 ``fzero:<stage>+<device>`` with the optimizer offloaded to ``cpu`` or ``nvme``, and
@@ -11,7 +15,7 @@ Each configuration runs in a process of its own (``step.run_one`` times it). Imp
 steps every request the swapper's worker threads run is timed; a direction's GB/s is its bytes
 over the time at least one of its requests was in flight (the union of their intervals), so it
 is the disk's rate while the step does I/O, not diluted by the compute between. ``dd`` then
-writes and reads a file of the bytes one timed step moved (at least 64 MiB) with
+writes and reads a file of the bytes one timed step moved in one direction (64 MiB to 4 GiB) with
 ``oflag=direct`` / ``iflag=direct`` in the same directory; the ratios are swapper / dd.
 """
 
@@ -45,7 +49,7 @@ DEFAULT_IMPLS = [
     "fzero:3+cpu+param",
     "fzero:3+nvme+param",
 ]
-DD_MIN_NBYTES = 64 << 20
+DD_MIN_NBYTES, DD_MAX_NBYTES = 64 << 20, 4 << 30
 
 
 class RequestLog:
@@ -125,7 +129,7 @@ def make_step(impl: str, model, device: torch.device, directory: str):
         result = log.rates(timed["steps"])
         result["mode"] = "O_DIRECT" if swappers[0].direct else f"buffered: {swappers[0].io_note}"
         moved = result["read_nbytes_per_step"] + result["write_nbytes_per_step"]
-        dd_nbytes = max(DD_MIN_NBYTES, moved // 2 // (1 << 20) * (1 << 20))
+        dd_nbytes = min(max(DD_MIN_NBYTES, moved // 2 // (1 << 20) * (1 << 20)), DD_MAX_NBYTES)
         result["dd"] = time_dd(directory, dd_nbytes, swappers[0].aio.block_size)
         for kind in ("read", "write"):
             theirs = result["dd"].get(f"{kind}_gb_per_s")
@@ -139,10 +143,10 @@ def make_step(impl: str, model, device: torch.device, directory: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", help="a directory on the NVMe disk (nvme_path)")
-    parser.add_argument("--model", default="1.4b")
+    parser.add_argument("--model", default="255m")
     parser.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, a temp dir")
     parser.add_argument("--one", help=argparse.SUPPRESS)
