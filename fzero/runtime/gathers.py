@@ -74,14 +74,14 @@ class Gathers:
         """Parameter offload: bring this rank's host shard of the unit up, on the gather stream
         (so a prefetched gather prefetches its upload), for the gather that follows."""
         flat = self.workspace.param_flats[op.unit]
-        staged = self.shard_files is not None
         files = self.shard_files
+        staged = files is not None
         source = files.take(op.unit) if staged else self.workspace.gather_source(op.unit)
         if not flat.is_cuda:
             # A staging buffer is reused by a later read: the gather sends a copy of it.
             self.uploaded[op.unit] = source.clone() if staged else source
             if staged:
-                self.shard_files.release(op.unit, None)
+                files.release(op.unit, None)
             return
         stream = self._gather_stream(flat)
         stream.wait_stream(torch.cuda.current_stream(flat.device))
@@ -90,7 +90,7 @@ class Gathers:
             if staged:  # the staging buffer is free once this copy ran
                 event = torch.cuda.Event()
                 event.record(stream)
-                self.shard_files.release(op.unit, event)
+                files.release(op.unit, event)
 
     def gather(self, unit: int) -> InFlightGather:
         """Fill unit ``unit``'s full buffer from every rank's shard (the uploaded copy, when
