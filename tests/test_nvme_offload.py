@@ -483,9 +483,10 @@ def test_a_disk_too_small_is_refused_and_one_that_fills_later_breaks_no_step(sma
     gc.collect()
 
 
-def test_files_are_removed_on_close_and_on_normal_exit(tmp_path):
+def test_files_are_removed_on_close_on_exit_and_after_a_crash_by_the_next_start(tmp_path):
     """close() of the files waits, closes and removes the run's directory (the leaves stay
-    readable); a process that exits without closing leaves nothing either."""
+    readable); a process that exits without closing leaves nothing either; one killed leaves
+    its files, which the next shard on the host removes."""
     case = Case(SPEC, 1, 2, 1)
     state, _ = _train(Case(SPEC, 1, 2, 1, steps=1), _config(case, "nvme", False, tmp_path))
     files = state.runtime.executor.host_optimizer.files
@@ -495,7 +496,7 @@ def test_files_are_removed_on_close_and_on_normal_exit(tmp_path):
     files.close()
     assert not directory.exists() and torch.equal(state.master, master)
     script = (
-        "import sys, fzero, torch\n"
+        "import os, sys, fzero, torch\n"
         "from tests.models import ToyLM, ToySpec\n"
         "config = {'zero_optimization': {'offload_optimizer': {'device': 'nvme', "
         "'nvme_path': sys.argv[1]}}}\n"
@@ -503,11 +504,20 @@ def test_files_are_removed_on_close_and_on_normal_exit(tmp_path):
         "batch = (torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5)))\n"
         "state, _ = fzero.train_step(state, batch)\n"
         "print(next(iter(state.runtime.executor.host_optimizer.files.swappers.values()))"
-        ".directory)\n"
+        ".directory, flush=True)\n"
+        "if sys.argv[2] == 'kill': os._exit(0)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() and not Path(done.stdout.strip()).exists()
+    runs = {}
+    for how in ("exit", "kill"):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path), how], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        runs[how] = Path(done.stdout.strip())
+    assert not runs["exit"].exists()
+    assert (runs["kill"] / "master").exists()  # killed: nothing ran to remove it
+    state = fzero.shard(ToyLM(SPEC), stage=2, config=_config(case, "nvme", False, tmp_path))
+    files = state.runtime.executor.host_optimizer.files
+    assert [s.removed_stale for s in files.swappers.values()] == [[runs["kill"].name]]
+    files.close()
     assert list(tmp_path.iterdir()) == []
