@@ -7,6 +7,8 @@ Files are opened with ``O_DIRECT`` where the filesystem takes it (a probe at con
 ``io_note`` tells why not, e.g. on an old tmpfs), so the swap bypasses the page cache. Memory
 that is 4096-aligned (``HostBuffer``, ``aligned_empty``) is read and written in place; other
 memory and a buffer's last partial block go through ``buffer_count`` aligned staging blocks.
+``read_at`` and ``write_at`` move a byte range of an open file in place instead (NVMe offload's
+mapped files, ``fzero/offload/mapped.py``, whose space is reserved when they are created).
 
 Nothing is lost when the disk fills: a write goes to a new file, whose space is reserved with
 ``posix_fallocate`` before any data is written, and replaces the buffer's file (``os.replace``)
