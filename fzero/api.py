@@ -127,6 +127,7 @@ def shard(
                 buffer.data = buffer.data.to(compute_dtype)
     offload = OffloadPlan.from_config(cfg)
     offload.check_host_memory(layout, compute_dtype, accum_dtype)
+    files = offload.file_residence(cfg, layout, compute_dtype, comm.rank)
     # Stage 3 units below the persistence threshold (elements) stay gathered for good.
     threshold = cfg.zero_optimization.stage3_param_persistence_threshold
     persistent = {u.index for u in layout.units if cfg.stage == 3 and u.numel < threshold}
@@ -144,6 +145,7 @@ def shard(
         host_shards=offload.params_on_host,
         pin_memory=offload.pin_memory,
         device_master_numel=offload.device_numel(layout),
+        files=files,
         initializer=UnitInitializer(model, layout, draw_base_seed(comm), device)
         if on_meta
         else None,
@@ -171,7 +173,7 @@ def shard(
         )
         for u in layout.units
     )
-    optimizer = offload.optimizer_buffers(master, layout.optimizer_numel, device, workspace)
+    optimizer = offload.optimizer_buffers(master, layout.optimizer_numel, device, workspace, files)
     plan = make_plan(layout, infos, cfg, comm.world_size)
     parts = ExecutorParts(
         layout,
@@ -182,7 +184,7 @@ def shard(
         reduce_dtype,
         layout.decay_ranges(),
         _norm_order(model, layout),
-        host_optimizer=offload.host_optimizer_settings(compute_dtype, layout),
+        host_optimizer=offload.host_optimizer_settings(compute_dtype, layout, files),
     )
     timeline = MeasuredTimeline(device) if record_timeline else None
     executor = Executor(plan.schedule, parts, record_ops=record_ops, timeline=timeline)

@@ -124,10 +124,11 @@ def estimate_memory(
     no optimizer state. ``layout``: ``"paper"`` for the ZeRO paper's formulas, ``"fzero"`` for
     the buffers fzero keeps (see the module docstring); None: ``"paper"`` without offload,
     ``"fzero"`` with it (offload is fzero's). ``offload_optimizer``, ``offload_param``:
-    ``"none"``, ``"cpu"`` or ``"nvme"``; the buffer counts and ``param_buffer_size`` are the
-    config's ``offload_optimizer.buffer_count``, ``offload_param.buffer_count`` and
-    ``offload_param.buffer_size``, which size NVMe staging; ``largest_unit_numel`` sizes the
-    optimizer's (None: the whole model as one unit, an upper bound). ``offload_ratio``:
+    ``"none"``, ``"cpu"`` or ``"nvme"``; the buffer counts are the config's
+    ``offload_optimizer.buffer_count`` and ``offload_param.buffer_count``, which count NVMe
+    staging buffers of the largest unit's shard (``largest_unit_numel``; None: the whole model
+    as one unit, an upper bound); ``param_buffer_size`` (``offload_param.buffer_size``) sizes
+    nothing in fzero and is accepted for DeepSpeed's sake. ``offload_ratio``:
     ``offload_optimizer.ratio``, the share of the optimizer state on the host (``"cpu"``
     only); the rest stays on the GPU.
     """

@@ -105,6 +105,20 @@ def test_nvme_swap_benchmark_cpu_smoke_measures_both_directions_against_dd(tmp_p
     assert "| write |" in done.stdout and "| read |" in done.stdout
 
 
+def test_nvme_offload_benchmark_cpu_smoke_measures_the_swap_in_training_against_dd(tmp_path):
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(SCRIPT.parent / "nvme_offload.py"), "--cpu-smoke"]
+    command += ["--impls", "fzero:2+nvme", "fzero:3+nvme+param", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"fzero:2+nvme", "fzero:3+nvme+param"}
+    for row in rows.values():
+        assert row["read_gb_per_s"] > 0 and row["write_gb_per_s"] > 0
+        assert row["dd"]["read_gb_per_s"] > 0 and row["dd"]["write_gb_per_s"] > 0
+    assert "| fzero:3+nvme+param |" in done.stdout
+
+
 def test_offload_benchmark_cpu_smoke_runs_every_fzero_offload_configuration(tmp_path):
     out = tmp_path / "rows.json"
     command = [sys.executable, str(SCRIPT.parent / "offload.py"), "--cpu-smoke", "--ckpt"]

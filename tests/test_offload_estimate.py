@@ -68,8 +68,8 @@ def test_stage1_and_2_optimizer_offload_keep_the_full_parameters_on_the_gpu(stag
 
 def test_nvme_moves_the_optimizer_state_and_the_parameters_to_files():
     """File bytes are the states that left the host; the host keeps the gradient copy and the
-    staging buffers: optimizer_buffer_count fp32 states of the largest unit's shard, and
-    param_buffer_count x param_buffer_size compute-dtype elements."""
+    staging buffers of the largest unit's shard: optimizer_buffer_count of its three fp32
+    states, and param_buffer_count + 2 of its compute-dtype shard."""
     unit = 60_000_000
     estimate = estimate_memory(PSI, N, 3, offload_optimizer="nvme", offload_param="nvme",
                                largest_unit_numel=unit, optimizer_buffer_count=4,
@@ -77,12 +77,12 @@ def test_nvme_moves_the_optimizer_state_and_the_parameters_to_files():
     assert (estimate.file.parameters, estimate.file.optimizer_state) == (2 * P, 12 * P)
     assert estimate.file_nbytes == 14 * P
     assert estimate.host.total == 2 * P  # the bf16 gradient shard copied down
-    assert estimate.host_staging_nbytes == 4 * 4 * (unit // N) + 5 * 10_000_000 * 2
+    assert estimate.host_staging_nbytes == 4 * 12 * (unit // N) + (5 + 2) * (unit // N) * 2
     assert estimate.host_nbytes == 2 * P + estimate.host_staging_nbytes
     optimizer_only = estimate_memory(PSI, N, 3, offload_optimizer="nvme", offload_param="cpu")
     assert optimizer_only.file_nbytes == 12 * P and optimizer_only.host.parameters == 2 * P
     # No unit size: the whole model is one unit, an upper bound on the staging.
-    assert optimizer_only.host_staging_nbytes == 4 * 4 * P
+    assert optimizer_only.host_staging_nbytes == 4 * 12 * P
 
 
 def test_parameter_offload_without_optimizer_offload_moves_only_frozen_shards():
@@ -100,7 +100,7 @@ def test_parameter_offload_without_optimizer_offload_moves_only_frozen_shards():
 def test_str_names_the_offload_and_its_host_and_file_bytes():
     text = str(estimate_memory(PSI, N, 3, offload_optimizer="cpu", offload_param="nvme"))
     assert "offload_optimizer cpu, offload_param nvme" in text
-    assert f"host {(14 * P + 5 * 100_000_000 * 2) / 1e9:.2f} GB" in text  # 12 + 2, staging
+    assert f"host {(14 * P + 7 * (PSI // N) * 2) / 1e9:.2f} GB" in text  # 12 + 2, staging
     assert f"file {2 * P / 1e9:.2f} GB" in text
     assert "offload" not in str(estimate_memory(PSI, N, 3))
 

@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from fzero.config.aio_block import AioConfig
 from fzero.config.lr_schedules import Scheduler
 from fzero.config.notes import collecting_notes, report
 from fzero.config.optimizer_block import OptimizerConfig
@@ -69,6 +70,7 @@ class Config:
     train_batch_size: int | Auto | None = None
     communication_data_type: DtypeName | None = None
     steps_per_print: int = 10
+    aio: AioConfig = field(default_factory=AioConfig)
 
     # -- construction ---------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from fzero.config.rules import (
     FALSE,
-    NO_NVME,
     TRUE,
     Rule,
     all_false,
@@ -65,7 +64,6 @@ TOP_LEVEL_RULES: dict[str, Rule] = {
         "fzero.save and fzero.load have their own sharded format",
         lambda value: switched_off(value) or all_false(value),
     ),
-    "aio": warned(f"asynchronous I/O settings: {NO_NVME}", always),
     "compile": warned(
         "fzero does not compile the model; apply torch.compile yourself",
         # DeepSpeed compiles only when asked (deepcompile, or engine.compile()); "disable": false

@@ -87,5 +87,3 @@ NO_OFFLOAD = (
     "it tunes DeepSpeed's offload code; fzero's offload copies each unit's gradient as its "
     "reduction lands and steps it on the host as the schedule says (docs/offload.md)"
 )
-# The top-level ``aio`` block.
-NO_NVME = 'it only tunes NVMe offload, and offload to "nvme" is rejected for now (docs/offload.md)'

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from fzero.config.config import Config
 
 # Offload devices the runtime implements. Any other device in offload_optimizer/offload_param is
-# rejected at config time; the runtime adds "cpu" here when it implements CPU offload.
-SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu")
+# rejected at config time.
+SUPPORTED_OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu", "nvme")
 
 _DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -47,6 +47,7 @@ def validate_config(config: Config) -> None:
     config.bf16.validate("bf16")
     config.fp16.validate("fp16")
     config.activation_checkpointing.validate()
+    config.aio.validate("aio")
     if config.bf16.enabled is True and config.fp16.enabled is True:
         raise ConfigError("bf16.enabled", "bf16.enabled and fp16.enabled are both true")
     check_at_least("gradient_clipping", config.gradient_clipping, 0)

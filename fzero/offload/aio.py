@@ -15,10 +15,11 @@ import re
 import shutil
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from fzero.config.aio_block import AioConfig
 from fzero.errors import ConfigError, SwapPathError
 
 ALIGNMENT_NBYTES = 4096
@@ -68,28 +69,8 @@ class AioSettings:
         return settings
 
     def validate(self, path: str = "aio") -> None:
-        for name in ("block_size", "queue_depth", "thread_count", "intra_op_parallelism"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{path}.{name}", f"must be a positive integer, got {value!r}")
-        if self.block_size % ALIGNMENT_NBYTES:
-            raise ConfigError(
-                f"{path}.block_size",
-                f"must be a multiple of {ALIGNMENT_NBYTES} bytes for direct I/O, got "
-                f"{self.block_size}",
-            )
-        if self.io_backend not in ("async_io", "posix"):
-            raise ConfigError(
-                f"{path}.io_backend", f'must be "async_io" or "posix", got {self.io_backend!r}'
-            )
-        if self.use_gds:
-            raise ConfigError(
-                f"{path}.use_gds",
-                "GPUDirect Storage is not implemented: fzero swaps through host memory "
-                "(docs/offload.md says why); set it to false",
-            )
+        """Raise ``ConfigError`` naming the key of a bad value (the config block's checks)."""
+        AioConfig(**asdict(self)).validate(path)
 
     @property
     def requests_in_flight(self) -> int:

@@ -90,10 +90,13 @@ def check_host_memory(
     *,
     ranks_on_host: int = 1,
     memory: HostMemory | None = None,
+    remedy: str = 'Offload to "nvme" instead, offload less (offload_optimizer.ratio), or shard '
+    "over more hosts.",
 ) -> None:
     """Raise ``HostMemoryError`` unless ``ranks_on_host`` ranks each holding ``needed_nbytes``
     fit in the host's available memory. ``what`` says what the bytes are for (it starts the
-    message, e.g. ``"offload_optimizer (fp32 master weights and moments of 1.4e9 elements)"``).
+    message, e.g. ``"offload_optimizer (fp32 master weights and moments of 1.4e9 elements)"``);
+    ``remedy`` ends it.
     """
     memory = read_host_memory() if memory is None else memory
     total = needed_nbytes * ranks_on_host
@@ -109,8 +112,7 @@ def check_host_memory(
         f"{what} needs {total:,} bytes ({total / GIB:.2f} GiB) of host memory"
         f"{per_rank if ranks_on_host > 1 else ''}, but only {memory.available_nbytes:,} bytes "
         f"({memory.available_nbytes / GIB:.2f} GiB) are available (MemAvailable "
-        f'{memory.meminfo_available_nbytes:,}{cgroup}). Offload to "nvme" instead, offload '
-        "less (offload_optimizer.ratio), or shard over more hosts.",
+        f"{memory.meminfo_available_nbytes:,}{cgroup}). {remedy}",
         needed_nbytes=total,
         available_nbytes=memory.available_nbytes,
     )

@@ -23,10 +23,16 @@ Under partial offload (``offload_optimizer.ratio`` < 1) the schedule gives these
 units only; the host gradient buffer then covers their part of the optimizer space alone, which
 starts at ``host_offset_numel``, and the master and moments are ``SplitFlat`` buffers whose host
 part a host unit's optimizer range indexes.
+
+Under NVMe offload (``files``, ``fzero/offload/files.py``) the master and moments live in swap
+files: ``ReadStateFromFile`` stages a unit's ranges (one unit ahead), the CPU step runs on the
+staged copy, ``WriteStateToFile`` writes it back, and the upload reads the staged master. With
+parameter shards in a file, the step's compute-dtype values are written to it the same way.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -53,8 +59,13 @@ class HostOptimizer:
         compute_dtype: torch.dtype,
         params_on_host: bool,
         host_offset_numel: int = 0,
+        files: Any = None,
     ):
         self.layout, self.workspace, self.optimizer = layout, workspace, optimizer
+        self.files = files
+        self.state_files = files.optimizer if files is not None else None
+        self.shard_files = files.shards if files is not None else None
+        self._written: dict[int, torch.Tensor] = {}  # unit -> stepped master, to write back
         self.step_phase = step_phase
         # Where gradients come down to; a pending update keeps its gradient there too.
         self.pending = optimizer.pending
@@ -136,8 +147,10 @@ class HostOptimizer:
         if hyper.max_grad_norm > 0 and not self._skip:
             norm = float(result.grad_norm)
             scale *= min(hyper.max_grad_norm / (norm + 1e-6), 1.0)
-        # torch's fused kernel divides the gradient by its grad_scale: the inverse factor.
-        self._inverse_scale = torch.tensor(1.0 / scale, dtype=torch.float32)
+        # torch's fused kernel divides the gradient by its grad_scale: the inverse factor. An
+        # infinite norm (an fp16 overflow, which skips the step) clips the factor to 0.
+        inverse = 1.0 / scale if scale else math.inf
+        self._inverse_scale = torch.tensor(inverse, dtype=torch.float32)
         if not self._skip:
             self.optimizer.step.add_(1)
         self._uploads = []
@@ -184,6 +197,11 @@ class HostOptimizer:
         """Unit ``op.unit``'s updated master into its device shard, before the unit's gather.
         The compute stream waits for the copy, so a gather issued after it (on the gather
         stream or by the communicator) reads the updated values."""
+        if self.state_files is not None and self.state_files.master(op.unit) is None:
+            # NVMe: no update of the unit was staged in this forward (nothing was pending, or a
+            # reader settled it and wrote the device shard): the shard holds the master already,
+            # and reading the master through the file's mapping would fault it in page by page.
+            return
         event = self._upload(op.unit)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -198,14 +216,17 @@ class HostOptimizer:
         shards up to date: for readers of the weights between steps. The state's value does
         not change (the update was part of it)."""
         if not self.pending.is_armed:
+            self._wait_file_writes()
             return
         for unit in sorted(self.deferred - self._applied):
-            self._adamw(unit, float(self.pending.lr), self.pending.inverse_scale)
+            master = self._adamw(unit, float(self.pending.lr), self.pending.inverse_scale)
+            self._write_back(unit)
             target = self.workspace.param_out(unit)
             if not self.params_on_host and target is not None:
-                target.copy_(self.optimizer.master[self._range(unit)])
+                target.copy_(master)
         self._applied = set(self.deferred)
         self.pending.armed.zero_()
+        self._wait_file_writes()
 
     def _widened(self, grad: torch.Tensor) -> torch.Tensor:
         """``grad`` (a unit's bf16 or fp16 host gradient) in fp32, in one buffer kept for every
@@ -216,30 +237,36 @@ class HostOptimizer:
             self._fp32_grad = torch.empty(max(largest, grad.numel()), dtype=torch.float32)
         return self._fp32_grad[: grad.numel()].copy_(grad)
 
-    def _adamw(self, unit: int, lr: float, inverse_scale: torch.Tensor) -> None:
-        """AdamW over unit ``unit``'s slice of the master and moments, with the gradient in
-        ``host_grad`` divided by ``inverse_scale``; with parameter offload it also writes the
-        unit's host parameter shard."""
+    def _adamw(self, unit: int, lr: float, inverse_scale: torch.Tensor) -> torch.Tensor:
+        """AdamW over unit ``unit``'s slice of the master and moments (their staged copy under
+        NVMe offload), with the gradient in ``host_grad`` divided by ``inverse_scale``; with
+        parameter offload it also writes the unit's host parameter shard (or keeps the values
+        for ``WriteStateToFile``). Returns the updated master slice."""
         # beta1, beta2 and eps are the config's: any step's Hyper has them (a pending update
         # exists only after a step of this runtime ran).
         hyper, state = self.step_phase.hyper, self.optimizer
         assert hyper is not None
         span = self._range(unit)
-        grad = self.host_grad[self._grad_range(unit)]  # indexed from the unit's start below
+        if self.state_files is not None:
+            master, exp_avg, exp_avg_sq = self.state_files.arrays(unit)
+        else:
+            master, exp_avg, exp_avg_sq = (
+                t[span] for t in (state.master, state.exp_avg, state.exp_avg_sq)
+            )
+        grad = self.host_grad[self._grad_range(unit)]  # all four indexed from the unit's start
         if grad.dtype != torch.float32:  # torch's kernel wants one dtype throughout
             grad = self._widened(grad)
         by_decay: dict[float, list[slice]] = {}
         for lo, hi, decay in self.decay_runs[unit]:
-            by_decay.setdefault(decay, []).append(slice(lo, hi))
-        start = span.start
+            by_decay.setdefault(decay, []).append(slice(lo - span.start, hi - span.start))
         for decay, spans in by_decay.items():
             # One fused pass over every range of this decay: reads and writes each element
             # once across torch's intra-op threads (28 bytes per element).
             torch._fused_adamw_(
-                [state.master[s] for s in spans],
-                [grad[s.start - start : s.stop - start] for s in spans],
-                [state.exp_avg[s] for s in spans],
-                [state.exp_avg_sq[s] for s in spans],
+                [master[s] for s in spans],
+                [grad[s] for s in spans],
+                [exp_avg[s] for s in spans],
+                [exp_avg_sq[s] for s in spans],
                 [],
                 [state.step] * len(spans),
                 lr=lr,
@@ -252,8 +279,44 @@ class HostOptimizer:
                 grad_scale=inverse_scale,
                 found_inf=None,
             )
-        if self.params_on_host:  # the gathers upload the host shard: write it here
-            self.workspace.param_out(unit).copy_(state.master[span])
+        if self.shard_files is not None:  # the shard is in a file: WriteStateToFile
+            self._written[unit] = master
+        elif self.params_on_host:  # the gathers upload the host shard: write it here
+            self.workspace.param_out(unit).copy_(master)
+        return master
+
+    # -- NVMe offload: the swap files ------------------------------------------------------------
+
+    def _steps_now(self, unit: int) -> bool:
+        """Whether unit ``unit``'s CPU step is still to run in this phase."""
+        if unit in self.deferred:
+            return self.pending.is_armed and unit not in self._applied
+        return not self._skip
+
+    def read_state_from_file(self, op: O.ReadStateFromFile) -> None:
+        if self.state_files is not None and self._steps_now(op.unit):
+            self.state_files.read(op.unit)
+
+    def write_state_to_file(self, op: O.WriteStateToFile) -> None:
+        self._write_back(op.unit)
+
+    def _write_back(self, unit: int) -> None:
+        """Start writing what unit ``unit``'s step changed of its files."""
+        if self.state_files is not None:
+            self.state_files.write(unit)
+        values = self._written.pop(unit, None)
+        if values is not None:
+            self.shard_files.write(unit, values)
+
+    def read_shard_from_file(self, op: O.ReadShardFromFile) -> None:
+        self.shard_files.read(op.unit)
+
+    def wait_file_writes(self, op: O.WaitFileWrites) -> None:
+        self._wait_file_writes()
+
+    def _wait_file_writes(self) -> None:
+        if self.files is not None:
+            self.files.wait_writes()
 
     def copy_params_to_device(self, op: O.CopyParamsToDevice) -> None:
         if self._skip:
@@ -266,7 +329,10 @@ class HostOptimizer:
         """Unit ``unit``'s fp32 master up into its device shard, on the upload stream; returns
         the copy's event (None on CPU, where it is done)."""
         target = self.workspace.param_out(unit)
-        source = self.optimizer.master[self._range(unit)]
+        source = self.state_files.master(unit) if self.state_files is not None else None
+        from_staging = source is not None  # NVMe: the step's staged copy of the master
+        if not from_staging:
+            source = self.optimizer.master[self._range(unit)]
         if not self.on_cuda:
             target.copy_(source)
             return None
@@ -278,6 +344,8 @@ class HostOptimizer:
             target.copy_(staged)
             event = torch.cuda.Event()
             event.record(stream)
+        if from_staging:  # the staging buffer is reused only once the copy ran
+            self.state_files.uploading(unit, event)
         return event
 
     def wait_uploads(self, op: O.WaitUploads) -> None:
@@ -295,4 +363,8 @@ class HostOptimizer:
             if event is not None:
                 event.synchronize()
         self._grad_copies.clear()
+        if self.files is not None:  # what stepped goes back to the files; the rest is dropped
+            for unit in list(self._written):
+                self._write_back(unit)
+            self.files.abort()
         self.settle()

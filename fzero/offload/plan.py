@@ -10,6 +10,8 @@
   units' state stays on the device and steps there, and the master and moments are
   ``SplitFlat`` buffers of two parts (``fzero/state/split.py``). Ratio 0 keeps everything on the
   device: the same as no optimizer offload.
+- ``"nvme"`` for either: the same, with those buffers in swap files under ``nvme_path``
+  instead of host memory (``FileResidence``, ``fzero/offload/files.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from fzero.config import Config
 from fzero.errors import ConfigError
+from fzero.offload.files import FileResidence
 from fzero.offload.host import HostBuffer, check_host_memory
 from fzero.runtime.step_phase import OptimizerBuffers
 from fzero.schedule.offload_split import OffloadSplit, split_units
@@ -40,6 +43,7 @@ class HostOptimizerSettings:
     # Partial offload: where the host part starts in the optimizer space (the device part's
     # elements); 0 when every unit steps on the host.
     host_offset_numel: int = 0
+    files: FileResidence | None = None  # NVMe offload: the swap files and their staging
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,20 @@ class OffloadPlan:
     params_on_host: bool = False
     pin_memory: bool = False
     ratio: float = 1.0  # offload_optimizer.ratio: the share of the optimizer state on the host
+    # device "nvme": the optimizer state / the parameter shards live in swap files
+    optimizer_in_files: bool = False
+    params_in_files: bool = False
+    # NVMe staging buffers (offload_optimizer.buffer_count, offload_param.buffer_count)
+    optimizer_buffer_count: int = 0
+    param_buffer_count: int = 0
 
     @classmethod
     def from_config(cls, config: Config) -> OffloadPlan:
         zero = config.zero_optimization
         optimizer = zero.offload_optimizer
         params = zero.offload_param
-        on_host = optimizer is not None and optimizer.device == "cpu"
-        params_on_host = params is not None and params.device == "cpu"
+        on_host = optimizer is not None and optimizer.device in ("cpu", "nvme")
+        params_on_host = params is not None and params.device in ("cpu", "nvme")
         ratio = 1.0 if optimizer is None else optimizer.ratio
         if ratio < 1:
             _check_partial(optimizer.device, ratio, params_on_host)
@@ -71,8 +81,8 @@ class OffloadPlan:
             raise ConfigError(
                 "zero_optimization.offload_param.device",
                 "parameter offload in fzero runs with optimizer offload: set "
-                'offload_optimizer.device to "cpu" as well (the updated parameters are then '
-                "written into the host shards by the CPU step, with no copy)",
+                'offload_optimizer.device to "cpu" or "nvme" as well (the updated parameters '
+                "are then written into the offloaded shards by the CPU step, with no copy)",
             )
         if on_host and not config.optimizer.bias_correction:
             raise ConfigError(
@@ -84,7 +94,18 @@ class OffloadPlan:
             (optimizer is not None and optimizer.pin_memory)
             or (params is not None and params.pin_memory)
         )
-        return cls(on_host, params_on_host, pin, ratio if on_host else 1.0)
+        in_files = on_host and optimizer.device == "nvme"
+        params_in_files = params_on_host and params.device == "nvme"
+        return cls(
+            on_host,
+            params_on_host,
+            pin,
+            ratio=ratio if on_host else 1.0,
+            optimizer_in_files=in_files,
+            params_in_files=params_in_files,
+            optimizer_buffer_count=optimizer.buffer_count if in_files else 0,
+            param_buffer_count=params.buffer_count if params_in_files else 0,
+        )
 
     def split(self, layout: FlatLayout) -> OffloadSplit:
         """Which units' optimizer state is on the host (every unit's at ratio 1)."""
@@ -98,6 +119,22 @@ class OffloadPlan:
         split = self.split(layout)
         return split.device_numel if split.is_partial else 0
 
+    def file_residence(
+        self, config: Config, layout: FlatLayout, compute_dtype: torch.dtype, rank: int
+    ) -> FileResidence | None:
+        """The swap files of NVMe offload, checked and allocated (None without "nvme")."""
+        if not (self.optimizer_in_files or self.params_in_files):
+            return None
+        return FileResidence(
+            config,
+            layout,
+            compute_dtype,
+            rank=rank,
+            optimizer_in_files=self.optimizer_in_files,
+            params_in_files=self.params_in_files,
+            pin_memory=self.pin_memory,
+        )
+
     def check_host_memory(
         self, layout: FlatLayout, compute_dtype: torch.dtype, grad_dtype: torch.dtype
     ) -> None:
@@ -105,16 +142,46 @@ class OffloadPlan:
         if not self.optimizer_on_host:
             return
         numel = layout.optimizer_numel - self.device_numel(layout)  # the host units' only
-        nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
-        what = f"offload_optimizer (fp32 master weights, moments and gradients of {numel:,} "
-        if self.params_on_host:
+        if self.optimizer_in_files:  # the master and moments are in files: the gradient copy
+            nbytes = numel * grad_dtype.itemsize
+            parts = [f"the gradients of {numel:,} elements"]
+        else:
+            nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
+            parts = [f"fp32 master weights, moments and gradients of {numel:,} elements"]
+        if self.params_in_files:
+            parts.append("the parameter shards are in a file")
+        elif self.params_on_host:
             nbytes += layout.shard_numel * compute_dtype.itemsize
-            what += "elements, and offload_param's parameter shards)"
+            parts.append("offload_param's parameter shards")
         else:
             nbytes += numel * compute_dtype.itemsize  # the upload buffer
-            what += "elements, and the upload buffer)"
+            parts.append("the upload buffer")
+        if self.optimizer_in_files or self.params_in_files:
+            nbytes += self.staging_nbytes(layout, compute_dtype)
+            parts.append("the NVMe staging buffers")
+        what = f"offload_optimizer ({', '.join(parts[:-1])}, and {parts[-1]})"
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if self.optimizer_in_files:  # already on NVMe: what is left to move or shrink
+            remedy = (
+                'Offload the parameters to "nvme" too, lower offload_optimizer.buffer_count '
+                "(its staging buffers), or shard over more hosts."
+            )
+            check_host_memory(nbytes, what, ranks_on_host=ranks, remedy=remedy)
+            return
         check_host_memory(nbytes, what, ranks_on_host=ranks)
+
+    def staging_nbytes(self, layout: FlatLayout, compute_dtype: torch.dtype) -> int:
+        """Host bytes of NVMe offload's staging buffers (``fzero/offload/staging.py``): each
+        one unit's master and moments, or its parameter shard, plus a page either side."""
+        nbytes = 0
+        if self.optimizer_in_files:
+            largest = max(u.optimizer_numel for u in layout.units)
+            nbytes += self.optimizer_buffer_count * 3 * (largest * 4 + 2 * 4096)
+        if self.params_in_files:
+            largest = max(u.shard_numel for u in layout.units)
+            buffers = self.param_buffer_count + 2  # and two the CPU step writes from
+            nbytes += buffers * (largest * compute_dtype.itemsize + 2 * 4096)
+        return nbytes
 
     def optimizer_buffers(
         self,
@@ -122,10 +189,11 @@ class OffloadPlan:
         numel: int,
         device: torch.device,
         workspace: Workspace,
+        files: FileResidence | None = None,
     ) -> OptimizerBuffers:
-        """The AdamW state beside ``master``: on the host under optimizer offload; under
-        partial offload the moments split where ``master`` does, and only the host part has a
-        host gradient buffer."""
+        """The AdamW state beside ``master``: on the host under optimizer offload, in files
+        under NVMe optimizer offload; under partial offload the moments split where ``master``
+        does, and only the host part has a host gradient buffer."""
         if not self.optimizer_on_host:
             zeros = [torch.zeros(numel, dtype=torch.float32, device=device) for _ in range(2)]
             step = torch.zeros((), dtype=torch.float32, device=device)
@@ -133,7 +201,10 @@ class OffloadPlan:
         device_numel = master.split_numel if isinstance(master, SplitFlat) else 0
         numel -= device_numel
         moments = []
-        for _ in range(2):
+        for name in ("exp_avg", "exp_avg_sq"):
+            if files is not None and files.holds(name):
+                moments.append(files.tensor(name))
+                continue
             buffer = HostBuffer(numel, torch.float32, pin_memory=self.pin_memory)
             workspace.host_buffers.append(buffer)
             moment = buffer.tensor.zero_()
@@ -149,12 +220,16 @@ class OffloadPlan:
         return OptimizerBuffers(master, *moments, step, pending)
 
     def host_optimizer_settings(
-        self, compute_dtype: torch.dtype, layout: FlatLayout
+        self, compute_dtype: torch.dtype, layout: FlatLayout, files: FileResidence | None = None
     ) -> HostOptimizerSettings | None:
         if not self.optimizer_on_host:
             return None
         return HostOptimizerSettings(
-            self.pin_memory, compute_dtype, self.params_on_host, self.device_numel(layout)
+            self.pin_memory,
+            compute_dtype,
+            self.params_on_host,
+            host_offset_numel=self.device_numel(layout),
+            files=files,
         )
 
 
@@ -177,7 +252,7 @@ def _check_partial(device: str, ratio: float, params_on_host: bool) -> None:
     if params_on_host:
         raise ConfigError(
             key,
-            f'ratio {ratio} with zero_optimization.offload_param.device "cpu" is not available: '
+            f"ratio {ratio} with zero_optimization.offload_param.device set is not available: "
             "parameter offload keeps every parameter shard on the host for the CPU step to write, "
             "while partial offload keeps some units' master weights on the device to step there. "
             "Remove offload_param, or set ratio to 1",

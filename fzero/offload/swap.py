@@ -7,6 +7,8 @@ Files are opened with ``O_DIRECT`` where the filesystem takes it (a probe at con
 ``io_note`` tells why not, e.g. on an old tmpfs), so the swap bypasses the page cache. Memory
 that is 4096-aligned (``HostBuffer``, ``aligned_empty``) is read and written in place; other
 memory and a buffer's last partial block go through ``buffer_count`` aligned staging blocks.
+``read_at`` and ``write_at`` move a byte range of an open file in place instead (NVMe offload's
+mapped files, ``fzero/offload/mapped.py``, whose space is reserved when they are created).
 
 Nothing is lost when the disk fills: a write goes to a new file, whose space is reserved with
 ``posix_fallocate`` before any data is written, and replaces the buffer's file (``os.replace``)
@@ -222,35 +224,58 @@ class NvmeSwapper:
             )
         return tensor.reshape(-1).view(torch.uint8)
 
-    def _submit(self, name: str, kind: str, data: torch.Tensor, fd: int, on_complete):
+    def read_at(self, name: str, fd: int, file_offset: int, data: torch.Tensor) -> SwapHandle:
+        """Start reading ``data.numel()`` bytes at ``file_offset`` of the open file ``fd`` into
+        the uint8 tensor ``data`` (a mapped file's range: ``fzero/offload/mapped.py``)."""
+        return self._submit(name, "read", data, fd, _nothing, file_offset)
+
+    def write_at(self, name: str, fd: int, file_offset: int, data: torch.Tensor) -> SwapHandle:
+        """Start writing the uint8 tensor ``data`` at ``file_offset`` of the open file ``fd``,
+        in place (the file's space is reserved already)."""
+        return self._submit(name, "write", data, fd, _nothing, file_offset)
+
+    def open_file(self, name: str) -> int:
+        """A read-write descriptor of file ``name`` of this swapper, direct where it can be."""
+        return _open(self.directory / name, os.O_RDWR | self._flags)
+
+    def _submit(self, name: str, kind: str, data, fd: int, on_complete, file_offset: int = 0):
         block = self.aio.block_size
         offsets = range(0, data.numel(), block)
         transfer = _Transfer(len(offsets), on_complete)
         for offset in offsets:
             length = min(block, data.numel() - offset)
-            future = self._pool.submit(self._request, kind, fd, data, offset, length)
+            future = self._pool.submit(
+                self._request, kind, fd, data, offset, length, file_offset + offset
+            )
             future.add_done_callback(lambda f: transfer.request_done(f.exception()))
         return SwapHandle(name, kind, data.numel(), transfer)
 
-    def _request(self, kind: str, fd: int, data: torch.Tensor, offset: int, length: int) -> None:
-        """One request; through a staging block where direct I/O cannot use ``data`` in place."""
+    def _request(
+        self, kind: str, fd: int, data: torch.Tensor, offset: int, length: int, at: int
+    ) -> None:
+        """One request (bytes ``offset:offset + length`` of ``data``, at byte ``at`` of the
+        file); through a staging block where direct I/O cannot use ``data`` in place."""
         in_place = not self.direct or (
             (data.data_ptr() + offset) % ALIGNMENT_NBYTES == 0 and length % ALIGNMENT_NBYTES == 0
         )
         if in_place:
-            _transfer_all(kind, fd, data.data_ptr() + offset, length, offset)
+            _transfer_all(kind, fd, data.data_ptr() + offset, length, at)
             return
         staging = self._staging.get()
         try:
             padded = _round_up(length)
             if kind == "write":
                 staging[:length].copy_(data[offset : offset + length])
-                _transfer_all(kind, fd, staging.data_ptr(), padded, offset)
+                _transfer_all(kind, fd, staging.data_ptr(), padded, at)
             else:
-                _transfer_all(kind, fd, staging.data_ptr(), padded, offset, at_least=length)
+                _transfer_all(kind, fd, staging.data_ptr(), padded, at, at_least=length)
                 data[offset : offset + length].copy_(staging[:length])
         finally:
             self._staging.put(staging)
+
+
+def _nothing(error: BaseException | None) -> None:
+    """A ranged transfer's completion: the descriptor stays open for the next one."""
 
 
 def _open(path: Path, flags: int) -> int:

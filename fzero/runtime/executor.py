@@ -69,7 +69,14 @@ class Executor:
         self.unit_params = parts.unit_params
         self.record_ops = record_ops
         self.timeline = timeline  # when set: device times of triggers and gathers
-        self.gathers = Gathers(parts.workspace, parts.comm, timeline, parts.unit_params)
+        files = getattr(parts.host_optimizer, "files", None)  # NVMe offload's swap files
+        self.gathers = Gathers(
+            parts.workspace,
+            parts.comm,
+            timeline,
+            parts.unit_params,
+            shard_files=files.shards if files is not None else None,
+        )
         self.reduction = GradientReduction(
             parts.layout, parts.workspace, parts.comm, parts.unit_params, parts.reduce_dtype
         )
@@ -95,6 +102,7 @@ class Executor:
                 compute_dtype=parts.host_optimizer.compute_dtype,
                 params_on_host=parts.host_optimizer.params_on_host,
                 host_offset_numel=parts.host_optimizer.host_offset_numel,
+                files=files,
             )
         self.handlers = handler_table(
             self.gathers, self.reduction, self.step_phase, self.host_optimizer

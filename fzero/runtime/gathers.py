@@ -35,8 +35,12 @@ class Gathers:
         comm: Communicator,
         timeline: MeasuredTimeline | None,
         unit_params: list[list[torch.nn.Parameter]],
+        shard_files: Any = None,
     ):
         self.workspace = workspace
+        # NVMe parameter offload (fzero/offload/staging.py): UploadShard takes the shard its
+        # ReadShardFromFile staged instead of reading the file's mapping.
+        self.shard_files = shard_files
         self.unit_params = unit_params
         self.classes = [UnitClasses(params) for params in unit_params]
         self.comm = comm
@@ -70,14 +74,23 @@ class Gathers:
         """Parameter offload: bring this rank's host shard of the unit up, on the gather stream
         (so a prefetched gather prefetches its upload), for the gather that follows."""
         flat = self.workspace.param_flats[op.unit]
-        source = self.workspace.gather_source(op.unit)
+        files = self.shard_files
+        staged = files is not None
+        source = files.take(op.unit) if staged else self.workspace.gather_source(op.unit)
         if not flat.is_cuda:
-            self.uploaded[op.unit] = source
+            # A staging buffer is reused by a later read: the gather sends a copy of it.
+            self.uploaded[op.unit] = source.clone() if staged else source
+            if staged:
+                files.release(op.unit, None)
             return
         stream = self._gather_stream(flat)
         stream.wait_stream(torch.cuda.current_stream(flat.device))
         with torch.cuda.stream(stream):
             self.uploaded[op.unit] = source.to(flat.device, non_blocking=True)
+            if staged:  # the staging buffer is free once this copy ran
+                event = torch.cuda.Event()
+                event.record(stream)
+                files.release(op.unit, event)
 
     def gather(self, unit: int) -> InFlightGather:
         """Fill unit ``unit``'s full buffer from every rank's shard (the uploaded copy, when

@@ -49,6 +49,10 @@ def handler_table(
         O.WaitUploads: h.wait_uploads,
         O.ApplyPendingUpdate: h.apply_pending_update,
         O.UploadUpdate: h.upload_update,
+        O.ReadStateFromFile: h.read_state_from_file,
+        O.WriteStateToFile: h.write_state_to_file,
+        O.ReadShardFromFile: h.read_shard_from_file,
+        O.WaitFileWrites: h.wait_file_writes,
     }
 
 

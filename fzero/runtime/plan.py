@@ -97,6 +97,8 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
         host_step_units=host_units,
         offload_param=offload_device(zero.offload_param) != "none",
         offload_update_in_forward=config.fzero.offload_update_in_forward,
+        optimizer_in_files=offload_device(zero.offload_optimizer) == "nvme",
+        params_in_files=offload_device(zero.offload_param) == "nvme",
     )
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from fzero.schedule.file_pass import file_io_steps, read_shards_ahead, wait_file_writes
 from fzero.schedule.offload import (
     copy_grads_down,
     defer_host_steps,
@@ -110,6 +111,9 @@ class Knobs:
     host_step_units: frozenset[int] | None = None
     # fzero.offload_update_in_forward: stage 3's CPU steps move into the next first forward
     offload_update_in_forward: bool = False
+    # device "nvme": the master and moments / the parameter shards live in files (file_pass.py)
+    optimizer_in_files: bool = False
+    params_in_files: bool = False
 
 
 def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
@@ -208,6 +212,10 @@ def compile_schedule(
         last_micro = upload_before_gathers(units, last_micro) if last_micro else None
         (ops_entry,) = upload_before_gathers(units, (Entry(Trigger(STEP), ops),))
         ops = ops_entry.ops
+    if knobs.optimizer_in_files or knobs.params_in_files:
+        micro, last_micro, first_extra, ops = _with_file_io(
+            units, micro, last_micro, first_extra, ops, knobs
+        )
     step = Entry(Trigger(STEP), ops)
     return Schedule(
         stage,
@@ -220,6 +228,23 @@ def compile_schedule(
         gradient_reduction=reduction,
         first_micro_extra=first_extra,
     )
+
+
+def _with_file_io(units, micro, last_micro, first_extra, ops, knobs):
+    """NVMe offload: the swap files' reads and writes around the CPU steps and the uploads."""
+    in_files = {
+        "optimizer_in_files": knobs.optimizer_in_files,
+        "params_in_files": knobs.params_in_files,
+    }
+    first_extra = file_io_steps(units, first_extra, **in_files)
+    (step,) = file_io_steps(units, (Entry(Trigger(STEP), ops),), **in_files)
+    ops = wait_file_writes(step.ops)
+    if knobs.params_in_files:
+        micro = read_shards_ahead(units, micro)
+        last_micro = read_shards_ahead(units, last_micro) if last_micro else None
+        (step,) = read_shards_ahead(units, (Entry(Trigger(STEP), ops),))
+        ops = step.ops
+    return micro, last_micro, first_extra, ops
 
 
 def _buckets(units: list[UnitInfo], bucket_numel: int) -> list[list[UnitInfo]]:

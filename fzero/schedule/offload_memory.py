@@ -14,15 +14,18 @@ K the optimizer bytes per element, g the gradient-shard bytes and c the compute-
   r as exact (r P rounded to an element); the unit split rounds the host's share up to whole
   units, which ``print(state.schedule)`` reports.
 - ``offload_optimizer`` ``"nvme"``: the K P go to files; the host keeps the g P and c P buffers
-  and ``optimizer_buffer_count`` staging buffers of one state (4 bytes) of the largest unit's
-  shard, through which units' states are read, stepped and written back.
+  and ``optimizer_buffer_count`` staging buffers, each one unit's three states (12 bytes per
+  element) of the largest unit's shard, through which units' states are read, stepped and
+  written back (``fzero/offload/staging.py``).
 - ``offload_param`` ``"cpu"`` (stage 3): the device's compute-dtype shard lives on the host
   between uses; each gather uploads it first. With optimizer offload that is the c F shard, and
   the CPU step writes straight into it, so it is the upload staging buffer, not a second one.
   Without optimizer offload only frozen parameters have such a shard: trainable ones are
   gathered from the master, which stays on the device with the optimizer.
 - ``offload_param`` ``"nvme"``: the c F go to a file, read through ``param_buffer_count``
-  host buffers of ``param_buffer_size`` elements (DeepSpeed's ``buffer_count``/``buffer_size``).
+  host buffers of the largest unit's shard, and written from two more (DeepSpeed's
+  ``buffer_count``; its ``buffer_size`` sizes nothing in fzero, ``param_buffer_size`` is
+  accepted for its sake).
 
 On the device the gradient shard stays transient, as without offload: a unit's part is reduced
 there and copied down. Files count their bytes before the 4096-byte padding of each swap file
@@ -37,6 +40,8 @@ from fzero.schedule.memory_model import BytesPerParam, ModelStates
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 STATE_ELEMENT_NBYTES = 4  # one fp32 optimizer state (master, exp_avg or exp_avg_sq) per element
+STATES_PER_BUFFER = 3  # an NVMe staging buffer holds a unit's master, exp_avg and exp_avg_sq
+SHARD_WRITE_BUFFERS = 2  # NVMe parameter offload: the CPU step writes shards from these
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,8 @@ def offload_states(
             host = ModelStates(upload, gradient_copy, 0)
             file = ModelStates(0, 0, state)
             unit = -(-(largest_unit_numel or trainable_numel) // world_size)
-            staging += max(optimizer_buffer_count, 1) * STATE_ELEMENT_NBYTES * unit
+            per_element = STATES_PER_BUFFER * STATE_ELEMENT_NBYTES
+            staging += max(optimizer_buffer_count, 1) * per_element * unit
     if offload_param != "none":
         # The device's compute-dtype shard moves (without optimizer offload that is only the
         # frozen parameters': trainable ones are gathered from the master, which stays with
@@ -128,5 +134,7 @@ def offload_states(
         else:
             host = replace(host, parameters=0)
             file = replace(file, parameters=moved)
-            staging += max(param_buffer_count, 1) * param_buffer_size * b.parameter
+            unit = -(-(largest_unit_numel or numel) // world_size)
+            buffers = max(param_buffer_count, 1) + SHARD_WRITE_BUFFERS
+            staging += buffers * unit * b.parameter
     return OffloadStates(device, host, file, staging)

@@ -7,7 +7,8 @@ root unit: every parameter not inside a repeated block).
 
 This file holds the triggers, the streams, the base ``Op``, the parameter ops (``AllGather``,
 ``WaitGather``, ``Release``) and ``Entry``; the gradient ops are in ``gradient_ops.py``, the step
-phase's in ``step_phase_ops.py`` and offload's in ``offload_ops.py``, all named here too.
+phase's in ``step_phase_ops.py``, offload's in ``offload_ops.py`` and NVMe offload's file I/O in
+``file_ops.py``, all named here too.
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ class Entry:
 
 # The other op families live in files of their own, one concept each; they are ops like the
 # rest and are named here too, so ``from fzero.schedule import ops as O`` reaches every op.
+from fzero.schedule.file_ops import (  # noqa: E402
+    FILE,
+    ReadShardFromFile,
+    ReadStateFromFile,
+    WaitFileWrites,
+    WriteStateToFile,
+)
 from fzero.schedule.gradient_ops import (  # noqa: E402
     AllocGrad,
     AllocGradShard,
@@ -169,6 +177,7 @@ from fzero.schedule.step_phase_ops import (  # noqa: E402
 )
 
 __all__ = [
+    "FILE",
     "AllReduce",
     "AllocGrad",
     "AllocGradShard",
@@ -179,6 +188,8 @@ __all__ = [
     "FreeGradShard",
     "HostOptimizerStep",
     "OptimizerStep",
+    "ReadShardFromFile",
+    "ReadStateFromFile",
     "ReduceInOrder",
     "ReduceScalars",
     "ReduceScalarsInOrder",
@@ -187,8 +198,10 @@ __all__ = [
     "UploadShard",
     "UploadUpdate",
     "WaitReduce",
+    "WaitFileWrites",
     "WaitUploads",
     "WriteGradShard",
+    "WriteStateToFile",
     "ZeroGrad",
     "ZeroGradShard",
 ]

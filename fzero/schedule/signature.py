@@ -32,6 +32,10 @@ LOCAL_OFFLOAD_OPS = (
     O.UploadShard,
     O.ApplyPendingUpdate,
     O.UploadUpdate,
+    O.ReadStateFromFile,
+    O.WriteStateToFile,
+    O.ReadShardFromFile,
+    O.WaitFileWrites,
 )
 
 

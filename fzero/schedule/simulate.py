@@ -97,6 +97,9 @@ def _compute_placement(
     return before, after
 
 
+SHARD_READ = "file-shard"  # in-flight key of a parameter shard's read (the state's: O.FILE)
+
+
 class _Replay:
     """The clocks and buffers of one rank while the schedule runs."""
 
@@ -113,6 +116,7 @@ class _Replay:
             O.REDUCE: 0.0,
             O.DEVICE_TO_HOST: 0.0,
             O.HOST_TO_DEVICE: 0.0,
+            O.FILE: 0.0,
         }
         self.in_flight: dict[tuple[str, int], float] = {}  # (stream, unit) -> collective end
         self.spans: list[Span] = []
@@ -177,7 +181,16 @@ class _Replay:
                     seconds = self.cost.reduce_scatter(op.nbytes, n)
                 self.in_flight[(O.REDUCE, op.unit)] = self.collective(op, O.REDUCE, seconds, micro)
             elif isinstance(op, O.UploadShard):  # before its gather, on the gather stream
+                self.wait(op, self.in_flight.pop((SHARD_READ, op.unit), self.now), micro)
                 self.collective(op, O.GATHER, self.cost.upload(op.nbytes), micro)
+            elif isinstance(op, (O.ReadStateFromFile, O.ReadShardFromFile)):
+                seconds = self.cost.file_read(op.nbytes)
+                key = O.FILE if isinstance(op, O.ReadStateFromFile) else SHARD_READ
+                self.in_flight[(key, op.unit)] = self.collective(op, O.FILE, seconds, micro)
+            elif isinstance(op, O.WriteStateToFile):
+                self.collective(op, O.FILE, self.cost.file_write(op.nbytes), micro)
+            elif isinstance(op, O.WaitFileWrites):  # the file stream runs reads and writes
+                self.wait(op, self.stream_free[O.FILE], micro)
             elif isinstance(op, O.CopyGradToHost):
                 seconds = self.cost.download(op.nbytes)
                 end = self.collective(op, O.DEVICE_TO_HOST, seconds, micro)
@@ -235,10 +248,13 @@ class _Replay:
             self.samples.append(self.sample())
 
     def host_step(self, op: O.HostOptimizerStep | O.ApplyPendingUpdate, micro: int) -> None:
-        """The host runs the CPU step once the unit's gradient is down (it waits for the copy);
-        the thread that issues the device's work is busy meanwhile, so nothing new reaches the
-        device until it is done, while what was issued before runs on."""
-        start = max(self.host_now, self.in_flight.pop((O.DEVICE_TO_HOST, op.unit), 0.0))
+        """The host runs the CPU step once the unit's gradient is down and its state is read from
+        its file under NVMe offload (it waits for both); the thread that issues the device's work
+        is busy meanwhile, so nothing new reaches the device until it is done, while what was
+        issued before runs on."""
+        ready = self.in_flight.pop((O.DEVICE_TO_HOST, op.unit), 0.0)
+        ready = max(ready, self.in_flight.pop((O.FILE, op.unit), 0.0))  # its state's read
+        start = max(self.host_now, ready)
         seconds = self.cost.cpu_optimizer(op.numel)
         self.spans.append(Span(_op_text(op), O.HOST, "compute", start, start + seconds, micro))
         self.host_now = start + seconds
@@ -255,9 +271,7 @@ class _Replay:
             self.grad_shard_nbytes = None
 
     def timeline(self, micro_batches: int) -> Timeline:
-        end = max(
-            [self.now, self.host_now, *self.in_flight.values(), *self.stream_free.values()]
-        )
+        end = max([self.now, self.host_now, *self.in_flight.values(), *self.stream_free.values()])
         return Timeline(
             stage=self.schedule.stage,
             world_size=self.world_size,

@@ -1,7 +1,8 @@
 """Chrome/Perfetto traces of a simulated step, and a memory plot.
 
 ``chrome_trace(timeline)`` returns the JSON object that ``chrome://tracing`` and
-https://ui.perfetto.dev open: one thread per stream (compute, gather, reduce) with complete
+https://ui.perfetto.dev open: one thread per stream (compute, gather, reduce, and offload's
+copy, host and file streams) with complete
 events (``ph: "X"``, ``ts``/``dur`` in microseconds), and this rank's memory as a counter track.
 ``plot_memory`` draws that counter with matplotlib, an optional extra (``pip install fzero[plot]``)
 imported only when called.
@@ -14,12 +15,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fzero.schedule.ops import COMPUTE, GATHER, REDUCE
+from fzero.schedule.ops import (
+    COMPUTE,
+    DEVICE_TO_HOST,
+    FILE,
+    GATHER,
+    HOST,
+    HOST_TO_DEVICE,
+    REDUCE,
+)
 
 if TYPE_CHECKING:
     from fzero.schedule.simulated_timeline import Timeline
 
-STREAM_TIDS = {COMPUTE: 0, GATHER: 1, REDUCE: 2}
+STREAM_TIDS = {
+    COMPUTE: 0,
+    GATHER: 1,
+    REDUCE: 2,
+    DEVICE_TO_HOST: 3,
+    HOST_TO_DEVICE: 4,
+    HOST: 5,
+    FILE: 6,
+}
 MEMORY_COUNTER = "memory (bytes)"
 MEMORY_KINDS = ("parameters", "gradients", "optimizer_state", "persistent_shards")
 _MICROSECONDS = 1e6
@@ -36,7 +53,10 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
             "args": {"name": f"fzero ZeRO-{timeline.stage} x{timeline.world_size} (simulated)"},
         },
     ]
+    used = {span.stream for span in timeline.spans}
     for stream, tid in STREAM_TIDS.items():
+        if stream not in (COMPUTE, GATHER, REDUCE) and stream not in used:
+            continue  # offload's streams: only where the step has them
         events.append(
             {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": stream}}
         )

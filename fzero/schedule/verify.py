@@ -25,13 +25,14 @@ comparing ``collective_signature`` (``signature.py``).
 
 This file holds the replay (``verify``) and its state (``_Checker``: triggers and phase ends);
 the rules of each kind of op are mixins of it: ``verify_parameters.py``,
-``verify_gradients.py``, ``verify_offload.py``.
+``verify_gradients.py``, ``verify_offload.py``, ``verify_files.py``.
 
 ``ScheduleInvariantError.invariant`` names the rule: gather-before-use, gather-once,
 wait-after-gather, release-after-gather, release-after-last-use, release-stage-3-only,
 max-live-bytes, refresh-after-optimizer (stages 1, 2), zero-grad-before-backward, reduce-once,
 reduce-kind, reduce-after-backward, wait-after-reduce, grad-shard, optimizer-after-reduce,
-end-of-micro-step, end-of-step, known-op (an op verify has no rule for).
+end-of-micro-step, end-of-step, file-io (NVMe offload's reads and writes), known-op (an op
+verify has no rule for).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 from fzero.errors import ScheduleInvariantError
 from fzero.schedule import ops as O
 from fzero.schedule.schedule import Schedule
+from fzero.schedule.verify_files import FileRules
 from fzero.schedule.verify_gradients import GradientRules
 from fzero.schedule.verify_offload import OffloadRules
 from fzero.schedule.verify_parameters import GATHERING, READY, RELEASED, ParameterRules
@@ -69,7 +71,7 @@ def _op_text(op: O.Op) -> str:
     return " ".join(str(op).split())
 
 
-class _Checker(ParameterRules, GradientRules, OffloadRules):
+class _Checker(ParameterRules, GradientRules, FileRules, OffloadRules):
     """The replay state: what the ops so far have done to this rank's buffers. Each ``op_X``
     method checks and applies one op of class ``X``: the parameter ops' in ``ParameterRules``,
     the gradient ops' in ``GradientRules``, offload's in ``OffloadRules``."""
@@ -104,6 +106,7 @@ class _Checker(ParameterRules, GradientRules, OffloadRules):
         self.scalars_done = self.optimizer_done = False
         self.init_offload(schedule)
         self.reset_offload()
+        self.init_files(schedule)
         self.refreshed: set[int] = set()
         self.where = self.phase = ""
 
@@ -207,6 +210,7 @@ class _Checker(ParameterRules, GradientRules, OffloadRules):
         self.reduced.clear()
         self.refreshed.clear()
         self.scalars_done = self.optimizer_done = False
+        self.end_step_files()
         self.reset_offload()
 
     def require_quiet(self, invariant: str, phase: str) -> None:

@@ -192,6 +192,7 @@ def build_workspace(
     host_shards=False,
     pin_memory=False,
     device_master_numel=0,
+    files=None,
 ):
     """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
     point the parameters there; each unit's original storage is released before the next one
@@ -206,20 +207,24 @@ def build_workspace(
     with ``pin_memory``); stage 3 then keeps a compute-dtype shard for its gathers to read, on
     the device, or on the host with ``host_shards`` (parameter offload). Host buffers stay
     alive in ``workspace.host_buffers``. ``device_master_numel`` (partial offload): the first
-    elements of the master, the device units', stay on the device (a ``SplitFlat``)."""
+    elements of the master, the device units', stay on the device (a ``SplitFlat``). ``files``
+    (NVMe offload, a ``FileResidence``): the master and the parameter shard it holds are its
+    file-backed tensors instead."""
     host_buffers: list[HostBuffer] = []
 
-    def host_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def host_zeros(numel: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+        if files is not None and files.holds(name):
+            return files.tensor(name)  # a new file: zeros
         host_buffers.append(HostBuffer(numel, dtype, pin_memory=pin_memory))
         return host_buffers[-1].tensor.zero_()
 
     if host_master and 0 < device_master_numel < layout.optimizer_numel:
         master = SplitFlat(
             torch.zeros(device_master_numel, dtype=torch.float32, device=device),
-            host_zeros(layout.optimizer_numel - device_master_numel, torch.float32),
+            host_zeros(layout.optimizer_numel - device_master_numel, torch.float32, "master"),
         )
     elif host_master:
-        master = host_zeros(layout.optimizer_numel, torch.float32)
+        master = host_zeros(layout.optimizer_numel, torch.float32, "master")
     else:
         master = torch.zeros(layout.optimizer_numel, dtype=torch.float32, device=device)
     no_frozen = layout.optimizer_numel == layout.shard_numel
@@ -231,7 +236,7 @@ def build_workspace(
             param_shard = torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
     standing_stage3 = stage == 3 and (host_master or host_shards)
     if standing_stage3 and host_shards:
-        param_shard = host_zeros(layout.shard_numel, compute_dtype)
+        param_shard = host_zeros(layout.shard_numel, compute_dtype, "param_shard")
     elif standing_stage3:
         param_shard = torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
     aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen and not ordered

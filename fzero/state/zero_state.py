@@ -76,6 +76,8 @@ class ZeroState:
             text = f"{t.numel():,} x {str(t.dtype).removeprefix('torch.')}"
             if isinstance(t, SplitFlat):
                 text += f" ({t.split_numel:,} on the device, {t.on_host.numel():,} on the host)"
+            elif t.untyped_storage().filename:  # NVMe offload
+                text += " in a file"
             return text
 
         return (

@@ -1,0 +1,249 @@
+"""Staging buffers between NVMe offload's files and the step: the ops' handlers read a unit's
+ranges into them, step or upload from them, and write them back (``fzero/offload/files.py``).
+
+``OptimizerStaging``: ``offload_optimizer.buffer_count`` slots, each holding one unit's master
+and moments. ``read(k)`` (``ReadStateFromFile``) takes a free slot, or the oldest one written
+back, after waiting for its write and its upload; ``arrays(k)`` (the CPU step) waits for the
+read; ``write(k)`` (``WriteStateToFile``) sends it back. So while unit k steps, unit k + 1 is
+read into another slot and unit k - 1 written from a third.
+
+``ShardStaging``: ``offload_param.buffer_count`` slots for compute-dtype parameter shards read
+for their gathers (``ReadShardFromFile``, taken by ``UploadShard``), and two for the shards the
+CPU step writes. A read that ran before the unit's update was written (prefetched in the
+forward that applies the update) gets the new values copied in, so a gather never sends stale
+parameters.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fzero.offload.host import HostBuffer
+from fzero.offload.mapped import MappedFile
+from fzero.offload.swap import SwapHandle
+
+
+def _wait(handles: list[SwapHandle | None]) -> None:
+    for handle in handles:
+        if handle is not None:
+            handle.wait()
+    handles.clear()
+
+
+@dataclass(eq=False)
+class Slot:
+    """Staging buffers (uint8, 4096-aligned) and what they hold now."""
+
+    buffers: list[HostBuffer]
+    unit: int | None = None
+    reads: list[SwapHandle | None] = field(default_factory=list)
+    writes: list[SwapHandle | None] = field(default_factory=list)
+    upload: Any = None  # a CUDA event: an upload from the slot is in flight until it is done
+    dirty: bool = False  # stepped since read: write it back
+
+    def settle(self) -> None:
+        """Wait for everything in flight from or into the slot."""
+        _wait(self.reads)
+        _wait(self.writes)
+        if self.upload is not None:
+            self.upload.synchronize()
+            self.upload = None
+
+
+def _slots(count: int, nbytes: int, buffers: int, pin_memory: bool) -> list[Slot]:
+    return [
+        Slot([HostBuffer(nbytes, torch.uint8, pin_memory=pin_memory) for _ in range(buffers)])
+        for _ in range(count)
+    ]
+
+
+class OptimizerStaging:
+    """Slots for units' master and moments (``files``: the three mapped files, in that order;
+    ``ranges``: each unit's element range in them)."""
+
+    def __init__(
+        self,
+        files: tuple[MappedFile, ...],
+        ranges: dict[int, tuple[int, int]],
+        count: int,
+        pin_memory: bool,
+    ):
+        self.files, self.ranges = files, ranges
+        largest = max((hi - lo for lo, hi in ranges.values()), default=0)
+        nbytes = MappedFile.staging_nbytes(largest, 4)
+        self.free = deque(_slots(count, nbytes, len(files), pin_memory))
+        self.by_unit: dict[int, Slot] = {}  # read, and not yet written back
+        self.retiring: deque[Slot] = deque()  # written back (or not stepped), oldest first
+
+    def read(self, unit: int) -> None:
+        if unit in self.by_unit:
+            return
+        for slot in self.retiring:  # its last write must land before the file is read again
+            if slot.unit == unit:
+                _wait(slot.writes)
+        slot = self._take()
+        lo, hi = self.ranges[unit]
+        slot.unit, slot.dirty = unit, False
+        slot.reads = [f.read(lo, hi, b.tensor) for f, b in zip(self.files, slot.buffers)]
+        self.by_unit[unit] = slot
+
+    def _take(self) -> Slot:
+        if self.free:
+            return self.free.popleft()
+        if not self.retiring:
+            raise RuntimeError(
+                "every NVMe staging buffer holds a unit not yet written back; raise "
+                "zero_optimization.offload_optimizer.buffer_count"
+            )
+        slot = self.retiring.popleft()
+        slot.settle()
+        return slot
+
+    def arrays(self, unit: int) -> tuple[torch.Tensor, ...]:
+        """Unit ``unit``'s master, exp_avg and exp_avg_sq in its slot (read now if no
+        ``read`` ran), marked to be written back."""
+        self.read(unit)
+        slot = self.by_unit[unit]
+        _wait(slot.reads)
+        slot.dirty = True
+        lo, hi = self.ranges[unit]
+        return tuple(f.view(lo, hi, b.tensor) for f, b in zip(self.files, slot.buffers))
+
+    def write(self, unit: int) -> None:
+        """Write unit ``unit``'s slot back if it stepped; the slot is reusable after that."""
+        slot = self.by_unit.pop(unit, None)
+        if slot is None:
+            return
+        _wait(slot.reads)
+        if slot.dirty:
+            lo, hi = self.ranges[unit]
+            slot.writes = [f.write(lo, hi, b.tensor) for f, b in zip(self.files, slot.buffers)]
+        self.retiring.append(slot)
+
+    def master(self, unit: int) -> torch.Tensor | None:
+        """The staged master of ``unit`` from this step (to upload), or None."""
+        slot = self.by_unit.get(unit) or next(
+            (s for s in reversed(self.retiring) if s.unit == unit), None
+        )
+        if slot is None:
+            return None
+        _wait(slot.reads)
+        lo, hi = self.ranges[unit]
+        return self.files[0].view(lo, hi, slot.buffers[0].tensor)
+
+    def uploading(self, unit: int, event: Any) -> None:
+        for slot in (*self.by_unit.values(), *self.retiring):
+            if slot.unit == unit:
+                slot.upload = event
+
+    def wait_writes(self) -> None:
+        """Every write landed, and no slot stands for a unit any more: the files (and their
+        mappings) are the state again."""
+        for slot in list(self.by_unit.values()):
+            self.write(slot.unit)
+        for slot in self.retiring:
+            _wait(slot.writes)
+            slot.unit = None
+
+    def abort(self) -> None:
+        """After a failed micro-batch: what stepped is written back, transfers in flight
+        finish, and every slot is free again."""
+        self.wait_writes()
+        for slot in (*self.by_unit.values(), *self.retiring):
+            slot.settle()
+            slot.unit = None
+            self.free.append(slot)
+        self.by_unit.clear()
+        self.retiring.clear()
+
+
+class ShardStaging:
+    """Slots for units' compute-dtype parameter shards, read for gathers and written by the
+    CPU step (``file``: the mapped shard file; ``ranges``: each unit's shard range and the end
+    of its trainable part)."""
+
+    def __init__(
+        self,
+        file: MappedFile,
+        ranges: dict[int, tuple[int, int, int]],
+        count: int,
+        pin_memory: bool,
+    ):
+        self.file, self.ranges = file, ranges
+        largest = max((hi - lo for lo, hi, _ in ranges.values()), default=0)
+        nbytes = MappedFile.staging_nbytes(largest, file.itemsize)
+        self.free = deque(_slots(count, nbytes, 1, pin_memory))
+        self.read_slots: dict[int, Slot] = {}  # read for a gather, not yet taken
+        self.taken: dict[int, Slot] = {}  # taken by an upload, until it says it is done
+        self.writers = deque(_slots(2, nbytes, 1, pin_memory))
+        self.written: dict[int, Slot] = {}  # unit -> the writer its last write went from
+
+    def read(self, unit: int) -> None:
+        if unit in self.read_slots:
+            return
+        writer = self.written.get(unit)
+        if writer is not None:  # the file must hold the update before it is read
+            _wait(writer.writes)
+        if not self.free:
+            raise RuntimeError(
+                "every parameter staging buffer holds a shard not yet uploaded; raise "
+                "zero_optimization.offload_param.buffer_count"
+            )
+        slot = self.free.popleft()
+        if slot.upload is not None:
+            slot.upload.synchronize()
+            slot.upload = None
+        lo, hi, _ = self.ranges[unit]
+        slot.unit, slot.reads = unit, [self.file.read(lo, hi, slot.buffers[0].tensor)]
+        self.read_slots[unit] = slot
+
+    def take(self, unit: int) -> torch.Tensor:
+        """Unit ``unit``'s shard, read (now, if no ``read`` ran); ``release`` gives the slot
+        back once the upload from it is issued."""
+        self.read(unit)
+        slot = self.read_slots.pop(unit)
+        _wait(slot.reads)
+        self.taken[unit] = slot
+        lo, hi, _ = self.ranges[unit]
+        return self.file.view(lo, hi, slot.buffers[0].tensor)
+
+    def release(self, unit: int, event: Any) -> None:
+        """The upload of ``unit``'s taken shard is issued (``event``: its CUDA event, None
+        when it is complete)."""
+        slot = self.taken.pop(unit)
+        slot.upload, slot.unit = event, None
+        self.free.append(slot)
+
+    def write(self, unit: int, values: torch.Tensor) -> None:
+        """Write ``values`` (fp32, the unit's trainable part) into the unit's shard: cast into
+        a writer slot, written back from there; a read of the unit already staged is patched."""
+        lo, hi, trainable_end = self.ranges[unit]
+        writer = self.writers.popleft()
+        writer.settle()
+        self.file.view(lo, trainable_end, writer.buffers[0].tensor).copy_(values)
+        writer.writes = [self.file.write(lo, trainable_end, writer.buffers[0].tensor)]
+        writer.unit = unit
+        self.writers.append(writer)
+        self.written[unit] = writer
+        staged = self.read_slots.get(unit)
+        if staged is not None:  # read before this update: give it the new values
+            _wait(staged.reads)
+            self.file.view(lo, trainable_end, staged.buffers[0].tensor).copy_(values)
+
+    def wait_writes(self) -> None:
+        for writer in self.writers:
+            _wait(writer.writes)
+        self.written.clear()
+
+    def abort(self) -> None:
+        for slot in (*self.read_slots.values(), *self.taken.values()):
+            slot.settle()
+            slot.unit = None
+            self.free.append(slot)
+        self.read_slots.clear()
+        self.taken.clear()
+        self.wait_writes()
