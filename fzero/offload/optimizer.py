@@ -45,7 +45,7 @@ from fzero.state.layout import FlatLayout
 
 
 class HostOptimizer:
-    """Owns the host gradient and upload buffers, the copy streams and their events."""
+    """Owns the host gradient buffer, the copy streams and their events."""
 
     def __init__(
         self,
@@ -76,7 +76,8 @@ class HostOptimizer:
         self.device = workspace.grad_shard.device
         self.on_cuda = self.device.type == "cuda"
         # Where the CPU step writes each unit's compute-dtype values: the host parameter shard
-        # when parameters are offloaded too (it is on the host), else an upload buffer.
+        # when parameters are offloaded too (it is on the host), else the device shard (the fp32
+        # master goes up and the device casts it).
         self.params_on_host = params_on_host
         # Per unit, its optimizer range cut where the weight decay changes: (lo, hi, decay).
         decay = WeightDecaySegments.from_ranges(decay_ranges, layout.optimizer_numel)

@@ -153,13 +153,11 @@ class OffloadPlan:
         elif self.params_on_host:
             nbytes += layout.shard_numel * compute_dtype.itemsize
             parts.append("offload_param's parameter shards")
-        else:
-            nbytes += numel * compute_dtype.itemsize  # the upload buffer
-            parts.append("the upload buffer")
         if self.optimizer_in_files or self.params_in_files:
             nbytes += self.staging_nbytes(layout, compute_dtype)
             parts.append("the NVMe staging buffers")
-        what = f"offload_optimizer ({', '.join(parts[:-1])}, and {parts[-1]})"
+        listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])}, and {parts[-1]}"
+        what = f"offload_optimizer ({listed})"
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if self.optimizer_in_files:  # already on NVMe: what is left to move or shrink
             remedy = (

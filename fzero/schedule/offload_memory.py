@@ -5,21 +5,22 @@ P = trainable elements / N (the optimizer shard) and F = all elements / N (the p
 K the optimizer bytes per element, g the gradient-shard bytes and c the compute-dtype bytes:
 
 - ``offload_optimizer`` ``"cpu"`` (stages 1-3): the K P of master weights and moments move to
-  the host, beside the g P the gradient shard is copied down into and a c P staging buffer the
-  CPU step writes the updated parameters into for the upload. At stage 3 the device now keeps a
-  c F parameter shard to gather from (without offload it casts the master on the fly).
+  the host, beside the g P the gradient shard is copied down into. The updated master goes up
+  in fp32 and the device casts it (``HostOptimizer._upload``): no host staging buffer. At stage
+  3 the device now keeps a c F parameter shard to gather from (without offload it casts the
+  master on the fly).
 - ``offload_ratio`` r < 1 (``offload_optimizer.ratio``, ``"cpu"`` only): only r P of the
-  optimizer shard is offloaded as above (K, g and c bytes per element on the host); the device
+  optimizer shard is offloaded as above (K and g bytes per element on the host); the device
   keeps the other (1 - r) P of master weights and moments, which step there. The estimate takes
   r as exact (r P rounded to an element); the unit split rounds the host's share up to whole
   units, which ``print(state.schedule)`` reports.
-- ``offload_optimizer`` ``"nvme"``: the K P go to files; the host keeps the g P and c P buffers
-  and ``optimizer_buffer_count`` staging buffers, each one unit's three states (12 bytes per
+- ``offload_optimizer`` ``"nvme"``: the K P go to files; the host keeps the g P buffer and
+  ``optimizer_buffer_count`` staging buffers, each one unit's three states (12 bytes per
   element) of the largest unit's shard, through which units' states are read, stepped and
   written back (``fzero/offload/staging.py``).
 - ``offload_param`` ``"cpu"`` (stage 3): the device's compute-dtype shard lives on the host
   between uses; each gather uploads it first. With optimizer offload that is the c F shard, and
-  the CPU step writes straight into it, so it is the upload staging buffer, not a second one.
+  the CPU step writes straight into it.
   Without optimizer offload only frozen parameters have such a shard: trainable ones are
   gathered from the master, which stays on the device with the optimizer.
 - ``offload_param`` ``"nvme"``: the c F go to a file, read through ``param_buffer_count``
@@ -109,16 +110,15 @@ def offload_states(
         host_numel = round(offload_ratio * optimizer_numel)
         kept = (optimizer_numel - host_numel) * b.optimizer_state  # on the device
         gradient_copy = host_numel * b.gradient_shard
-        upload = host_numel * b.parameter
         parameters = device.parameters
         if stage == 3:  # a compute-dtype shard to gather from, where the master was
             parameters = shard_numel * b.parameter
         device = ModelStates(parameters, device.gradients, kept, device.transient_gradients)
         state = host_numel * b.optimizer_state
         if offload_optimizer == "cpu":
-            host = ModelStates(upload, gradient_copy, state)
+            host = ModelStates(0, gradient_copy, state)
         else:
-            host = ModelStates(upload, gradient_copy, 0)
+            host = ModelStates(0, gradient_copy, 0)
             file = ModelStates(0, 0, state)
             unit = -(-(largest_unit_numel or trainable_numel) // world_size)
             per_element = STATES_PER_BUFFER * STATE_ELEMENT_NBYTES
@@ -126,7 +126,7 @@ def offload_states(
     if offload_param != "none":
         # The device's compute-dtype shard moves (without optimizer offload that is only the
         # frozen parameters': trainable ones are gathered from the master, which stays with
-        # the optimizer). On the host it also takes the place of the upload staging buffer.
+        # the optimizer).
         moved = device.parameters
         device = replace(device, parameters=0)
         if offload_param == "cpu":
