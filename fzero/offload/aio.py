@@ -15,7 +15,7 @@ import re
 import shutil
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
 import torch
 
@@ -29,9 +29,9 @@ SWAP_PREFIX = "fzero-swap"
 _RUN_DIRECTORY = re.compile(rf"^{SWAP_PREFIX}-(?P<host>.+)-p(?P<pid>\d+)-r\d+-[0-9a-f]+$")
 
 
-@dataclass(frozen=True)
-class AioSettings:
-    """DeepSpeed's ``aio`` block, as the swapper uses it (defaults are DeepSpeed's).
+class AioSettings(AioConfig):
+    """DeepSpeed's ``aio`` block, as the swapper uses it: the config block's fields, defaults
+    and checks (``fzero/config/aio_block.py``), and what they mean here.
 
     - ``block_size``: bytes per read or write request; a buffer is cut into requests of this
       size (a multiple of 4096, for direct I/O).
@@ -47,15 +47,6 @@ class AioSettings:
     - ``use_gds``: GPUDirect Storage; not implemented (rejected when true, see docs/offload.md).
     """
 
-    block_size: int = 1 << 20
-    queue_depth: int = 8
-    thread_count: int = 1
-    intra_op_parallelism: int | None = None
-    single_submit: bool = False
-    overlap_events: bool = True
-    io_backend: str = "async_io"
-    use_gds: bool = False
-
     @classmethod
     def from_config(cls, block: Mapping | None, path: str = "aio") -> AioSettings:
         """Build from the JSON ``aio`` block, naming the key of any bad value."""
@@ -67,10 +58,6 @@ class AioSettings:
         settings = cls(**block)
         settings.validate(path)
         return settings
-
-    def validate(self, path: str = "aio") -> None:
-        """Raise ``ConfigError`` naming the key of a bad value (the config block's checks)."""
-        AioConfig(**asdict(self)).validate(path)
 
     @property
     def requests_in_flight(self) -> int:
