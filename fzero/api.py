@@ -174,7 +174,7 @@ def shard(
         for u in layout.units
     )
     optimizer = offload.optimizer_buffers(master, layout.optimizer_numel, device, workspace, files)
-    plan = make_plan(layout, infos, cfg, comm.world_size)
+    plan = make_plan(layout, infos, cfg, comm.world_size, offload)
     parts = ExecutorParts(
         layout,
         workspace,

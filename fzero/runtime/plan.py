@@ -10,11 +10,14 @@ schedule.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from fzero.config import Config
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
-from fzero.schedule.offload_split import split_units
 from fzero.state.layout import FlatLayout, dtype_from_name
+
+if TYPE_CHECKING:
+    from fzero.offload.plan import OffloadPlan
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,15 @@ class Plan:
 
 
 def make_plan(
-    layout: FlatLayout, units: tuple[UnitInfo, ...], config: Config, world_size: int
+    layout: FlatLayout,
+    units: tuple[UnitInfo, ...],
+    config: Config,
+    world_size: int,
+    offload: OffloadPlan,
 ) -> Plan:
-    """The plan before any step ran: the on-demand schedule over the presumed order."""
-    knobs, trace = knobs_from(config, layout), presumed_trace(units)
+    """The plan before any step ran: the on-demand schedule over the presumed order.
+    ``offload``: where the state lives (decided once from the config, ``OffloadPlan``)."""
+    knobs, trace = knobs_from(config, layout, offload), presumed_trace(units)
     schedule = _compile(layout, units, knobs, config.stage, world_size, trace, traced=False)
     return Plan(layout, units, knobs, world_size, config.stage, trace, schedule)
 
@@ -63,8 +71,9 @@ def _compile(
     )
 
 
-def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
-    """The compiler's knobs, read from the config (DeepSpeed's names, in elements)."""
+def knobs_from(config: Config, layout: FlatLayout, offload: OffloadPlan) -> Knobs:
+    """The compiler's knobs, read from the config (DeepSpeed's names, in elements) and, for
+    offload, from ``offload``."""
     zero = config.zero_optimization
     reduction = ""  # the stage's default
     if config.fzero.deterministic:
@@ -74,13 +83,9 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
     compute_itemsize = dtype_from_name(config.compute_dtype_name).itemsize
     grad_itemsize = dtype_from_name(config.grad_accum_dtype_name).itemsize
     gather_numel = sum(u.padded_numel for u in layout.units if u.has_trainable)
-    offload = zero.offload_optimizer
-    # Ratio 0 keeps every unit's optimizer on the device: no optimizer offload at all.
-    offload_optimizer = offload_device(offload) != "none" and offload.ratio > 0
     host_units = None  # every unit's step on the host
-    if offload_optimizer and offload.ratio < 1:
-        units = ((u.index, u.optimizer_numel) for u in layout.units)
-        split = split_units(units, offload.ratio)
+    if offload.optimizer_on_host:
+        split = offload.split(layout)
         host_units = split.host_units if split.is_partial else None
     return Knobs(
         prefetch=zero.overlap_comm,
@@ -93,15 +98,10 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
         gradient_reduction=reduction,
         grad_gather_nbytes=gather_numel * grad_itemsize,
         grad_shard_itemsize=grad_itemsize,
-        offload_optimizer=offload_optimizer,
+        offload_optimizer=offload.optimizer_on_host,
         host_step_units=host_units,
-        offload_param=offload_device(zero.offload_param) != "none",
+        offload_param=offload.params_on_host,
         offload_update_in_forward=config.fzero.offload_update_in_forward,
-        optimizer_in_files=offload_device(zero.offload_optimizer) == "nvme",
-        params_in_files=offload_device(zero.offload_param) == "nvme",
+        optimizer_in_files=offload.optimizer_in_files,
+        params_in_files=offload.params_in_files,
     )
-
-
-def offload_device(block) -> str:
-    """``"none"``, ``"cpu"`` or ``"nvme"`` for an offload block that may be absent."""
-    return "none" if block is None else block.device
