@@ -57,8 +57,7 @@ def initialize(
     _refuse_scheduler(lr_scheduler)
     _check_model_parameters(model, model_parameters)
     _, _, device = init_from_env()
-    _move_to_device(model, device)
-    state = shard(model, config=config)
+    state = shard(model, config=config, device=_shard_device(model, device))
     engine = Engine(state, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     dataloader = None
     if training_data is not None:
@@ -160,11 +159,14 @@ def _check_model_parameters(model: nn.Module, model_parameters: Iterable[Any] | 
         )
 
 
-def _move_to_device(model: nn.Module, device: torch.device) -> None:
-    """DeepSpeed moves the model to this rank's GPU; fzero does the same, once, here."""
+def _shard_device(model: nn.Module, device: torch.device) -> torch.device | None:
+    """Where to shard ``model``: a model in host memory goes to this rank's GPU, as DeepSpeed
+    moves it there; ``fzero.shard`` moves its values unit by unit, so a model larger than the
+    GPU (with offload) never has to fit on it whole. Anywhere else the model stays where it is."""
     params = list(model.parameters())
     if params and params[0].device.type == "cpu" and device.type == "cuda":
-        model.to(device)
+        return device
+    return None
 
 
 def _dataloader(

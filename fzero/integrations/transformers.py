@@ -48,6 +48,13 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     _VALID_DICT_FIELDS = [*transformers.TrainingArguments._VALID_DICT_FIELDS, "fzero"]
 
+    @property
+    def place_model_on_device(self) -> bool:
+        """False: the Trainer leaves the model where it was built, and fzero shards it onto the
+        device when training starts, unit by unit (as transformers leaves placement to
+        DeepSpeed), so a model larger than the GPU is not moved there whole first."""
+        return False
+
     def __post_init__(self) -> None:
         if self.deepspeed is not None:
             if self.fzero is not None and self.fzero != self.deepspeed:

@@ -92,3 +92,33 @@ def test_a_model_built_in_host_memory_shards_onto_cuda_and_trains_as_one_built_t
         assert torch.equal(from_host[1][name], on_device[1][name]), name
     marker = from_host[3].model.marker  # a buffer: moved, and cast as bf16 casts buffers
     assert marker.is_cuda and torch.equal(marker, on_device[3].model.marker)
+
+
+def _engine_losses(on_host: bool) -> list[float]:
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=128, block_size=32)
+    model = GPT(cfg) if on_host else GPT(cfg).cuda()
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+    }
+    engine, *_ = fzero.initialize(model=model, config=config)
+    assert engine.device.type == "cuda" and all(p.is_cuda for p in model.parameters())
+    corpus, g = MarkovCorpus(cfg.vocab_size), torch.Generator().manual_seed(3)
+    losses = []
+    for _ in range(3):
+        inputs, targets = (t.cuda() for t in corpus.batch(2, cfg.block_size, g))
+        loss = engine(inputs, targets)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
+def test_the_engine_shards_a_host_model_onto_cuda():
+    """``fzero.initialize`` with a model in host memory (as a DeepSpeed script builds it) shards
+    it onto this rank's GPU unit by unit instead of moving it there whole first, and trains
+    exactly as a model built on the GPU."""
+    assert _engine_losses(on_host=True) == _engine_losses(on_host=False)

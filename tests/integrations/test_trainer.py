@@ -126,6 +126,15 @@ def test_hf_argument_parser_takes_fzero(tmp_path):
     assert guide.fzero == args.fzero and guide.deepspeed is None
 
 
+def test_the_trainer_leaves_the_model_where_it_was_built(tmp_path):
+    """transformers would move the whole model to the GPU when the Trainer is made; fzero shards
+    it there unit by unit when training starts (tests/gpu/test_cuda_offload.py trains a host
+    model through the engine on CUDA), so a model larger than the GPU can train."""
+    model = tiny_gpt2()
+    trainer = Trainer(model=model, args=arguments(str(tmp_path), 2), train_dataset=dataset(4))
+    assert trainer.args.place_model_on_device is False and not trainer.place_model_on_device
+
+
 def test_misuse_is_refused(tmp_path):
     model = tiny_gpt2()
     args = arguments(str(tmp_path), 2)
