@@ -262,9 +262,9 @@ def test_split_rule_keeps_the_last_units_on_the_host():
         (
             {
                 "offload_optimizer": {"device": "cpu", "ratio": 0.5},
-                "offload_param": {"device": "cpu"},
+                "offload_param": {"device": "nvme", "nvme_path": "/tmp"},
             },
-            "ratio.*offload_param.device",
+            'ratio.*offload_param.device "nvme"',
         ),
     ],
 )

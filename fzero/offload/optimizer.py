@@ -97,6 +97,7 @@ class HostOptimizer:
         self.deferred: frozenset[int] = frozenset()
         self._applied: set[int] = set()
         self._fp32_grad: torch.Tensor | None = None  # see _widened
+        self._copies_to_host: Any = None  # the last CopyParamsToHost's event (CUDA)
 
     def install(self, schedule: Any) -> None:
         """Read which units' CPU steps ``schedule`` runs in the next step's first forward."""
@@ -216,6 +217,7 @@ class HostOptimizer:
         """Apply what is still pending of the last decided update, now, and bring the device
         shards up to date: for readers of the weights between steps. The state's value does
         not change (the update was part of it)."""
+        self.wait_copies_to_host()
         if not self.pending.is_armed:
             self._wait_file_writes()
             return
@@ -355,6 +357,34 @@ class HostOptimizer:
             for event in self._uploads:
                 compute.wait_event(event)
         self._uploads = []
+
+    def copy_params_to_host(self, op: O.CopyParamsToHost) -> None:
+        """Partial offload with parameter offload: the device units' stepped master, cast to the
+        compute dtype, into their slices of the host shard. On CUDA the copies are queued on
+        the compute stream behind the device step, into pinned memory without blocking the
+        host; the next ``UploadShard`` of such a unit waits for the compute stream, so it
+        reads the copied values, and host readers wait in ``wait_copies_to_host``. A skipped
+        step copies nothing (the master did not change)."""
+        if self._skip:
+            return
+        for unit in op.units:
+            target = self.workspace.host_copy_out(unit)
+            source = self.optimizer.master[self._range(unit)]
+            if not self.on_cuda:
+                target.copy_(source)
+                continue
+            # Cast on the device: half the bytes cross the bus and the host does no pass.
+            target.copy_(source.to(target.dtype), non_blocking=True)
+        if self.on_cuda:
+            self._copies_to_host = torch.cuda.Event()
+            self._copies_to_host.record(torch.cuda.current_stream(self.device))
+
+    def wait_copies_to_host(self) -> None:
+        """Before the host reads the parameter shard (a checkpoint, a copied state): the last
+        ``CopyParamsToHost`` has landed."""
+        if self._copies_to_host is not None:
+            self._copies_to_host.synchronize()
+            self._copies_to_host = None
 
     def abort(self) -> None:
         """A failed micro-batch: copies already issued finish, and a pending update that the

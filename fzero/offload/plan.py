@@ -9,7 +9,9 @@
   that share of it, ``fzero/schedule/offload_split.py``) lives and steps on the host; the other
   units' state stays on the device and steps there, and the master and moments are
   ``SplitFlat`` buffers of two parts (``fzero/state/split.py``). Ratio 0 keeps everything on the
-  device: the same as no optimizer offload.
+  device: the same as no optimizer offload. With ``offload_param.device: "cpu"`` every unit's
+  compute-dtype shard still lives on the host; the device units' updated values are copied
+  into it after their device step (``CopyParamsToHost``).
 - ``"nvme"`` for either: the same, with those buffers in swap files under ``nvme_path``
   instead of host memory (``FileResidence``, ``fzero/offload/files.py``).
 """
@@ -68,7 +70,7 @@ class OffloadPlan:
         params_on_host = params is not None and params.device in ("cpu", "nvme")
         ratio = 1.0 if optimizer is None else optimizer.ratio
         if ratio < 1:
-            _check_partial(optimizer.device, ratio, params_on_host)
+            _check_partial(optimizer.device, ratio, params.device if params_on_host else "none")
         if ratio == 0:  # nothing on the host: the optimizer is the device's (as DeepSpeed)
             on_host = False
         if on_host and zero.stage == 0:
@@ -231,7 +233,7 @@ class OffloadPlan:
         )
 
 
-def _check_partial(device: str, ratio: float, params_on_host: bool) -> None:
+def _check_partial(device: str, ratio: float, params_device: str) -> None:
     """Refuse what partial offload (``offload_optimizer.ratio`` < 1) cannot do, naming why."""
     key = "zero_optimization.offload_optimizer.ratio"
     if device == "none":
@@ -247,11 +249,12 @@ def _check_partial(device: str, ratio: float, params_on_host: bool) -> None:
             f'needs offload_optimizer.device "cpu" (got {device!r}): set ratio to 1 or the device '
             'to "cpu"',
         )
-    if params_on_host:
+    if params_device == "nvme":
         raise ConfigError(
             key,
-            f"ratio {ratio} with zero_optimization.offload_param.device set is not available: "
-            "parameter offload keeps every parameter shard on the host for the CPU step to write, "
-            "while partial offload keeps some units' master weights on the device to step there. "
-            "Remove offload_param, or set ratio to 1",
+            f'ratio {ratio} with zero_optimization.offload_param.device "nvme" is not available: '
+            "the parameter shard file is written through the host optimizer's staging buffers, "
+            "which only the host units' CPU steps fill, so the device units' updated values would "
+            'never reach the file. Set offload_param.device to "cpu" (the shard then stays in '
+            "host memory and the device units' values are copied into it), or ratio to 1",
         )

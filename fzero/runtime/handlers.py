@@ -46,6 +46,7 @@ def handler_table(
         O.ScalarsToHost: h.scalars_to_host,
         O.HostOptimizerStep: h.host_optimizer_step,
         O.CopyParamsToDevice: h.copy_params_to_device,
+        O.CopyParamsToHost: h.copy_params_to_host,
         O.WaitUploads: h.wait_uploads,
         O.ApplyPendingUpdate: h.apply_pending_update,
         O.UploadUpdate: h.upload_update,

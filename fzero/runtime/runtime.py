@@ -163,6 +163,8 @@ class Runtime:
         """Apply the update ``state`` holds pending, so that its weights can be read as they
         are (``save``); installs ``state``. Its value does not change."""
         if not state.pending.is_armed:
+            if self.executor.host_optimizer is not None:  # copies into the host shard landed
+                self.executor.host_optimizer.wait_copies_to_host()
             return
         self.install(state)
         for leaf, buffer in zip(_tensor_leaves(state), self._buffers(), strict=True):
@@ -192,6 +194,8 @@ class Runtime:
         executor, workspace = self.executor, self.executor.workspace
         for unit in self.layout.units:
             out = workspace.param_out(unit.index)
+            if out is None:  # a device unit's host shard (partial offload, parameter offload)
+                out = workspace.host_copy_out(unit.index)
             if out is not None:  # a unit's range lies inside one part of a split master
                 lo = unit.optimizer_offset
                 out.copy_(workspace.master[lo : lo + unit.optimizer_numel])

@@ -14,7 +14,9 @@ Applied after the other passes when ``zero_optimization.offload_optimizer.device
   last of them before the gradient shard is freed and the refresh gathers (stages 1, 2) run.
 - With parameter offload (stage 3) the shards live on the host: every ``AllGather`` is preceded
   by an ``UploadShard`` on the gather stream (prefetched gathers prefetch their upload too), and
-  the CPU step writes the host shard directly, so no ``CopyParamsToDevice`` is needed.
+  the CPU step writes the host shard directly, so no ``CopyParamsToDevice`` is needed. Under
+  partial offload the device units' ``OptimizerStep`` is followed by ``CopyParamsToHost``, which
+  casts their stepped master into the host shard before any later ``UploadShard`` reads it.
 - At stage 3 (``fzero.offload_update_in_forward``, the default) a unit's CPU step leaves the
   step phase: the step phase ends once the scalars are read, and the next step's first
   micro-batch runs ``ApplyPendingUpdate`` (and, without parameter offload, ``UploadUpdate`` on
@@ -35,6 +37,7 @@ from fzero.schedule.ops import (
     ApplyPendingUpdate,
     CopyGradToHost,
     CopyParamsToDevice,
+    CopyParamsToHost,
     Entry,
     HostOptimizerStep,
     Op,
@@ -103,7 +106,11 @@ def host_step_ops(
         ops.append(ScalarsToHost())
         if on_device:
             numel = sum(u.optimizer_numel for u in on_device)
-            ops.append(OptimizerStep(numel, tuple(u.index for u in on_device)))
+            indices = tuple(u.index for u in on_device)
+            ops.append(OptimizerStep(numel, indices))
+            if param_offload:  # their shards live on the host: the stepped values go down
+                nbytes = sum(u.optimizer_numel * u.param_itemsize for u in on_device)
+                ops.append(CopyParamsToHost(indices, nbytes))
         for unit in on_host:
             if unit.optimizer_numel == 0:
                 continue

@@ -13,7 +13,9 @@ K the optimizer bytes per element, g the gradient-shard bytes and c the compute-
   optimizer shard is offloaded as above (K and g bytes per element on the host); the device
   keeps the other (1 - r) P of master weights and moments, which step there. The estimate takes
   r as exact (r P rounded to an element); the unit split rounds the host's share up to whole
-  units, which ``print(state.schedule)`` reports.
+  units, which ``print(state.schedule)`` reports. With ``offload_param`` ``"cpu"`` the whole
+  c F shard still moves to the host (below): the device units' stepped values are copied into
+  it, and their (1 - r) P of master and moments stay on the device.
 - ``offload_optimizer`` ``"nvme"``: the K P go to files; the host keeps the g P buffer and
   ``optimizer_buffer_count`` staging buffers, each one unit's three states (12 bytes per
   element) of the largest unit's shard, through which units' states are read, stepped and
@@ -93,10 +95,10 @@ def offload_states(
         raise ValueError(f"offload_param needs stage 3, got stage {stage}")
     if not 0.0 <= offload_ratio <= 1.0:
         raise ValueError(f"offload_ratio must lie in [0, 1], got {offload_ratio}")
-    if offload_ratio < 1 and (offload_optimizer != "cpu" or offload_param != "none"):
+    if offload_ratio < 1 and (offload_optimizer != "cpu" or offload_param == "nvme"):
         raise ValueError(
-            'offload_ratio < 1 needs offload_optimizer "cpu" and no offload_param, as '
-            "zero_optimization.offload_optimizer.ratio does"
+            'offload_ratio < 1 needs offload_optimizer "cpu" and offload_param "none" or "cpu", '
+            "as zero_optimization.offload_optimizer.ratio does"
         )
     if offload_ratio == 0:  # everything on the device: no optimizer offload
         offload_optimizer = "none"

@@ -1,5 +1,6 @@
-"""Offload's ops: gradients down to the host, the CPU optimizer step, parameters back up, and
-parameter shards brought up for their gathers (``fzero/schedule/offload.py`` places them). They
+"""Offload's ops: gradients down to the host, the CPU optimizer step, parameters back up (or,
+for partial offload's device units under parameter offload, down), and parameter shards brought
+up for their gathers (``fzero/schedule/offload.py`` places them). They
 run on the host's and the copy engines' streams, sized by this rank's own shard, so they are not
 collectives (``signature.is_collective``)."""
 
@@ -83,6 +84,26 @@ class WaitUploads(Op):
 
     def __str__(self) -> str:
         return "WaitUploads"
+
+
+@dataclass(frozen=True)
+class CopyParamsToHost(Op):
+    """Partial offload with parameter offload (stage 3): right after the device
+    ``OptimizerStep`` of ``units`` (the device units), cast their updated fp32 master into their
+    slices of the host compute-dtype shard (``nbytes`` come down), which their next
+    ``UploadShard`` sends up again. Queued after the device step, so it copies the stepped
+    values; copies nothing when the step is skipped."""
+
+    units: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return DEVICE_TO_HOST
+
+    def __str__(self) -> str:
+        listed = ", ".join(str(u) for u in self.units)
+        return f"CopyParamsToHost units {listed}  {_size(self.nbytes)}"
 
 
 @dataclass(frozen=True)

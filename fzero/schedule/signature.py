@@ -28,6 +28,7 @@ LOCAL_OFFLOAD_OPS = (
     O.ScalarsToHost,
     O.HostOptimizerStep,
     O.CopyParamsToDevice,
+    O.CopyParamsToHost,
     O.WaitUploads,
     O.UploadShard,
     O.ApplyPendingUpdate,

@@ -98,6 +98,7 @@ def _compute_placement(
 
 
 SHARD_READ = "file-shard"  # in-flight key of a parameter shard's read (the state's: O.FILE)
+PARAMS_DOWN = "params-down"  # in-flight key of a device unit's CopyParamsToHost
 
 
 class _Replay:
@@ -182,6 +183,9 @@ class _Replay:
                 self.in_flight[(O.REDUCE, op.unit)] = self.collective(op, O.REDUCE, seconds, micro)
             elif isinstance(op, O.UploadShard):  # before its gather, on the gather stream
                 self.wait(op, self.in_flight.pop((SHARD_READ, op.unit), self.now), micro)
+                # A device unit's stepped values must have come down (CopyParamsToHost).
+                landed = self.in_flight.pop((PARAMS_DOWN, op.unit), 0.0)
+                self.stream_free[O.GATHER] = max(self.stream_free[O.GATHER], landed)
                 self.collective(op, O.GATHER, self.cost.upload(op.nbytes), micro)
             elif isinstance(op, (O.ReadStateFromFile, O.ReadShardFromFile)):
                 seconds = self.cost.file_read(op.nbytes)
@@ -195,6 +199,11 @@ class _Replay:
                 seconds = self.cost.download(op.nbytes)
                 end = self.collective(op, O.DEVICE_TO_HOST, seconds, micro)
                 self.in_flight[(O.DEVICE_TO_HOST, op.unit)] = end
+            elif isinstance(op, O.CopyParamsToHost):
+                seconds = self.cost.download(op.nbytes)
+                end = self.collective(op, O.DEVICE_TO_HOST, seconds, micro)
+                for unit in op.units:
+                    self.in_flight[(PARAMS_DOWN, unit)] = end
             elif isinstance(op, (O.HostOptimizerStep, O.ApplyPendingUpdate)):
                 self.host_step(op, micro)
             elif isinstance(op, O.UploadUpdate):  # the compute stream waits for it

@@ -2,7 +2,9 @@
 host steps read the step's scalars and every gradient, each unit steps once, and nothing reads
 the updated parameters before their upload was waited on. A unit whose CPU step waits for the
 next step (``ApplyPendingUpdate``) is not gathered or uploaded before that step applies it, and
-its ``UploadUpdate`` follows the update. A mixin of ``verify._Checker``."""
+its ``UploadUpdate`` follows the update. Under partial offload with parameter offload, a device
+unit's ``CopyParamsToHost`` follows its device step and precedes its next ``UploadShard``. A
+mixin of ``verify._Checker``."""
 
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ class OffloadRules:
         }
         self.pending_units: set[int] = set()
         self.applied_now: set[int] = set()
+        # Partial offload with parameter offload: device units stepped whose values have not
+        # reached the host shard yet (CopyParamsToHost), across the step boundary too.
+        self.params_offloaded = any(isinstance(op, O.UploadShard) for op in schedule.ops(1))
+        self.copies_to_host_owed: set[int] = set()
 
     def reset_offload(self) -> None:
         self.host_scalars = False
@@ -102,6 +108,8 @@ class OffloadRules:
         if twice:
             self.fail("optimizer-after-reduce", min(twice), "steps on the host and the device")
         self.host_stepped |= set(op.units)  # every unit stepped, on the host or the device
+        if self.params_offloaded:  # their compute-dtype shards are on the host
+            self.copies_to_host_owed |= set(op.units)
         self.shard_consumed = True
         stepping = {u.index for u in self.units.values() if u.optimizer_numel}
         self.optimizer_done = stepping <= self.host_stepped and not self.uploads_pending
@@ -117,8 +125,25 @@ class OffloadRules:
         stepping = {u.index for u in self.units.values() if u.optimizer_numel}
         self.optimizer_done = stepping <= self.host_stepped
 
+    def op_CopyParamsToHost(self, op: O.CopyParamsToHost) -> None:
+        for unit in op.units:
+            if unit not in self.copies_to_host_owed:
+                self.fail(
+                    "offload-copy",
+                    unit,
+                    "CopyParamsToHost of a unit that no device OptimizerStep stepped before it",
+                )
+        self.copies_to_host_owed -= set(op.units)
+
     def op_UploadShard(self, op: O.UploadShard) -> None:
         self.require_no_pending_update(op.unit, "uploaded")
+        if op.unit in self.copies_to_host_owed:
+            self.fail(
+                "offload-copy",
+                op.unit,
+                "uploaded before CopyParamsToHost wrote its device step's values into the host "
+                "shard: the gather would send the old parameters",
+            )
         if self.stage != 3:
             self.fail("offload-copy", op.unit, "UploadShard outside stage 3")
 

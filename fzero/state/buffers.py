@@ -71,6 +71,8 @@ class Workspace:
     grad_shard: torch.Tensor  # this rank's optimizer space, gradient-accumulation dtype
     # Offload: the (pinned) host buffers the tensors above may live in, kept alive here.
     host_buffers: list[HostBuffer] = field(default_factory=list)
+    # Parameter offload (stage 3): ``param_shard`` is in host memory, whatever the device.
+    host_shards: bool = False
 
     def _master_part(self, index: int) -> torch.Tensor:
         unit = self.layout.units[index]
@@ -126,11 +128,26 @@ class Workspace:
 
     def param_out(self, index: int) -> torch.Tensor | None:
         """Where the optimizer writes unit ``index``'s updated compute-dtype values, or None
-        when nothing is kept besides the master (stage 3, or stage 0 in fp32)."""
+        when nothing is kept besides the master (stage 3, or stage 0 in fp32), or when the
+        device step cannot write them (``host_copy_out``)."""
+        if self.host_copy_out(index) is not None:
+            return None
         shard = self.standing_shard(index)
         if shard is None or shard.data_ptr() == self._master_part(index).data_ptr():
             return None
         return shard[: self.layout.units[index].optimizer_numel]
+
+    def host_copy_out(self, index: int) -> torch.Tensor | None:
+        """Partial offload with parameter offload: a device unit's slice of the host shard, which
+        ``CopyParamsToHost`` writes after the device step (its kernel writes device memory
+        only). None for every other unit."""
+        unit = self.layout.units[index]
+        on_device = isinstance(self.master, SplitFlat) and (
+            unit.optimizer_offset + unit.optimizer_numel <= self.master.split_numel
+        )
+        if not (self.host_shards and on_device and unit.optimizer_numel):
+            return None
+        return self.param_shard[unit.shard_offset : unit.shard_offset + unit.optimizer_numel]
 
     @property
     def shards_on_host(self) -> bool:
@@ -298,6 +315,7 @@ def build_workspace(
         frozen_tails,
         grad_shard,
         host_buffers,
+        host_shards=standing_stage3 and host_shards,
     )
     return workspace, master
 
