@@ -21,8 +21,9 @@ Implementations: fsdp2 (no offload), fsdp2:offload (CPUOffloadPolicy(pin_memory=
 deepspeed:2+opt, deepspeed:3+opt, deepspeed:3+opt+param, fzero:N (no offload), fzero:N+opt,
 fzero:3+opt+param; fzero:3+opt+stepphase runs every CPU step in the step phase
 (``fzero.offload_update_in_forward: false``); ``+rX`` (fzero:3+opt+r0.6, deepspeed:3+opt+r0.6)
-is partial offload, ``offload_optimizer.ratio`` X; fzero's ``+bf16grad`` keeps the reduced gradient
-in bf16 (``data_types.grad_accum_dtype``), the same values on one rank without accumulation
+is partial offload, ``offload_optimizer.ratio`` X, with parameter offload too in
+fzero:3+opt+param+r0.7; fzero's ``+bf16grad`` keeps the reduced gradient in bf16
+(``data_types.grad_accum_dtype``), the same values on one rank without accumulation
 (autograd's gradients of bf16 parameters are bf16), in half the device and host memory.
 """
 

@@ -122,6 +122,8 @@ CASES = [
     (2, 2, {}),
     (1, 1, {"bf16": {"enabled": True}}),
     (1, 2, {"fzero": {"offload_update_in_forward": False}}),
+    # The blocks stay gathered: the step phase uploads and re-gathers them after the copy.
+    (1, 1, {"zero_optimization": {"stage3_param_persistence_threshold": 60}}),
 ]
 
 
@@ -306,6 +308,13 @@ def test_memory_counts_the_whole_shard_on_the_host_and_the_device_units_state_on
     assert half.host.parameters == full.host.parameters > 0  # the whole compute-dtype shard
     assert half.optimizer_state == half.host.optimizer_state == 12 * 125_000
     assert half.host.gradients * 2 == full.host.gradients
+    # simulate's standing bytes: the device units' master and moments, no parameter shard.
+    from fzero.schedule.memory_model import BytesPerParam, MemoryModel
+
+    b = BytesPerParam.from_dtypes("fp32", "fp32", "fp32")
+    model = MemoryModel.from_schedule(state.schedule, b)
+    assert model.optimizer_state_nbytes == state.master.split_numel * b.optimizer_state
+    assert model.parameter_shard_nbytes == 0
 
 
 def test_readers_write_the_host_shard_of_every_unit(tmp_path):

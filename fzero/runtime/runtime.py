@@ -140,6 +140,8 @@ class Runtime:
             if not keep_pending:
                 self.executor.settle()
             return
+        if self.executor.host_optimizer is not None:  # nothing still lands in the host shard
+            self.executor.host_optimizer.wait_copies_to_host()
         if installed is not None and not self.is_donated(installed):
             for leaf in _tensor_leaves(installed):  # keep its values its own
                 if leaf.numel():
