@@ -44,7 +44,8 @@ class OptimizerStep(Op):
 
     ``units`` (partial optimizer offload, ``offload_optimizer.ratio`` < 1): only these units'
     part of the shard, the device part, which steps here while the host steps the rest
-    (``HostOptimizerStep``); ``ScalarsToHost`` before it has counted the step. Empty: every
+    (``HostOptimizerStep``); ``ScalarsToHost`` before it has counted the step. With parameter
+    offload it writes no compute-dtype values: ``CopyParamsToHost`` after it does. Empty: every
     unit, and this op counts the step."""
 
     shard_numel: int

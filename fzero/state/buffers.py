@@ -56,7 +56,8 @@ class Workspace:
       saves 2 bytes per parameter over keeping a bf16 copy and costs one cast per gather.
       Under offload the master is on the host, so stage 3 keeps ``param_shard`` as stage 0
       does (this rank's compute-dtype shards back to back): on the device for optimizer
-      offload, in host memory for parameter offload.
+      offload, in host memory for parameter offload (``host_shards``; under partial offload
+      the device units' part is copied there after their device step, ``host_copy_out``).
     """
 
     layout: FlatLayout
