@@ -275,6 +275,15 @@ def test_simulate_prices_the_copy_on_the_device_to_host_stream():
     assert timeline.step_seconds >= copy.end
 
 
+def test_ratio_zero_with_parameter_offload_is_refused_naming_the_ratio():
+    zero = {
+        "offload_optimizer": {"device": "cpu", "ratio": 0.0},
+        "offload_param": {"device": "cpu"},
+    }
+    with pytest.raises(ConfigError, match="ratio.*ratio 0 keeps the whole optimizer"):
+        fzero.shard(ToyLM(SPEC), stage=3, config={"zero_optimization": zero})
+
+
 def test_nvme_parameter_offload_with_a_ratio_is_refused_naming_why(tmp_path):
     zero = {
         "offload_optimizer": {"device": "cpu", "ratio": 0.5},

@@ -249,6 +249,13 @@ def _check_partial(device: str, ratio: float, params_device: str) -> None:
             f'needs offload_optimizer.device "cpu" (got {device!r}): set ratio to 1 or the device '
             'to "cpu"',
         )
+    if ratio == 0 and params_device != "none":
+        raise ConfigError(
+            key,
+            "ratio 0 keeps the whole optimizer state on the accelerator, which is no optimizer "
+            "offload, and parameter offload in fzero runs with optimizer offload: set ratio above "
+            "0, or remove offload_param",
+        )
     if params_device == "nvme":
         raise ConfigError(
             key,
