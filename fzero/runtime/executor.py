@@ -218,6 +218,11 @@ class Executor:
             self._run(entry.ops)
         if self.timeline is not None:
             self.timeline.mark("step_end")
+        if self.host_optimizer is not None:
+            # A host leaf written by an asynchronous copy (the device units' parameters under
+            # partial and parameter offload) holds its value when the step returns: a tree_map
+            # copy of the state taken right after reads it on the host.
+            self.host_optimizer.wait_copies_to_host()
         result = self.step_phase.finish()
         if self.watchdog is not None:  # NCCL: the step's host read, timed (see watchdog.py)
             try:
