@@ -96,6 +96,7 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
         offload_optimizer=offload_optimizer,
         host_step_units=host_units,
         offload_param=offload_device(zero.offload_param) != "none",
+        stream_gradients=streams_gradients(config),
         offload_update_in_forward=config.fzero.offload_update_in_forward,
         optimizer_in_files=offload_device(zero.offload_optimizer) == "nvme",
         params_in_files=offload_device(zero.offload_param) == "nvme",
@@ -105,3 +106,17 @@ def knobs_from(config: Config, layout: FlatLayout) -> Knobs:
 def offload_device(block) -> str:
     """``"none"``, ``"cpu"`` or ``"nvme"`` for an offload block that may be absent."""
     return "none" if block is None else block.device
+
+
+def streams_gradients(config: Config) -> bool:
+    """Whether host units' gradients stream down as they land (``streamed_grads.py``) instead
+    of filling a whole gradient shard: under optimizer offload, when each unit's gradient lands
+    once per step. Stage 1 reduces once, in the step phase; stages 2 and 3 reduce in the
+    micro-steps (every one, or the last with ``reduce_every_micro_batch: false``, whose tracing
+    first micro-batch reduces too), so only with ``gradient_accumulation_steps`` 1: with
+    accumulation a later micro-batch adds into the landed gradient. Deterministic mode sums the
+    norm in model order over the whole shard, so it keeps the shard."""
+    offload = config.zero_optimization.offload_optimizer
+    if offload_device(offload) == "none" or offload.ratio <= 0 or config.fzero.deterministic:
+        return False
+    return config.stage == 1 or config.gradient_accumulation_steps == 1

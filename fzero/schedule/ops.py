@@ -150,8 +150,10 @@ from fzero.schedule.file_ops import (  # noqa: E402
 from fzero.schedule.gradient_ops import (  # noqa: E402
     AllocGrad,
     AllocGradShard,
+    AllocUnitGrad,
     AllReduce,
     DropGrads,
+    FreeGradBuffer,
     FreeGradShard,
     ReduceInOrder,
     ReduceScatter,
@@ -171,6 +173,7 @@ from fzero.schedule.offload_ops import (  # noqa: E402
     WaitUploads,
 )
 from fzero.schedule.step_phase_ops import (  # noqa: E402
+    AccumulateGradNorm,
     OptimizerStep,
     ReduceScalars,
     ReduceScalarsInOrder,
@@ -178,13 +181,16 @@ from fzero.schedule.step_phase_ops import (  # noqa: E402
 
 __all__ = [
     "FILE",
+    "AccumulateGradNorm",
     "AllReduce",
     "AllocGrad",
     "AllocGradShard",
+    "AllocUnitGrad",
     "ApplyPendingUpdate",
     "CopyGradToHost",
     "CopyParamsToDevice",
     "DropGrads",
+    "FreeGradBuffer",
     "FreeGradShard",
     "HostOptimizerStep",
     "OptimizerStep",

@@ -9,6 +9,82 @@ from fzero.schedule import ops as O
 
 
 class GradientRules:
+    def init_streaming(self, schedule) -> None:
+        """Streamed gradients (``streamed_grads.py``): host units land in the gradient buffer,
+        one unit at a time, and leave it once their norm was added and their copy down issued."""
+        streaming = schedule.grad_streaming
+        self.streamed_units = streaming.host_units if streaming is not None else frozenset()
+        self.streaming = streaming is not None
+        self.buffer_alive = False
+        self.buffer_holder: int | None = None
+        self.buffer_done = True  # the holder's gradient was copied down: the buffer may be reused
+        self.normed: set[int] = set()  # units whose squared norm was added in this step
+
+    def require_holder(self, unit: int, action: str) -> None:
+        if self.buffer_holder != unit:
+            self.fail(
+                "grad-shard",
+                unit,
+                f"{action}, but the gradient buffer does not hold this unit (AllocUnitGrad "
+                "missing before it)",
+            )
+
+    def op_AllocUnitGrad(self, op: O.AllocUnitGrad) -> None:
+        if op.unit not in self.streamed_units:
+            self.fail(
+                "grad-shard", op.unit, "AllocUnitGrad for a unit whose gradient does not stream"
+            )
+        if not self.buffer_done:
+            self.fail(
+                "grad-shard",
+                op.unit,
+                f"takes the gradient buffer while unit {self.buffer_holder}'s gradient in it was "
+                "not copied down yet (CopyGradToHost missing)",
+            )
+        self.buffer_alive, self.buffer_holder, self.buffer_done = True, op.unit, False
+
+    def op_FreeGradBuffer(self, op: O.FreeGradBuffer) -> None:
+        if not self.buffer_alive:
+            self.fail("grad-shard", -1, "FreeGradBuffer of a gradient buffer that is not allocated")
+        if not self.buffer_done:
+            self.fail(
+                "grad-shard",
+                self.buffer_holder,
+                "FreeGradBuffer frees the gradient before it was copied down",
+            )
+        self.buffer_alive, self.buffer_holder = False, None
+
+    def op_AccumulateGradNorm(self, op: O.AccumulateGradNorm) -> None:
+        if op.unit not in self.shard_holds:
+            self.fail("grad-shard", op.unit, "AccumulateGradNorm before the gradient landed")
+        if op.unit in self.normed:
+            self.fail("grad-shard", op.unit, "squared norm added twice in one step")
+        if op.unit in self.streamed_units:
+            self.require_holder(op.unit, "AccumulateGradNorm reads it")
+        self.normed.add(op.unit)
+
+    def copied_down(self, unit: int) -> None:
+        """``CopyGradToHost`` of ``unit``: under streaming its norm is in and the buffer free."""
+        if unit not in self.streamed_units:
+            return
+        self.require_holder(unit, "CopyGradToHost reads it")
+        if unit not in self.normed:
+            self.fail(
+                "grad-shard",
+                unit,
+                "copied down before AccumulateGradNorm added its norm: the buffer may be reused",
+            )
+        self.buffer_done = True
+
+    def end_step_streaming(self) -> None:
+        if self.buffer_alive:
+            self.fail(
+                "end-of-step", -1, "the gradient buffer outlives the step (FreeGradBuffer missing)"
+            )
+        self.normed.clear()
+        if self.streaming:
+            self.shard_holds.clear()
+
     def begin_backward(self, unit: int) -> None:
         """A unit's backward starts: it will write its gradient."""
         self.backward.add(unit)
@@ -114,6 +190,8 @@ class GradientRules:
         if name != expected:
             how = "deterministic mode" if self.mode == "ordered" else f"stage {self.stage}"
             self.fail("reduce-kind", unit, f"{how} reduces gradients with {expected}, not {name}")
+        if name == "WriteGradShard" and unit in self.streamed_units:
+            self.require_holder(unit, "WriteGradShard writes it")
         phases = {
             "step": ("step",),
             "last_micro_batch": ("last_micro_step",),
@@ -157,7 +235,9 @@ class GradientRules:
         reduction = self.reducing.pop(unit, None)
         if reduction is None:
             self.fail("wait-after-reduce", unit, "WaitReduce with no reduction in flight")
-        if not self.shard_alive:
+        if unit in self.streamed_units:
+            self.require_holder(unit, "its reduction lands")
+        elif not self.shard_alive:
             self.fail(
                 "grad-shard",
                 unit,
@@ -202,7 +282,9 @@ class GradientRules:
 
     # -- step ops ---------------------------------------------------------------------------
 
-    def require_gradients_reduced(self, reader: str) -> None:
+    def require_gradients_reduced(self, reader: str, reads_shard: bool = True) -> None:
+        """``reads_shard`` False: the reader needs no gradient shard (host steps and the
+        scalars under streamed gradients, whose gradients are down or summed already)."""
         if self.phase != "step":
             self.fail("optimizer-after-reduce", -1, f"{reader} runs outside the step phase")
         for unit in sorted(self.reducing):
@@ -220,11 +302,21 @@ class GradientRules:
                     f"{reader} reads the gradient shard, but this "
                     "unit's gradient was never reduced in this step",
                 )
-        if not self.shard_alive:
+        if reads_shard and not self.shard_alive:
             self.fail("grad-shard", -1, f"{reader} reads a gradient shard that is not allocated")
 
     def op_ReduceScalars(self, op: O.ReduceScalars) -> None:
-        self.require_gradients_reduced("ReduceScalars")
+        if op.summed_per_unit != self.streaming:
+            why = (
+                "reads the gradient shard, but streamed gradients leave only the device units' "
+                "part there (summed_per_unit missing)"
+                if self.streaming
+                else "sums per-unit norms, but gradients do not stream: no unit adds its norm"
+            )
+            self.fail("grad-shard", -1, f"ReduceScalars {why}")
+        self.require_gradients_reduced("ReduceScalars", reads_shard=not self.streaming)
+        for unit in sorted(self.shard_holds - self.normed) if self.streaming else ():
+            self.fail("grad-shard", unit, "landed, but AccumulateGradNorm never added its norm")
         self.scalars_done = True
 
     def op_ReduceScalarsInOrder(self, op: O.ReduceScalarsInOrder) -> None:
@@ -232,7 +324,8 @@ class GradientRules:
         self.scalars_done = True
 
     def op_OptimizerStep(self, op: O.OptimizerStep) -> None:
-        self.require_gradients_reduced("OptimizerStep")
+        # Streamed gradients under full offload leave no device part to step.
+        self.require_gradients_reduced("OptimizerStep", reads_shard=True)
         if not self.scalars_done:
             self.fail(
                 "optimizer-after-reduce",
