@@ -115,8 +115,11 @@ def streams_gradients(config: Config) -> bool:
     micro-steps (every one, or the last with ``reduce_every_micro_batch: false``, whose tracing
     first micro-batch reduces too), so only with ``gradient_accumulation_steps`` 1: with
     accumulation a later micro-batch adds into the landed gradient. Deterministic mode sums the
-    norm in model order over the whole shard, so it keeps the shard."""
+    norm in model order over the whole shard, so it keeps the shard. ``fzero.stream_gradients``
+    false keeps it too."""
     offload = config.zero_optimization.offload_optimizer
-    if offload_device(offload) == "none" or offload.ratio <= 0 or config.fzero.deterministic:
+    if offload_device(offload) == "none" or offload.ratio <= 0:
+        return False
+    if config.fzero.deterministic or not config.fzero.stream_gradients:
         return False
     return config.stage == 1 or config.gradient_accumulation_steps == 1
