@@ -17,6 +17,8 @@ With ``offload_optimizer``/``offload_param`` set to ``"cpu"`` or ``"nvme"`` the 
 split by residence: GPU, host and file bytes per rank (``fzero.schedule.offload_memory`` has
 the formulas), which is what DeepSpeed's ``estimate_zero3_model_states_mem_needs_all_live``
 reports too (it counts per node and adds a 1.5x buffer factor; fzero counts per rank, exactly).
+Where optimizer offload streams gradients (one micro-batch per step, or stage 1), the GPU's
+transient gradient is one unit's part of the shard, not the whole shard.
 
 Activations, temporary buffers and gathered parameters in flight are not included; for those,
 compile the schedule and ``fzero.schedule.simulate`` it (its model states match

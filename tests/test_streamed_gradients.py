@@ -20,7 +20,9 @@ device units' part of a partial offload.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -395,3 +397,40 @@ def test_estimate_counts_the_largest_units_gradient_under_offload():
     )
     partial = estimate_memory(psi, n, 3, **common, offload_ratio=0.5)
     assert partial.transient_gradients == 4 * (psi // n // 2 + unit // n)
+
+
+def test_the_streamed_excerpt_in_docs_is_what_fzero_prints():
+    """docs/offload.md's excerpt: the 2-block GPT of docs/schedule.md on 2 ranks, optimizer
+    offload, one micro-batch per step."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples"))
+    from gpt import GPT, GPTConfig
+
+    text = (root / "docs" / "offload.md").read_text()
+    excerpts = []
+    for marker in ("```\n  gradients: streamed", "```\n  @backward_end"):
+        start = text.index(marker) + len("```\n")
+        excerpts.append(text[start : text.index("```", start)].rstrip("\n"))
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig(n_layer=2, n_embd=64, block_size=32, n_head=4)) for _ in range(2)]
+    zero = {
+        "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": 0,
+        "stage3_param_persistence_threshold": 0,
+        "offload_optimizer": {"device": "cpu"},
+    }
+    config = {
+        "bf16": {"enabled": True},
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+    }
+    ids = torch.randint(64, (2, 32))
+
+    def rank(comm):
+        state = fzero.shard(models[comm.rank], stage=3, config=config, process_group=comm)
+        state, _ = fzero.train_step(state, (ids, ids))
+        return str(state.schedule)
+
+    printed = run_ranks(2, rank)[0]
+    for excerpt in excerpts:
+        assert excerpt in printed
