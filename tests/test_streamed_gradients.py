@@ -434,3 +434,50 @@ def test_the_streamed_excerpt_in_docs_is_what_fzero_prints():
     printed = run_ranks(2, rank)[0]
     for excerpt in excerpts:
         assert excerpt in printed
+
+
+class _SkipsABlock(torch.nn.Module):
+    """Three blocks, the middle one unused: its unit is never reduced in a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        for index, block in enumerate(self.blocks):
+            if index != 1:
+                x = torch.tanh(block(x))
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("stage, world_size", [(1, 2), (2, 2), (3, 1), (3, 2)])
+def test_a_unit_no_reduction_wrote_steps_on_a_zero_gradient(stage, world_size):
+    """No copy brings the unused block's gradient: the host steps it on zeros (weight decay
+    only), as the whole shard's zeroed slice does, bit for bit."""
+    torch.set_num_threads(1)
+
+    def run(streamed: bool):
+        def rank(comm):
+            torch.manual_seed(0)
+            config = {
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
+                "gradient_accumulation_steps": 1,
+                "zero_optimization": {
+                    "stage3_param_persistence_threshold": 0,
+                    "offload_optimizer": {"device": "cpu"},
+                },
+                "fzero": {"stream_gradients": streamed},
+            }
+            state = fzero.shard(_SkipsABlock(), stage=stage, config=config, process_group=comm)
+            assert (state.schedule.grad_streaming is not None) == streamed
+            generator = torch.Generator().manual_seed(comm.rank)
+            for _ in range(3):
+                state, _ = fzero.train_step(state, torch.randn(4, 8, generator=generator))
+            return fzero.full_state_dict(state)
+
+        return run_ranks(world_size, rank)
+
+    whole, streamed = run(False), run(True)
+    for full_a, full_b in zip(whole, streamed, strict=True):
+        for name in full_a:
+            assert torch.equal(full_a[name], full_b[name]), name
