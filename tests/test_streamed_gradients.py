@@ -171,6 +171,7 @@ CASES = [
     (3, 1, 1, True, None, {"bf16": {"enabled": True}}),
     (3, 2, 1, False, 0.5, {}),
     (2, 2, 1, False, 0.5, {}),
+    (1, 2, 2, False, 0.5, {}),
     (2, 2, 1, False, None, {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}}),
 ]
 
@@ -216,9 +217,10 @@ def test_nvme_offload_streams_through_the_same_copies(tmp_path):
         directory = tmp_path / name.replace(" ", "_")
         directory.mkdir()
         torch.manual_seed(0)
+        model = ToyLM(SPEC)
         config = _config(case, streamed, params=True, nvme_dir=directory if nvme else None)
         results[name] = run_ranks(
-            1, lambda comm, c=config, k=case: _train_rank(k, c, comm, 0, ToyLM(SPEC))
+            1, lambda comm, c=config, k=case, m=model: _train_rank(k, c, comm, 0, m)
         )
     (nvme,), (cpu,) = results["nvme"], results["cpu"]
     assert nvme[1] == cpu[1]
@@ -457,8 +459,12 @@ def test_a_unit_no_reduction_wrote_steps_on_a_zero_gradient(stage, world_size):
     torch.set_num_threads(1)
 
     def run(streamed: bool):
-        def rank(comm):
+        models = []
+        for _ in range(world_size):  # built here: rank threads share torch's global generator
             torch.manual_seed(0)
+            models.append(_SkipsABlock())
+
+        def rank(comm):
             config = {
                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
                 "gradient_accumulation_steps": 1,
@@ -468,7 +474,8 @@ def test_a_unit_no_reduction_wrote_steps_on_a_zero_gradient(stage, world_size):
                 },
                 "fzero": {"stream_gradients": streamed},
             }
-            state = fzero.shard(_SkipsABlock(), stage=stage, config=config, process_group=comm)
+            model = models[comm.rank]
+            state = fzero.shard(model, stage=stage, config=config, process_group=comm)
             assert (state.schedule.grad_streaming is not None) == streamed
             generator = torch.Generator().manual_seed(comm.rank)
             for _ in range(3):

@@ -30,7 +30,7 @@ comparing ``collective_signature`` (``signature.py``).
 
 This file holds the replay (``verify``) and its state (``_Checker``: triggers and phase ends);
 the rules of each kind of op are mixins of it: ``verify_parameters.py``,
-``verify_gradients.py``, ``verify_offload.py``, ``verify_files.py``.
+``verify_gradients.py``, ``verify_streaming.py``, ``verify_offload.py``, ``verify_files.py``.
 
 ``ScheduleInvariantError.invariant`` names the rule: gather-before-use, gather-once,
 wait-after-gather, release-after-gather, release-after-last-use, release-stage-3-only,
@@ -49,6 +49,7 @@ from fzero.schedule.verify_files import FileRules
 from fzero.schedule.verify_gradients import GradientRules
 from fzero.schedule.verify_offload import OffloadRules
 from fzero.schedule.verify_parameters import GATHERING, READY, RELEASED, ParameterRules
+from fzero.schedule.verify_streaming import StreamingRules
 
 
 def verify(schedule: Schedule, *, max_live_nbytes: int | None = None) -> None:
@@ -80,7 +81,7 @@ def _op_text(op: O.Op) -> str:
     return " ".join(str(op).split())
 
 
-class _Checker(ParameterRules, GradientRules, FileRules, OffloadRules):
+class _Checker(ParameterRules, GradientRules, StreamingRules, FileRules, OffloadRules):
     """The replay state: what the ops so far have done to this rank's buffers. Each ``op_X``
     method checks and applies one op of class ``X``: the parameter ops' in ``ParameterRules``,
     the gradient ops' in ``GradientRules``, offload's in ``OffloadRules``."""
