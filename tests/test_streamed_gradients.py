@@ -95,7 +95,7 @@ def _probe_device_gradients(state) -> list[int]:
 
 
 def _train_rank(case: Case, config: dict, comm, rank: int, model: torch.nn.Module):
-    state = fzero.shard(model, stage=case.stage, config=config, process_group=comm)
+    state = fzero.shard(model, stage=case.stage, config=config, process_group=comm, record_ops=True)
     seen = _probe_device_gradients(state)
     batches = case.batches()
     metrics = []
@@ -128,6 +128,8 @@ def _check(case: Case, whole, streamed, clip: float) -> None:
         assert state_b.schedule.grad_streaming is not None
         assert "gradients: streamed to the host" in str(state_b.schedule)
         verify(state_b.schedule)
+        ops = state_b.schedule.ops(case.micro)  # what the last step ran
+        assert state_b.runtime.executor.executed[-len(ops) :] == ops
         assert peak_a == _expected_peak(state_a, streamed=False)
         assert peak_b == _expected_peak(state_b, streamed=True) < peak_a
         # Losses, skips and loss scales: the norm reaches none of them.
