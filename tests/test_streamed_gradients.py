@@ -490,3 +490,46 @@ def test_a_unit_no_reduction_wrote_steps_on_a_zero_gradient(stage, world_size):
     for full_a, full_b in zip(whole, streamed, strict=True):
         for name in full_a:
             assert torch.equal(full_a[name], full_b[name]), name
+
+
+def test_a_micro_batch_failing_in_backward_leaves_the_streamed_state_usable():
+    """Blocks 2 and 1 have landed and gone down when block 0's backward fails: the abort frees
+    the buffer and drops the partial norm, and the run goes on bit for bit like one that never
+    failed (the failed attempt's copies are overwritten by the retried step's)."""
+    torch.set_num_threads(1)
+    case = Case(SPEC, 1, 3, 1, steps=3, clip=CLIP)
+    batches = case.batches()
+    config = _config(case, streamed=True)
+
+    def train(fail_at: int | None):
+        model = ToyLM(SPEC)
+        armed = [False]
+
+        def fail_once(grad):
+            if armed[0]:
+                armed[0] = False
+                raise RuntimeError("injected backward failure")
+            return grad
+
+        def hook_output(module, args, out) -> None:
+            out.register_hook(fail_once)
+
+        model.blocks[0].register_forward_hook(hook_output)
+        state = fzero.shard(model, stage=3, config=config)
+        losses = []
+        for step in range(case.steps):
+            ids_targets = batches[step][0][0]
+            if step == fail_at:
+                armed[0] = True
+                with pytest.raises(RuntimeError, match="injected backward failure"):
+                    fzero.train_step(state, ids_targets)
+                assert state.runtime.executor.landings.nbytes() == 0
+                assert state.runtime.executor.step_phase.squares_sum is None
+            state, metrics = fzero.train_step(state, ids_targets)
+            losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+        return fzero.full_state_dict(state), losses
+
+    reference, failed = train(None), train(1)
+    assert reference[1] == failed[1]
+    for name in reference[0]:
+        assert torch.equal(reference[0][name], failed[0][name]), name
