@@ -533,3 +533,25 @@ def test_a_micro_batch_failing_in_backward_leaves_the_streamed_state_usable():
     assert reference[1] == failed[1]
     for name in reference[0]:
         assert torch.equal(reference[0][name], failed[0][name]), name
+
+
+def test_a_checkpoint_moves_between_streamed_and_whole_shard_states(tmp_path):
+    """The gradient buffer is machinery, not state: a streamed state saves like any other, and
+    loaded under the whole-shard configuration it trains on as the saved one does (without
+    clipping, bit for bit), and the other way round."""
+    torch.set_num_threads(1)
+    case = Case(SPEC, 1, 3, 1, steps=3, clip=0.0)
+    batches = case.batches()
+    for saved_streamed in (True, False):
+        directory = tmp_path / f"saved_streamed_{saved_streamed}"
+        state = fzero.shard(ToyLM(SPEC), stage=3, config=_config(case, saved_streamed))
+        state, _ = fzero.train_step(state, batches[0][0][0])
+        fzero.save(state, directory)
+        state, expected = fzero.train_step(state, batches[1][0][0])
+        loaded = fzero.load(directory, ToyLM(SPEC), config=_config(case, not saved_streamed))
+        assert (loaded.schedule.grad_streaming is None) == saved_streamed
+        loaded, metrics = fzero.train_step(loaded, batches[1][0][0])
+        assert float(metrics["loss"]) == float(expected["loss"])
+        full, reference = fzero.full_state_dict(loaded), fzero.full_state_dict(state)
+        for name in reference:
+            assert torch.equal(full[name], reference[name]), name
