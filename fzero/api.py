@@ -19,7 +19,7 @@ from fzero.runtime.activation_checkpointing import checkpoint_units, checkpointe
 from fzero.runtime.cross_rank import check_same_on_all_ranks, layout_summary
 from fzero.runtime.executor import Executor, ExecutorParts
 from fzero.runtime.hooks import HookDriver
-from fzero.runtime.plan import make_plan
+from fzero.runtime.plan import make_plan, streams_gradients
 from fzero.runtime.timeline import MeasuredTimeline
 from fzero.schedule import UnitInfo
 from fzero.state.buffers import build_workspace
@@ -146,6 +146,7 @@ def shard(
         pin_memory=offload.pin_memory,
         device_master_numel=offload.device_numel(layout),
         files=files,
+        grad_shard_numel=offload.device_numel(layout) if streams_gradients(cfg, offload) else None,
         initializer=UnitInitializer(model, layout, draw_base_seed(comm), device)
         if on_meta
         else None,

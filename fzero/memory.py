@@ -17,6 +17,8 @@ With ``offload_optimizer``/``offload_param`` set to ``"cpu"`` or ``"nvme"`` the 
 split by residence: GPU, host and file bytes per rank (``fzero.schedule.offload_memory`` has
 the formulas), which is what DeepSpeed's ``estimate_zero3_model_states_mem_needs_all_live``
 reports too (it counts per node and adds a 1.5x buffer factor; fzero counts per rank, exactly).
+Where optimizer offload streams gradients (one micro-batch per step, or stage 1), the GPU's
+transient gradient is one unit's part of the shard, not the whole shard.
 
 Activations, temporary buffers and gathered parameters in flight are not included; for those,
 compile the schedule and ``fzero.schedule.simulate`` it (its model states match
@@ -113,6 +115,8 @@ def estimate_memory(
     param_buffer_count: int = 5,
     param_buffer_size: int = 100_000_000,
     offload_ratio: float = 1.0,
+    gradient_accumulation_steps: int | None = 1,
+    deterministic: bool = False,
 ) -> MemoryEstimate:
     """Per-rank model-state bytes of ``model_or_param_count`` (an ``nn.Module`` or an element
     count) on ``world_size`` ranks at ZeRO ``stage``, at the optimizer step.
@@ -130,7 +134,12 @@ def estimate_memory(
     as one unit, an upper bound); ``param_buffer_size`` (``offload_param.buffer_size``) sizes
     nothing in fzero and is accepted for DeepSpeed's sake. ``offload_ratio``:
     ``offload_optimizer.ratio``, the share of the optimizer state on the host (``"cpu"``
-    only); the rest stays on the GPU.
+    only); the rest stays on the GPU. ``gradient_accumulation_steps`` and ``deterministic``
+    (the config's ``fzero.deterministic``) decide, as the compiler does, whether optimizer offload
+    streams gradients down unit by unit (stage 1, or one micro-batch per step, and not
+    deterministic): then the GPU's transient gradient is the largest unit's part of the shard
+    (``largest_unit_numel``; None: the whole model as one unit) beside the device units' part of
+    a partial offload, instead of the whole gradient shard.
     """
     offloaded = offload_optimizer != "none" or offload_param != "none"
     if layout is None:
@@ -161,6 +170,10 @@ def estimate_memory(
     states = model_states(
         numel, world_size, stage, bytes_per_param, trainable_numel=trainable, layout=layout
     )
+    # As the compiler decides (fzero.runtime.plan.streams_gradients).
+    once_per_step = stage == 1 or gradient_accumulation_steps == 1
+    streamed = offload_optimizer != "none" and offload_ratio > 0 and not deterministic
+    streamed = streamed and once_per_step
     split = offload_states(
         states,
         numel=numel,
@@ -175,6 +188,7 @@ def estimate_memory(
         param_buffer_count=param_buffer_count,
         param_buffer_size=param_buffer_size,
         offload_ratio=offload_ratio,
+        streamed_gradients=streamed,
     )
     device = split.device
     return MemoryEstimate(

@@ -90,6 +90,12 @@ class FzeroConfig:
     earlier ones. Exact (every unit computes with its updated values); the update waits in the
     state (``ZeroState.pending``) between the steps. True by default; false runs every CPU step
     in the step phase.
+
+    ``stream_gradients``: with ``offload_optimizer``, let each host unit's reduced gradient go
+    down to the host as soon as it lands, from a device buffer of one unit, instead of keeping
+    the whole gradient shard on the device through the step; the compiler does so when it is
+    exact (stage 1, or ``gradient_accumulation_steps`` 1; not ``deterministic``). True by
+    default; false keeps the whole shard (``docs/offload.md``).
     """
 
     no_weight_decay: tuple[str, ...] = ()
@@ -102,3 +108,4 @@ class FzeroConfig:
     embedding_units: bool = False
     step_timeout_s: float = 300.0
     offload_update_in_forward: bool = True
+    stream_gradients: bool = True

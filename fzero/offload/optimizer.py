@@ -11,7 +11,9 @@ offload the CPU step writes the host parameter shard itself, which the gathers u
 
 ``HostOptimizerStep`` copies a unit's gradient itself when no ``CopyGradToHost`` brought it this
 step (the tracing micro-batch runs on-demand ops, which copy nothing; a unit no reduction wrote
-has a zeroed slice): what it steps on is always the step's reduced gradient.
+has a zeroed slice): what it steps on is always the step's reduced gradient. With streamed
+gradients (``fzero/schedule/streamed_grads.py``) every landing is copied down from the gradient
+buffer, the tracing micro-batch's too, and a host unit no reduction wrote steps on zeros.
 
 At stage 3 the CPU steps normally wait for the next step (``fzero/state/pending.py``):
 ``ScalarsToHost`` keeps the update pending (the gradient complete on the host, the lr and the
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from fzero.kernels import WeightDecaySegments
+from fzero.runtime.landings import GradientLandings
 from fzero.runtime.step_phase import OptimizerBuffers, StepPhase
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace
@@ -60,8 +63,12 @@ class HostOptimizer:
         params_on_host: bool,
         host_offset_numel: int = 0,
         files: Any = None,
+        landings: GradientLandings | None = None,
     ):
         self.layout, self.workspace, self.optimizer = layout, workspace, optimizer
+        # Where each unit's gradient landed on the device: the gradient shard, or the gradient
+        # buffer of streamed gradients, which a copy down must have read before it is reused.
+        self.landings = landings or GradientLandings(layout, workspace)
         self.files = files
         self.state_files = files.optimizer if files is not None else None
         self.shard_files = files.shards if files is not None else None
@@ -120,8 +127,8 @@ class HostOptimizer:
     # -- handlers -------------------------------------------------------------------------------
 
     def copy_grad_to_host(self, op: O.CopyGradToHost) -> None:
-        span = self._range(op.unit)
-        source, target = self.workspace.grad_shard[span], self.host_grad[self._grad_range(op.unit)]
+        source = self.landings.target(op.unit)
+        target = self.host_grad[self._grad_range(op.unit)]
         if not self.on_cuda:
             target.copy_(source)
             self._grad_copies[op.unit] = None
@@ -132,8 +139,10 @@ class HostOptimizer:
             target.copy_(source, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
-        # The shard is freed on the compute stream after the host steps, which wait for this.
+        # The shard (or the gradient buffer) is freed on the compute stream after the host
+        # steps, which wait for this; the buffer is reused only after it (landings.py).
         source.record_stream(stream)
+        self.landings.read_by(op.unit, event)
         self._grad_copies[op.unit] = event
 
     def scalars_to_host(self, op: O.ScalarsToHost) -> None:
@@ -173,8 +182,13 @@ class HostOptimizer:
         """Wait for unit ``unit``'s gradient copy of this step, or copy it now if none ran."""
         copied = self._grad_copies.pop(unit, "missing")
         if copied == "missing":
-            target = self.host_grad[self._grad_range(unit)]
-            target.copy_(self.workspace.grad_shard[self._range(unit)])
+            target, span = self.host_grad[self._grad_range(unit)], self._range(unit)
+            if span.stop > self.workspace.grad_shard.numel():
+                # Streamed gradients: the unit lands in no shard; with no copy this step, no
+                # reduction wrote it (its backward did not run), so its gradient is zero.
+                target.zero_()
+            else:
+                target.copy_(self.workspace.grad_shard[span])
         elif copied is not None:
             copied.synchronize()
 

@@ -29,6 +29,7 @@ from fzero.errors import ScheduleError, StepTimeoutError
 from fzero.runtime.failures import op_failure
 from fzero.runtime.gathers import Gathers
 from fzero.runtime.handlers import handler_table
+from fzero.runtime.landings import GradientLandings
 from fzero.runtime.position import STEP_PHASE, OpPosition
 from fzero.runtime.reductions import GradientReduction
 from fzero.runtime.step_phase import Hyper, OptimizerBuffers, StepPhase, StepResult
@@ -77,8 +78,15 @@ class Executor:
             parts.unit_params,
             shard_files=files.shards if files is not None else None,
         )
+        # Where each unit's reduced gradient lands (the gradient shard or, streamed, a buffer).
+        self.landings = GradientLandings(parts.layout, parts.workspace)
         self.reduction = GradientReduction(
-            parts.layout, parts.workspace, parts.comm, parts.unit_params, parts.reduce_dtype
+            parts.layout,
+            parts.workspace,
+            parts.comm,
+            parts.unit_params,
+            parts.reduce_dtype,
+            self.landings,
         )
         self.step_phase = StepPhase(
             parts.layout,
@@ -87,6 +95,7 @@ class Executor:
             parts.optimizer,
             parts.decay_ranges,
             parts.norm_order,
+            self.landings,
         )
         self.host_optimizer = None
         if parts.host_optimizer is not None:
@@ -103,6 +112,7 @@ class Executor:
                 params_on_host=parts.host_optimizer.params_on_host,
                 host_offset_numel=parts.host_optimizer.host_offset_numel,
                 files=files,
+                landings=self.landings,
             )
         self.handlers = handler_table(
             self.gathers, self.reduction, self.step_phase, self.host_optimizer
@@ -133,7 +143,8 @@ class Executor:
         # Units some op releases (stage 3, less the persistent ones): gathered only in use.
         self.released_units = frozenset(op.unit for op in ops if isinstance(op, O.Release))
         # Stage 0 keeps its all-reduced gradient across steps; the others free it each step.
-        self.shard_persists = not any(isinstance(op, O.FreeGradShard) for op in ops)
+        frees = (O.FreeGradShard, O.FreeGradBuffer)
+        self.shard_persists = not any(isinstance(op, frees) for op in ops)
         # The entries of each kind of micro-batch, merged once here rather than per micro-batch.
         self._micro_entries = {
             (last, first): schedule.micro_entries(last, first=first)
@@ -163,6 +174,7 @@ class Executor:
                 self.schedule.world_size,
                 self.grad_shard_nbytes,
                 reduction="ordered" if ordered else "",
+                streaming=self.schedule.grad_streaming,
             )
             self._trace = []
 
@@ -314,7 +326,7 @@ class Executor:
         if self.host_optimizer is not None:
             self.host_optimizer.abort()
         self._tracing = None
-        self.step_phase.loss_sum = None
+        self.step_phase.abort()
         for unit in self.released_units:
             self.gathers.release_unit(unit)
         self.reduction.abort(self.shard_persists)

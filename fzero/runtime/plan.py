@@ -101,7 +101,24 @@ def knobs_from(config: Config, layout: FlatLayout, offload: OffloadPlan) -> Knob
         offload_optimizer=offload.optimizer_on_host,
         host_step_units=host_units,
         offload_param=offload.params_on_host,
+        stream_gradients=streams_gradients(config, offload),
         offload_update_in_forward=config.fzero.offload_update_in_forward,
         optimizer_in_files=offload.optimizer_in_files,
         params_in_files=offload.params_in_files,
     )
+
+
+def streams_gradients(config: Config, offload: OffloadPlan) -> bool:
+    """Whether host units' gradients stream down as they land (``streamed_grads.py``) instead
+    of filling a whole gradient shard: under optimizer offload, when each unit's gradient lands
+    once per step. Stage 1 reduces once, in the step phase; stages 2 and 3 reduce in the
+    micro-steps (every one, or the last with ``reduce_every_micro_batch: false``, whose tracing
+    first micro-batch reduces too), so only with ``gradient_accumulation_steps`` 1: with
+    accumulation a later micro-batch adds into the landed gradient. Deterministic mode sums the
+    norm in model order over the whole shard, so it keeps the shard. ``fzero.stream_gradients``
+    false keeps it too."""
+    if not offload.optimizer_on_host:
+        return False
+    if config.fzero.deterministic or not config.fzero.stream_gradients:
+        return False
+    return config.stage == 1 or config.gradient_accumulation_steps == 1

@@ -6,7 +6,8 @@ there; stages 2 and 3 start from no gradient (``DropGrads``), pack what autograd
 unit into a flat buffer (the op's ``packs``), reduce it and let it go; on one rank
 ``WriteGradShard`` writes the gradients straight into the shard. The first reduction of a step
 writes its unit's slice of the shard, later ones add to it, and the step's ``ZeroGradShard``
-zeroes only what no reduction wrote.
+zeroes only what no reduction wrote. With streamed gradients a host unit lands in the gradient
+buffer instead (``landings.py``), written once: ``AllocUnitGrad`` hands it the buffer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from fzero.collectives import Communicator, DoneWork, Work, wait_all_unless_failed
+from fzero.runtime.landings import GradientLandings
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace, alloc_storage, free_storage, is_allocated
 from fzero.state.layout import FlatLayout
@@ -59,8 +61,10 @@ class GradientReduction:
         comm: Communicator,
         unit_params: list[list[torch.nn.Parameter]],
         reduce_dtype: torch.dtype,
+        landings: GradientLandings,
     ):
         self.layout = layout
+        self.landings = landings
         self.workspace = workspace
         self.comm = comm
         self.unit_params = unit_params
@@ -71,6 +75,8 @@ class GradientReduction:
         # valid while the shard's storage is freed and allocated again between steps.
         self._places: dict[int, ShardPlaces] = {}
         self._places_storage = 0  # the shard's storage they view (its pointer, not its data's)
+        self._buffer_places: dict[int, ShardPlaces] = {}  # the same, into the gradient buffer
+        self._buffer_storage = 0
         # Units whose parameters' .grad are views into a persistent buffer (stages 0 and 1).
         self._grad_views = [
             (u.index, g)
@@ -144,7 +150,7 @@ class GradientReduction:
         """One rank: write or add each parameter's gradient into its place in the gradient
         shard, one pass per parameter with the cast folded in, and let it go."""
         places = self._shard_places(op.unit)
-        first = op.unit not in self.shard_written
+        first = self._first_landing(op.unit)
         targets, grads = [], []
         for param, view in places.params:
             grad = param.grad
@@ -160,18 +166,27 @@ class GradientReduction:
             (torch._foreach_copy_ if first else torch._foreach_add_)(targets, grads)
         self.in_flight[op.unit] = InFlightReduction(DoneWork(), None, Landing.WRITTEN, None)
 
+    def _first_landing(self, unit: int) -> bool:
+        """Whether unit ``unit``'s gradient lands for the first time in this step (written, not
+        added): always in the gradient buffer, which holds it once."""
+        return unit == self.landings.holder or unit not in self.shard_written
+
     def _shard_places(self, unit: int) -> ShardPlaces:
-        """Unit ``unit``'s places in the gradient shard, which is allocated now (a view of
-        freed storage cannot be made)."""
-        storage = self.workspace.grad_shard.untyped_storage()._cdata
-        if storage != self._places_storage:  # a shard of its own: views of it are made anew
-            self._places, self._places_storage = {}, storage
-        places = self._places.get(unit)
+        """Unit ``unit``'s places where it lands (the gradient shard or the gradient buffer),
+        which is allocated now (a view of freed storage cannot be made)."""
+        space = self.landings.target(unit)
+        storage = space.untyped_storage()._cdata
+        if unit == self.landings.holder:
+            if storage != self._buffer_storage:
+                self._buffer_places, self._buffer_storage = {}, storage
+            cache = self._buffer_places
+        else:
+            if storage != self._places_storage:  # a shard of its own: views of it made anew
+                self._places, self._places_storage = {}, storage
+            cache = self._places
+        places = cache.get(unit)
         if places is None:
             u = self.layout.units[unit]
-            space = self.workspace.grad_shard[
-                u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
-            ]
             params = tuple(
                 (param, space[slot.offset : slot.offset + slot.numel].view(slot.shape))
                 for slot, param in zip(u.params, self.unit_params[unit])
@@ -180,20 +195,19 @@ class GradientReduction:
                 if slot.requires_grad
             )
             padding = space[u.numel if u.trainable_numel == u.padded_numel else u.optimizer_numel :]
-            places = self._places[unit] = ShardPlaces(params, padding)
+            places = cache[unit] = ShardPlaces(params, padding)
         return places
 
     def wait_reduce(self, op: O.WaitReduce) -> None:
         reduction = self.in_flight.pop(op.unit)
         reduction.work.wait()
-        first = op.unit not in self.shard_written
-        self.shard_written.add(op.unit)
+        first = self._first_landing(op.unit)
+        if op.unit != self.landings.holder:
+            self.shard_written.add(op.unit)
         if reduction.landing is Landing.WRITTEN:
             return
         u = self.layout.units[op.unit]
-        target = self.workspace.grad_shard[
-            u.optimizer_offset : u.optimizer_offset + u.optimizer_numel
-        ]
+        target = self.landings.target(op.unit)
         result = reduction.result
         if reduction.landing is Landing.FOLD:
             pieces = result.view(self.comm.world_size, -1)[:, : u.optimizer_numel]
@@ -253,13 +267,21 @@ class GradientReduction:
             alloc_storage(shard)
             self.shard_written = set()
         for u in self.layout.units:
-            if u.optimizer_numel and u.index not in self.shard_written:
+            # Streamed gradients: the shard holds only the device units' part, at its start.
+            within = u.optimizer_offset + u.optimizer_numel <= shard.numel()
+            if u.optimizer_numel and within and u.index not in self.shard_written:
                 shard[u.optimizer_offset : u.optimizer_offset + u.optimizer_numel].zero_()
                 self.shard_written.add(u.index)
 
     def free_grad_shard(self, op: O.FreeGradShard) -> None:
         free_storage(self.workspace.grad_shard)
         self.shard_written = set()
+
+    def alloc_unit_grad(self, op: O.AllocUnitGrad) -> None:
+        self.landings.take(op.unit, op.buffer_nbytes)
+
+    def free_grad_buffer(self, op: O.FreeGradBuffer) -> None:
+        self.landings.free()
 
     # -- measuring and aborting -----------------------------------------------------------------
 
@@ -291,4 +313,5 @@ class GradientReduction:
             self.workspace.grad_shard.zero_()
         else:
             free_storage(self.workspace.grad_shard)
+        self.landings.free()
         self.shard_written = set()

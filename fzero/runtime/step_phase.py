@@ -1,9 +1,10 @@
 """The step phase: global loss and gradient norm, the overflow flag, and AdamW over the shard.
 
 ``StepPhase`` owns what a step accumulates (the micro-batches' loss) and what it produces
-(``StepResult``); its handlers are ``ReduceScalars``, ``ReduceScalarsInOrder`` and
-``OptimizerStep``. The per-step optimizer values arrive with ``begin`` (``Hyper``), never as
-fields set from outside.
+(``StepResult``); its handlers are ``ReduceScalars``, ``ReduceScalarsInOrder``,
+``AccumulateGradNorm`` (streamed gradients: the squared norm summed unit by unit as each
+landed) and ``OptimizerStep``. The per-step optimizer values arrive with ``begin``
+(``Hyper``), never as fields set from outside.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from fzero.collectives import Communicator
 from fzero.kernels import WeightDecaySegments, adamw_step
+from fzero.runtime.landings import GradientLandings
 from fzero.schedule import ops as O
 from fzero.state.buffers import Workspace
 from fzero.state.layout import FlatLayout
@@ -70,8 +72,12 @@ class StepPhase:
         optimizer: OptimizerBuffers,
         decay_ranges: tuple[tuple[int, int, float], ...],
         norm_order: tuple[tuple[int, int, tuple[int, ...]], ...],
+        landings: GradientLandings | None = None,
     ):
         self.layout = layout
+        self.landings = landings or GradientLandings(layout, workspace)
+        # Streamed gradients: the squared norms of the units landed so far in this step.
+        self.squares_sum: torch.Tensor | None = None
         self.workspace = workspace
         self.comm = comm
         self.optimizer = optimizer
@@ -109,6 +115,10 @@ class StepPhase:
         self.loss_sum = None
         return self.result
 
+    def abort(self) -> None:
+        """A failed micro-batch: drop what the step accumulated."""
+        self.loss_sum = self.squares_sum = None
+
     def _mean_loss(self, device: torch.device) -> torch.Tensor:
         if self.loss_sum is None:
             return torch.zeros((), device=device)
@@ -116,10 +126,23 @@ class StepPhase:
 
     # -- handlers ---------------------------------------------------------------------------
 
+    def accumulate_grad_norm(self, op: O.AccumulateGradNorm) -> None:
+        """Add unit ``op.unit``'s squared norm, where it landed, to the step's sum (in the
+        schedule's order of units, so every run adds the same values in the same order)."""
+        grad = self.landings.target(op.unit)
+        squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        self.squares_sum = squares if self.squares_sum is None else self.squares_sum + squares
+
     def reduce_scalars(self, op: O.ReduceScalars) -> None:
         grad = self.workspace.grad_shard
-        # vector_norm reduces without materialising a squared copy of the shard.
-        squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        if op.summed_per_unit:  # streamed gradients: no whole shard to read
+            squares = self.squares_sum
+            if squares is None:
+                squares = torch.zeros((), dtype=torch.float32, device=grad.device)
+            self.squares_sum = None
+        else:
+            # vector_norm reduces without materialising a squared copy of the shard.
+            squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         if op.replicated_gradient and self.comm.rank != 0:
             squares = torch.zeros_like(squares)  # every rank holds the same gradient
         scalars = torch.stack([self._mean_loss(grad.device), squares.to(grad.device)])

@@ -76,6 +76,7 @@ from fzero.schedule.ops import (
 )
 from fzero.schedule.passes import defer_reduce_waits, keep_for_reuse, prefetch
 from fzero.schedule.schedule import GRADIENT_REDUCTIONS, Schedule, UnitInfo
+from fzero.schedule.streamed_grads import GradStreaming, stream_gradients
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class Knobs:
     # offload_optimizer.ratio < 1: the units whose optimizer steps on the host (the others step
     # on the device, ``offload_split.py``); None: every unit's.
     host_step_units: frozenset[int] | None = None
+    # Optimizer offload with each unit's gradient landing once per step: host units' gradients
+    # stream down as they land instead of filling a whole gradient shard (streamed_grads.py).
+    stream_gradients: bool = False
     # fzero.offload_update_in_forward: stage 3's CPU steps move into the next first forward
     offload_update_in_forward: bool = False
     # device "nvme": the master and moments / the parameter shards live in files (file_pass.py)
@@ -191,19 +195,26 @@ def compile_schedule(
             for op in ops
         )
     last_micro = micro_pass(reduce=True) if last else None
+    streaming = None
     if knobs.offload_optimizer:
         itemsize = knobs.grad_shard_itemsize
         host = knobs.host_step_units
-        if reduction != "step" and traced:  # reduced in the micro-step: copy after the last
+        if knobs.stream_gradients and reduction != "ordered":
+            streaming = GradStreaming.of(units, host, itemsize, reduction != "step")
+            micro = _streamed(units, micro, streaming)
+            last_micro = _streamed(units, last_micro, streaming) if last_micro else None
+        elif reduction != "step" and traced:  # reduced in the micro-step: copy after the last
             last_micro = copy_grads_down(units, last_micro or micro, itemsize, host)
         ops = host_step_ops(
             units,
             ops,
-            reduces_in_step=reduction == "step",
+            reduces_in_step=reduction == "step" and streaming is None,
             grad_itemsize=itemsize,
             param_offload=knobs.offload_param,
             host_units=host,
         )
+        if streaming is not None:
+            ops = stream_gradients(units, ops, streaming)
     first_extra: tuple[Entry, ...] = ()
     if knobs.offload_optimizer and stage == 3 and knobs.offload_update_in_forward:
         first_extra, ops = defer_host_steps(units, micro, ops, param_offload=knobs.offload_param)
@@ -227,6 +238,15 @@ def compile_schedule(
         last_micro_step=last_micro,
         gradient_reduction=reduction,
         first_micro_extra=first_extra,
+        grad_streaming=streaming,
+    )
+
+
+def _streamed(
+    units: tuple[UnitInfo, ...], entries: tuple[Entry, ...], streaming: GradStreaming
+) -> tuple[Entry, ...]:
+    return tuple(
+        replace(entry, ops=stream_gradients(units, entry.ops, streaming)) for entry in entries
     )
 
 

@@ -174,3 +174,35 @@ class FreeGradShard(Op):
 
     def __str__(self) -> str:
         return f"FreeGradShard {_size(self.nbytes)}"
+
+
+@dataclass(frozen=True)
+class AllocUnitGrad(Op):
+    """Streamed gradients (optimizer offload, ``streamed_grads.py``): unit ``unit``'s reduced
+    gradient (``nbytes``, its part of the optimizer space in the gradient-accumulation dtype)
+    lands in the device's gradient buffer instead of the whole gradient shard, and stays there
+    until its ``CopyGradToHost`` has read it. The buffer (``buffer_nbytes``: the largest host
+    unit's part) is allocated by the step's first ``AllocUnitGrad`` and reused by the next
+    units: the device waits for the previous unit's copy down before this one lands."""
+
+    unit: int
+    name: str
+    nbytes: int
+    buffer_nbytes: int
+
+    def __str__(self) -> str:
+        label = _unit_label(self.unit, self.name)
+        return (
+            f"AllocUnitGrad {label}  {_size(self.nbytes)} of the {_size(self.buffer_nbytes)} buffer"
+        )
+
+
+@dataclass(frozen=True)
+class FreeGradBuffer(Op):
+    """Streamed gradients: free the device's gradient buffer (``nbytes``) at the end of the
+    step phase; the copies down that read it finish first (the allocator waits for them)."""
+
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"FreeGradBuffer {_size(self.nbytes)}"

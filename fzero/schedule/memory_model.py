@@ -153,7 +153,8 @@ class MemoryModel:
     accumulated gradient when it lives across steps (stage 0, unless it is the gradient buffers
     themselves); stages 1-3 allocate theirs with ``AllocGradShard`` (or the step's
     ``ZeroGradShard``) and free it with ``FreeGradShard``, so ``simulate`` counts it from those
-    ops. ``optimizer_state_nbytes``: master weights and moments of this rank's shard.
+    ops (and streamed gradients' buffer from ``AllocUnitGrad`` to ``FreeGradBuffer``).
+    ``optimizer_state_nbytes``: master weights and moments of this rank's shard.
     """
 
     parameter_shard_nbytes: int = 0

@@ -7,6 +7,8 @@ Applied after the other passes when ``zero_optimization.offload_optimizer.device
   (``CopyGradToHost`` after its ``WaitReduce``; stages 2 and 3 in the last micro-batch's
   backward, on the device-to-host stream, so the copies overlap the backward of later units;
   stage 1 in the step phase, where it reduces).
+- Streamed gradients (``streamed_grads.py``, where each unit's gradient lands once per step)
+  replace the copies placed here: the compiler rewrites the landings instead.
 - The step phase keeps ``ReduceScalars`` on the device (the global norm and overflow flag are
   summed where the gradient is), reads them on the host once (``ScalarsToHost``), then runs, unit
   by unit in index order, ``HostOptimizerStep`` and ``CopyParamsToDevice``: the upload of unit k

@@ -31,7 +31,12 @@ K the optimizer bytes per element, g the gradient-shard bytes and c the compute-
   accepted for its sake).
 
 On the device the gradient shard stays transient, as without offload: a unit's part is reduced
-there and copied down. Files count their bytes before the 4096-byte padding of each swap file
+there and copied down. With ``streamed_gradients`` (``fzero/schedule/streamed_grads.py``: each
+unit's gradient lands once per step) only one host unit's part is on the device at a time, in a
+buffer of the largest unit's shard (``largest_unit_numel`` / N, None: the whole model as one
+unit), beside the device units' (1 - r) P of a partial offload: that is the transient gradient.
+
+Files count their bytes before the 4096-byte padding of each swap file
 and without the extra copy a write-then-replace holds while it is in flight (``swap_nbytes``).
 """
 
@@ -82,6 +87,7 @@ def offload_states(
     param_buffer_count: int = 5,
     param_buffer_size: int = 100_000_000,
     offload_ratio: float = 1.0,
+    streamed_gradients: bool = False,
 ) -> OffloadStates:
     """Split ``without_offload`` (fzero's layout, ``model_states(..., layout="fzero")``) by
     residence; see the module docstring for each formula. ``largest_unit_numel`` sizes NVMe
@@ -115,7 +121,12 @@ def offload_states(
         parameters = device.parameters
         if stage == 3:  # a compute-dtype shard to gather from, where the master was
             parameters = shard_numel * b.parameter
-        device = ModelStates(parameters, device.gradients, kept, device.transient_gradients)
+        gradients, transient = device.gradients, device.transient_gradients
+        if streamed_gradients:  # one host unit's part at a time, and the device units' part
+            unit = -(-(largest_unit_numel or trainable_numel) // world_size)
+            streamed = (optimizer_numel - host_numel + min(unit, host_numel)) * b.gradient_shard
+            gradients, transient = gradients - transient + streamed, streamed
+        device = ModelStates(parameters, gradients, kept, transient)
         state = host_numel * b.optimizer_state
         if offload_optimizer == "cpu":
             host = ModelStates(0, gradient_copy, state)

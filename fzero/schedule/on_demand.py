@@ -31,6 +31,7 @@ from fzero.schedule.ops import (
     ZeroGrad,
 )
 from fzero.schedule.schedule import UnitInfo
+from fzero.schedule.streamed_grads import GradStreaming, stream_gradients
 
 
 def on_demand(
@@ -53,7 +54,9 @@ class OnDemand:
     first step, ``state.schedule`` is these ops over the presumed order (``presumed_trace``):
     what the tracing micro-batch runs when the model runs in module order.
 
-    ``reduce`` false (``last_micro_batch``'s micro-batches before the last) keeps gradients."""
+    ``reduce`` false (``last_micro_batch``'s micro-batches before the last) keeps gradients.
+    ``streaming`` (the schedule's ``grad_streaming``): the tracing micro-batch streams its
+    gradients down as the compiled schedule does (``streamed_grads.py``)."""
 
     def __init__(
         self,
@@ -63,7 +66,10 @@ class OnDemand:
         grad_shard_nbytes: int = 0,
         reduction: str = "",
         reduce: bool = True,
+        streaming: GradStreaming | None = None,
     ):
+        self.units = units
+        self.streaming = streaming
         self.by_index = {u.index: u for u in units}
         self.stage = stage
         self.world_size = world_size
@@ -138,4 +144,6 @@ class OnDemand:
                 self.gathered = set(self.kept)
             self.reduced.clear()
             self.shard_ready = False
+        if self.streaming is not None:
+            return stream_gradients(self.units, tuple(ops), self.streaming)
         return tuple(ops)

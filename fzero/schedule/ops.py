@@ -150,8 +150,10 @@ from fzero.schedule.file_ops import (  # noqa: E402
 from fzero.schedule.gradient_ops import (  # noqa: E402
     AllocGrad,
     AllocGradShard,
+    AllocUnitGrad,
     AllReduce,
     DropGrads,
+    FreeGradBuffer,
     FreeGradShard,
     ReduceInOrder,
     ReduceScatter,
@@ -172,6 +174,7 @@ from fzero.schedule.offload_ops import (  # noqa: E402
     WaitUploads,
 )
 from fzero.schedule.step_phase_ops import (  # noqa: E402
+    AccumulateGradNorm,
     OptimizerStep,
     ReduceScalars,
     ReduceScalarsInOrder,
@@ -179,14 +182,17 @@ from fzero.schedule.step_phase_ops import (  # noqa: E402
 
 __all__ = [
     "FILE",
+    "AccumulateGradNorm",
     "AllReduce",
     "AllocGrad",
     "AllocGradShard",
+    "AllocUnitGrad",
     "ApplyPendingUpdate",
     "CopyGradToHost",
     "CopyParamsToDevice",
     "CopyParamsToHost",
     "DropGrads",
+    "FreeGradBuffer",
     "FreeGradShard",
     "HostOptimizerStep",
     "OptimizerStep",

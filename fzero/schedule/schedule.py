@@ -23,6 +23,7 @@ overlap the forward (see ``fzero/schedule/offload.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fzero.schedule.ops import (
     BACKWARD_END,
@@ -36,6 +37,9 @@ from fzero.schedule.ops import (
     OptimizerStep,
     _size,
 )
+
+if TYPE_CHECKING:
+    from fzero.schedule.streamed_grads import GradStreaming
 
 HOST_STEPS = (HostOptimizerStep, ApplyPendingUpdate)
 
@@ -83,6 +87,9 @@ class Schedule:
     gradient_reduction: str = ""  # one of GRADIENT_REDUCTIONS; "" means the stage's default
     # Run by a step's first micro-batch at their trigger, before its own ops (see above).
     first_micro_extra: tuple[Entry, ...] = ()
+    # Optimizer offload: host units' gradients stream down as they land (a
+    # ``streamed_grads.GradStreaming``); None: they land in the whole gradient shard.
+    grad_streaming: GradStreaming | None = None
 
     def __post_init__(self) -> None:
         if not self.gradient_reduction:
@@ -156,6 +163,8 @@ class Schedule:
             f"  peak gathered bytes alive: {_size(self.peak_live_nbytes)}",
             f"  gradients reduced: {_REDUCTION_TEXT[self.gradient_reduction]}",
         ]
+        if self.grad_streaming is not None:
+            lines.append(f"  gradients: {self.grad_streaming}")
         placement = self.optimizer_placement()
         if placement:
             lines.append(f"  optimizer steps: {placement}")

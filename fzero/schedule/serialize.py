@@ -13,9 +13,11 @@ from typing import Any
 from fzero.errors import ScheduleError
 from fzero.schedule import ops as O
 from fzero.schedule.schedule import Schedule, UnitInfo
+from fzero.schedule.streamed_grads import GradStreaming
 
 FORMAT = "fzero.schedule"
-VERSION = 3  # 2 added last_micro_step and gradient_reduction, 3 first_micro_extra; 1, 2 load
+# 2 added last_micro_step and gradient_reduction, 3 first_micro_extra, 4 grad_streaming; 1-3 load
+VERSION = 4
 
 OP_TYPES: dict[str, type[O.Op]] = {
     name: value
@@ -40,6 +42,12 @@ def schedule_to_json(schedule: Schedule, indent: int | None = 1) -> str:
         "step": [_entry_to_dict(e) for e in schedule.step],
         "gradient_reduction": schedule.gradient_reduction,
         "first_micro_extra": [_entry_to_dict(e) for e in schedule.first_micro_extra],
+        "grad_streaming": None
+        if schedule.grad_streaming is None
+        else {
+            **dataclasses.asdict(schedule.grad_streaming),
+            "host_units": sorted(schedule.grad_streaming.host_units),
+        },
     }
     return json.dumps(document, indent=indent)
 
@@ -47,12 +55,15 @@ def schedule_to_json(schedule: Schedule, indent: int | None = 1) -> str:
 def schedule_from_json(text: str) -> Schedule:
     """Read a schedule written by ``schedule_to_json``."""
     document = json.loads(text)
-    if document.get("format") != FORMAT or document.get("version") not in (1, 2, VERSION):
+    if document.get("format") != FORMAT or document.get("version") not in (1, 2, 3, VERSION):
         raise ScheduleError(
             f"not an {FORMAT} version {VERSION} document (format "
             f"{document.get('format')!r}, version {document.get('version')!r})"
         )
     last = document.get("last_micro_step")
+    streaming = document.get("grad_streaming")
+    if streaming is not None:
+        streaming = GradStreaming(**{**streaming, "host_units": frozenset(streaming["host_units"])})
     return Schedule(
         stage=document["stage"],
         world_size=document["world_size"],
@@ -63,6 +74,7 @@ def schedule_from_json(text: str) -> Schedule:
         last_micro_step=None if last is None else tuple(_entry_from_dict(e) for e in last),
         gradient_reduction=document.get("gradient_reduction", ""),
         first_micro_extra=tuple(_entry_from_dict(e) for e in document.get("first_micro_extra", ())),
+        grad_streaming=streaming,
     )
 
 

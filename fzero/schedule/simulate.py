@@ -8,8 +8,9 @@ the ring algorithms: all-gather and reduce-scatter cost ``(N-1)`` latencies plus
 the full buffer over the link, all-reduce twice that.
 
 Memory is tracked in bytes as the ops allocate and free (gathered parameters, gradient buffers,
-the gradient shard from the ``ZeroGradShard`` that finds it freed to its ``FreeGradShard``) on
-top of what a ``MemoryModel`` says lives for the whole step.
+the gradient shard from the ``ZeroGradShard`` that finds it freed to its ``FreeGradShard``, and
+with streamed gradients the gradient buffer from the step's first ``AllocUnitGrad`` to its
+``FreeGradBuffer``) on top of what a ``MemoryModel`` says lives for the whole step.
 
 Compute is placed at the triggers: a unit's forward (backward) right after the ops of its
 ``pre_forward`` (``pre_backward``). The root unit wraps the blocks, so half of its compute runs
@@ -47,6 +48,13 @@ def simulate(
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+    streaming = schedule.grad_streaming
+    if streaming is not None and streaming.one_micro_batch and micro_batches != 1:
+        raise ValueError(
+            f"micro_batches is {micro_batches}, but this schedule streams gradients, which it "
+            "does for one micro-batch per step only (gradient_accumulation_steps 1): simulate "
+            "one, or compile for accumulation"
+        )
     if memory is None:
         memory = MemoryModel.from_schedule(schedule, bytes_per_param or BytesPerParam())
     replay = _Replay(schedule, cost, memory)
@@ -131,10 +139,12 @@ class _Replay:
         }
         # The gradient shard the schedule allocates (stages 1-3): None while it is freed.
         self.grad_shard_nbytes: int | None = None
+        self.grad_buffer_nbytes = 0  # streamed gradients' buffer, while allocated
         self.samples = [self.sample()]
 
     def sample(self) -> MemorySample:
         grad_shard_nbytes = self.memory.gradient_shard_nbytes + (self.grad_shard_nbytes or 0)
+        grad_shard_nbytes += self.grad_buffer_nbytes
         return MemorySample(
             time=self.now,
             parameters=sum(self.units[i].param_nbytes for i in self.gathered),
@@ -248,6 +258,9 @@ class _Replay:
                     O.AllocGradShard,
                     O.ZeroGradShard,
                     O.FreeGradShard,
+                    O.AllocUnitGrad,
+                    O.FreeGradBuffer,
+                    O.AccumulateGradNorm,  # a read of one unit's part, like ReduceScalars' norm
                 ),
             ):
                 self.bookkeeping(op)
@@ -278,6 +291,10 @@ class _Replay:
             self.grad_shard_nbytes = op.nbytes  # on a live shard it does nothing
         elif isinstance(op, O.FreeGradShard):
             self.grad_shard_nbytes = None
+        elif isinstance(op, O.AllocUnitGrad):  # the buffer, allocated once, then reused
+            self.grad_buffer_nbytes = op.buffer_nbytes
+        elif isinstance(op, O.FreeGradBuffer):
+            self.grad_buffer_nbytes = 0
 
     def timeline(self, micro_batches: int) -> Timeline:
         end = max([self.now, self.host_now, *self.in_flight.values(), *self.stream_free.values()])

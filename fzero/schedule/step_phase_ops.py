@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fzero.schedule.ops import Op, _size
+from fzero.schedule.ops import Op, _size, _unit_label
 
 
 @dataclass(frozen=True)
@@ -17,10 +17,29 @@ class ReduceScalars(Op):
     0 contributes its squared norm."""
 
     replicated_gradient: bool = False
+    # Streamed gradients: the squared norm is the sum ``AccumulateGradNorm`` kept, unit by unit,
+    # as each gradient landed; no gradient shard is read here.
+    summed_per_unit: bool = False
 
     def __str__(self) -> str:
         once = "  (rank 0's norm: the gradient is replicated)" if self.replicated_gradient else ""
+        if self.summed_per_unit:
+            once = "  (grad_norm^2 summed per unit as each landed)"
         return f"ReduceScalars loss, grad_norm^2  8 B{once}"
+
+
+@dataclass(frozen=True)
+class AccumulateGradNorm(Op):
+    """Streamed gradients: add unit ``unit``'s squared gradient norm (fp32, on the device) to
+    the step's sum, right after the unit's gradient landed and before it is copied down;
+    ``ReduceScalars`` all-reduces the sum. The units add in the schedule's order, so every run
+    sums the same values in the same order."""
+
+    unit: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"AccumulateGradNorm {_unit_label(self.unit, self.name)}"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 The schedule is replayed op by op (steps of two, three and one micro-batches, so that anything
 left behind by one micro-batch or one step is seen by the next, two micro-batches in a row run
-``micro_step``, and a step whose only micro-batch is the last is covered) against a small model
+``micro_step``, and a step whose only micro-batch is the last is covered; three steps of one
+micro-batch for a schedule compiled for one, streamed gradients') against a small model
 of what each op does to this rank's buffers. The first broken invariant raises
 ``ScheduleInvariantError`` naming the op's position, the unit and the rule.
 
@@ -19,13 +20,17 @@ it across steps (except in deterministic mode); otherwise it is held only from a
 reduction to its optimizer step, so it must be allocated
 (``AllocGradShard``, which does nothing to a live shard) before a reduction lands in it, freed
 (``FreeGradShard``) only after ``OptimizerStep`` read it, and freed before the step ends.
+Streamed gradients (optimizer offload): a host unit lands in the gradient buffer, which it
+holds from its ``AllocUnitGrad`` until its ``AccumulateGradNorm`` and ``CopyGradToHost`` read it
+(the next unit takes it only then), ``ReduceScalars`` sums every landed unit's norm, and
+``FreeGradBuffer`` frees the buffer before the step ends.
 
 Whether all ranks run the same collectives in the same order is checked across ranks, by
 comparing ``collective_signature`` (``signature.py``).
 
 This file holds the replay (``verify``) and its state (``_Checker``: triggers and phase ends);
 the rules of each kind of op are mixins of it: ``verify_parameters.py``,
-``verify_gradients.py``, ``verify_offload.py``, ``verify_files.py``.
+``verify_gradients.py``, ``verify_streaming.py``, ``verify_offload.py``, ``verify_files.py``.
 
 ``ScheduleInvariantError.invariant`` names the rule: gather-before-use, gather-once,
 wait-after-gather, release-after-gather, release-after-last-use, release-stage-3-only,
@@ -44,6 +49,7 @@ from fzero.schedule.verify_files import FileRules
 from fzero.schedule.verify_gradients import GradientRules
 from fzero.schedule.verify_offload import OffloadRules
 from fzero.schedule.verify_parameters import GATHERING, READY, RELEASED, ParameterRules
+from fzero.schedule.verify_streaming import StreamingRules
 
 
 def verify(schedule: Schedule, *, max_live_nbytes: int | None = None) -> None:
@@ -53,7 +59,11 @@ def verify(schedule: Schedule, *, max_live_nbytes: int | None = None) -> None:
     (below stage 3 every parameter is always gathered, so no limit applies).
     """
     checker = _Checker(schedule, max_live_nbytes)
-    for step, micro_batches in ((1, 2), (2, 3), (3, 1)):
+    steps = ((1, 2), (2, 3), (3, 1))
+    streaming = schedule.grad_streaming
+    if streaming is not None and streaming.one_micro_batch:  # compiled for one per step
+        steps = ((1, 1), (2, 1), (3, 1))
+    for step, micro_batches in steps:
         for micro in range(1, micro_batches + 1):
             last = micro == micro_batches
             name = "micro_step"
@@ -71,7 +81,7 @@ def _op_text(op: O.Op) -> str:
     return " ".join(str(op).split())
 
 
-class _Checker(ParameterRules, GradientRules, FileRules, OffloadRules):
+class _Checker(ParameterRules, GradientRules, StreamingRules, FileRules, OffloadRules):
     """The replay state: what the ops so far have done to this rank's buffers. Each ``op_X``
     method checks and applies one op of class ``X``: the parameter ops' in ``ParameterRules``,
     the gradient ops' in ``GradientRules``, offload's in ``OffloadRules``."""
@@ -106,6 +116,7 @@ class _Checker(ParameterRules, GradientRules, FileRules, OffloadRules):
         self.scalars_done = self.optimizer_done = False
         self.init_offload(schedule)
         self.reset_offload()
+        self.init_streaming(schedule)
         self.init_files(schedule)
         self.refreshed: set[int] = set()
         self.where = self.phase = ""
@@ -211,6 +222,7 @@ class _Checker(ParameterRules, GradientRules, FileRules, OffloadRules):
         self.refreshed.clear()
         self.scalars_done = self.optimizer_done = False
         self.end_step_files()
+        self.end_step_streaming()
         self.reset_offload()
 
     def require_quiet(self, invariant: str, phase: str) -> None:

@@ -114,6 +114,8 @@ class GradientRules:
         if name != expected:
             how = "deterministic mode" if self.mode == "ordered" else f"stage {self.stage}"
             self.fail("reduce-kind", unit, f"{how} reduces gradients with {expected}, not {name}")
+        if name == "WriteGradShard" and unit in self.streamed_units:
+            self.require_holder(unit, "WriteGradShard writes it")
         phases = {
             "step": ("step",),
             "last_micro_batch": ("last_micro_step",),
@@ -157,7 +159,9 @@ class GradientRules:
         reduction = self.reducing.pop(unit, None)
         if reduction is None:
             self.fail("wait-after-reduce", unit, "WaitReduce with no reduction in flight")
-        if not self.shard_alive:
+        if unit in self.streamed_units:
+            self.require_holder(unit, "its reduction lands")
+        elif not self.shard_alive:
             self.fail(
                 "grad-shard",
                 unit,
@@ -202,7 +206,9 @@ class GradientRules:
 
     # -- step ops ---------------------------------------------------------------------------
 
-    def require_gradients_reduced(self, reader: str) -> None:
+    def require_gradients_reduced(self, reader: str, reads_shard: bool = True) -> None:
+        """``reads_shard`` False: the reader needs no gradient shard (host steps and the
+        scalars under streamed gradients, whose gradients are down or summed already)."""
         if self.phase != "step":
             self.fail("optimizer-after-reduce", -1, f"{reader} runs outside the step phase")
         for unit in sorted(self.reducing):
@@ -220,11 +226,21 @@ class GradientRules:
                     f"{reader} reads the gradient shard, but this "
                     "unit's gradient was never reduced in this step",
                 )
-        if not self.shard_alive:
+        if reads_shard and not self.shard_alive:
             self.fail("grad-shard", -1, f"{reader} reads a gradient shard that is not allocated")
 
     def op_ReduceScalars(self, op: O.ReduceScalars) -> None:
-        self.require_gradients_reduced("ReduceScalars")
+        if op.summed_per_unit != self.streaming:
+            why = (
+                "reads the gradient shard, but streamed gradients leave only the device units' "
+                "part there (summed_per_unit missing)"
+                if self.streaming
+                else "sums per-unit norms, but gradients do not stream: no unit adds its norm"
+            )
+            self.fail("grad-shard", -1, f"ReduceScalars {why}")
+        self.require_gradients_reduced("ReduceScalars", reads_shard=not self.streaming)
+        for unit in sorted(self.shard_holds - self.normed) if self.streaming else ():
+            self.fail("grad-shard", unit, "landed, but AccumulateGradNorm never added its norm")
         self.scalars_done = True
 
     def op_ReduceScalarsInOrder(self, op: O.ReduceScalarsInOrder) -> None:
@@ -232,7 +248,8 @@ class GradientRules:
         self.scalars_done = True
 
     def op_OptimizerStep(self, op: O.OptimizerStep) -> None:
-        self.require_gradients_reduced("OptimizerStep")
+        # Streamed gradients under full offload leave no device part to step.
+        self.require_gradients_reduced("OptimizerStep", reads_shard=True)
         if not self.scalars_done:
             self.fail(
                 "optimizer-after-reduce",

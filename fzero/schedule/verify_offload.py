@@ -43,13 +43,16 @@ class OffloadRules:
             )
         if op.unit not in self.shard_holds:
             self.fail("offload-copy", op.unit, "copied to the host before its reduction landed")
+        self.copied_down(op.unit)
 
     def op_ScalarsToHost(self, op: O.ScalarsToHost) -> None:
         if not self.scalars_done:
             self.fail("optimizer-after-reduce", -1, "ScalarsToHost runs before ReduceScalars")
         self.host_scalars = True
         if self.deferred:  # their gradient and factors wait on the host for the next step
-            self.require_gradients_reduced("ScalarsToHost keeps the pending update")
+            self.require_gradients_reduced(
+                "ScalarsToHost keeps the pending update", reads_shard=not self.streaming
+            )
             self.pending_units = set(self.deferred)
             self.host_stepped |= self.deferred
             self.shard_consumed = True
@@ -79,7 +82,7 @@ class OffloadRules:
             )
 
     def op_HostOptimizerStep(self, op: O.HostOptimizerStep) -> None:
-        self.require_gradients_reduced("HostOptimizerStep")
+        self.require_gradients_reduced("HostOptimizerStep", reads_shard=not self.streaming)
         if not self.host_scalars:
             self.fail(
                 "optimizer-after-reduce",

@@ -69,7 +69,9 @@ class Workspace:
     grad_flats: list[torch.Tensor | None]
     param_shard: torch.Tensor | None  # stage 0 only
     frozen_tails: list[torch.Tensor]  # stage 3 only: per unit, the shard past the master part
-    grad_shard: torch.Tensor  # this rank's optimizer space, gradient-accumulation dtype
+    # This rank's optimizer space, gradient-accumulation dtype (streamed gradients: only its
+    # first elements, the device units' part; see build_workspace).
+    grad_shard: torch.Tensor
     # Offload: the (pinned) host buffers the tensors above may live in, kept alive here.
     host_buffers: list[HostBuffer] = field(default_factory=list)
     # Parameter offload (stage 3): ``param_shard`` is in host memory, whatever the device.
@@ -211,6 +213,7 @@ def build_workspace(
     pin_memory=False,
     device_master_numel=0,
     files=None,
+    grad_shard_numel=None,
 ):
     """Move the model's values into flat buffers (rank 0's values win), one unit at a time, and
     point the parameters there; each unit's original storage is released before the next one
@@ -227,7 +230,10 @@ def build_workspace(
     alive in ``workspace.host_buffers``. ``device_master_numel`` (partial offload): the first
     elements of the master, the device units', stay on the device (a ``SplitFlat``). ``files``
     (NVMe offload, a ``FileResidence``): the master and the parameter shard it holds are its
-    file-backed tensors instead."""
+    file-backed tensors instead. ``grad_shard_numel`` (streamed gradients under optimizer
+    offload, ``fzero/schedule/streamed_grads.py``): the gradient shard covers only the first
+    elements of the optimizer space, the device units' (0 under full offload), since host units'
+    gradients land in a buffer of their own; None: all of it."""
     host_buffers: list[HostBuffer] = []
 
     def host_zeros(numel: int, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -258,7 +264,9 @@ def build_workspace(
     elif standing_stage3:
         param_shard = torch.zeros(layout.shard_numel, dtype=compute_dtype, device=device)
     aliased_grads = stage == 0 and accum_dtype == compute_dtype and no_frozen and not ordered
-    grad_shard = torch.zeros(layout.optimizer_numel, dtype=accum_dtype, device=device)
+    if grad_shard_numel is None:
+        grad_shard_numel = layout.optimizer_numel
+    grad_shard = torch.zeros(grad_shard_numel, dtype=accum_dtype, device=device)
     param_flats, grad_flats, frozen_tails = [], [], []
     scratch = _init_scratch(layout, stage, persistent, device) if initializer is not None else None
     for unit, params in zip(layout.units, params_per_unit):
