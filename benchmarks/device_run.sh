@@ -38,7 +38,7 @@ for task in "$@"; do
     scaling) python3 benchmarks/scaling.py --model 1.4b --worlds 1 2 4 8 --out "$OUT" --json "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log" ;;
     profile255) python3 benchmarks/profile_step.py --model 255m --impls fsdp2 fzero:3 2>&1 | tee "$OUT/profile_255m.log" ;;
     offload1.4b) python3 benchmarks/offload.py --model 1.4b --json "$OUT/offload_1.4b.json" 2>&1 | tee "$OUT/offload_1.4b.log" ;;
-    offload3.9b) python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --impls fzero:3+opt+param+bf16grad deepspeed:3+opt+param fsdp2:offload --steps 4 --warmup 2 --json "$OUT/offload_3.9b.json" 2>&1 | tee "$OUT/offload_3.9b.log" ;;
+    offload3.9b) python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --impls fzero:3+opt fzero:3+opt+param fzero:3+opt+param+r0.7 deepspeed:3+opt+param fsdp2:offload --steps 4 --warmup 2 --json "$OUT/offload_3.9b.json" 2>&1 | tee "$OUT/offload_3.9b.log" ;;
     offloadquick) python3 benchmarks/offload.py --model 1.4b --impls fzero:3 fzero:2+opt fzero:3+opt fzero:3+opt+param deepspeed:2+opt --json "$OUT/offload_1.4b.json" 2>&1 | tee "$OUT/offload_1.4b.log" ;;
     step14) python3 benchmarks/step.py --models 1.4b --impls fsdp2 torch fzero:3 --steps 10 --warmup 3 --json "$OUT/step_1.4b.json" 2>&1 | tee "$OUT/step_1.4b.log" ;;
     llama1b) python3 benchmarks/hf_llama.py --steps 20 --warmup 3 --json "$OUT/llama_1b.json" 2>&1 | tee "$OUT/llama_1b.log" ;;

@@ -91,6 +91,9 @@ def make_step(impl: str, model, device: torch.device, ckpt: bool = False):
         zero = _zero_block(int(stage), options, pin)
         zero.update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
         config = {
+            # One micro-batch a step (what step() passes), so that under optimizer offload the
+            # gradients stream down unit by unit instead of filling a whole device shard.
+            "gradient_accumulation_steps": 1,
             "optimizer": _optimizer_config(),
             "gradient_clipping": 1.0,
             "bf16": {"enabled": bf16},

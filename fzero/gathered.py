@@ -154,8 +154,12 @@ def _write_back(runtime: Runtime, unit: int, source_rank: int) -> None:
             changed = new != master.to(new.dtype)
             master[changed] = new[changed].to(master.dtype)
     # The compute-dtype shard: stages 0-2 keep it inside (or as) the full buffer, which the
-    # broadcast wrote; stage 3 keeps only the frozen tail past the master part.
-    if workspace.stage == 3:
+    # broadcast wrote; stage 3 under offload keeps a standing shard (on the device, on the
+    # host or in a file), otherwise only the frozen tail past the master part.
+    standing = workspace.standing_shard(unit) if workspace.stage == 3 else None
+    if standing is not None:
+        standing.copy_(flat[lo : lo + standing.numel()])
+    elif workspace.stage == 3:
         tail = workspace.frozen_tails[unit]
         start = lo + info.optimizer_numel
         tail.copy_(flat[start : start + tail.numel()])

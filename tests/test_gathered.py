@@ -57,8 +57,26 @@ def test_without_modifier_rank_a_change_is_not_kept():
     assert torch.equal(after["blocks.0.linear.weight"], before["blocks.0.linear.weight"])
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("config", [RELEASE_ALL, BF16], ids=["fp32", "bf16"])
+OFFLOAD = {
+    **BF16,
+    "zero_optimization": {
+        "stage3_param_persistence_threshold": 0,
+        "offload_optimizer": {"device": "cpu"},
+    },
+}
+BOTH_OFFLOADS = {
+    **BF16,
+    "zero_optimization": {**OFFLOAD["zero_optimization"], "offload_param": {"device": "cpu"}},
+}
+
+
+@pytest.mark.parametrize(
+    "stage, config",
+    [(s, c) for s in (0, 1, 2, 3) for c in (RELEASE_ALL, BF16)]
+    + [(3, OFFLOAD), (3, BOTH_OFFLOADS), (2, OFFLOAD)],
+    ids=[f"{s}-{n}" for s in (0, 1, 2, 3) for n in ("fp32", "bf16")]
+    + ["3-offload", "3-both-offloads", "2-offload"],
+)
 def test_modifier_rank_writes_its_values_into_every_rank_shard_and_master(stage, config):
     """Rank 1 scales one block and rank 0 changes another: rank 1's values are kept on both
     ranks, rank 0's change is dropped, and parameters nobody touched keep their fp32 master
@@ -81,7 +99,7 @@ def test_modifier_rank_writes_its_values_into_every_rank_shard_and_master(stage,
 
     (before, after), (_, after1) = run_ranks(2, rank)
     name = "blocks.1.linear.weight"
-    dtype = torch.bfloat16 if config is BF16 else torch.float32
+    dtype = torch.float32 if config is RELEASE_ALL else torch.bfloat16
     expected = (before[name].to(dtype) * 2).float()
     for full in (after, after1):
         assert torch.equal(full[name], expected)
