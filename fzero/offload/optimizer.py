@@ -1,4 +1,5 @@
-"""The host optimizer: the handlers of optimizer offload's ops.
+"""The host optimizer: the handlers of optimizer offload's ops (the copies they issue are
+``transfers.py``'s, the CPU AdamW arithmetic ``cpu_step.py``'s).
 
 The fp32 master weights and AdamW moments of this rank's shard live in host memory (pinned
 when ``offload_optimizer.pin_memory``), with a host gradient buffer beside them. Gradients come
@@ -39,7 +40,8 @@ from typing import Any
 
 import torch
 
-from fzero.kernels import WeightDecaySegments
+from fzero.offload.cpu_step import CpuAdamW
+from fzero.offload.transfers import HostTransfers
 from fzero.runtime.landings import GradientLandings
 from fzero.runtime.step_phase import OptimizerBuffers, StepPhase
 from fzero.schedule import ops as O
@@ -48,7 +50,9 @@ from fzero.state.layout import FlatLayout
 
 
 class HostOptimizer:
-    """Owns the host gradient buffer, the copy streams and their events."""
+    """Owns the host gradient buffer and the step's decisions (skip, factor, what is pending);
+    the copies are ``HostTransfers``' (``transfers.py``), the arithmetic ``CpuAdamW``'s
+    (``cpu_step.py``)."""
 
     def __init__(
         self,
@@ -80,31 +84,18 @@ class HostOptimizer:
         # Partial offload: the host gradient buffer holds the host units' part of the optimizer
         # space only, which starts at this offset (the device part's elements).
         self.host_offset_numel = host_offset_numel
-        self.device = workspace.grad_shard.device
-        self.on_cuda = self.device.type == "cuda"
         # Where the CPU step writes each unit's compute-dtype values: the host parameter shard
         # when parameters are offloaded too (it is on the host), else the device shard (the fp32
         # master goes up and the device casts it).
         self.params_on_host = params_on_host
-        # Per unit, its optimizer range cut where the weight decay changes: (lo, hi, decay).
-        decay = WeightDecaySegments.from_ranges(decay_ranges, layout.optimizer_numel)
-        self.decay_runs = {}
-        for u in layout.units:
-            lo, hi = u.optimizer_offset, u.optimizer_offset + u.optimizer_numel
-            if u.optimizer_numel:
-                self.decay_runs[u.index] = [(lo + a, lo + b, d) for a, b, d in decay.within(lo, hi)]
-        self._down_stream: Any = torch.cuda.Stream(self.device) if self.on_cuda else None
-        self._up_stream: Any = torch.cuda.Stream(self.device) if self.on_cuda else None
-        self._grad_copies: dict[int, Any] = {}  # unit -> event (None on CPU: copied already)
-        self._uploads: list[Any] = []
+        self.cpu = CpuAdamW(layout, decay_ranges)
+        self.transfers = HostTransfers(workspace, self.landings)
         self._skip = False
         self._inverse_scale = torch.ones((), dtype=torch.float32)
         # Units whose CPU step the schedule runs in the next first forward (ApplyPendingUpdate;
         # set by ``install``), and those of them applied since the update was decided.
         self.deferred: frozenset[int] = frozenset()
         self._applied: set[int] = set()
-        self._fp32_grad: torch.Tensor | None = None  # see _widened
-        self._copies_to_host: Any = None  # the last CopyParamsToHost's event (CUDA)
 
     def install(self, schedule: Any) -> None:
         """Read which units' CPU steps ``schedule`` runs in the next step's first forward."""
@@ -127,23 +118,7 @@ class HostOptimizer:
     # -- handlers -------------------------------------------------------------------------------
 
     def copy_grad_to_host(self, op: O.CopyGradToHost) -> None:
-        source = self.landings.target(op.unit)
-        target = self.host_grad[self._grad_range(op.unit)]
-        if not self.on_cuda:
-            target.copy_(source)
-            self._grad_copies[op.unit] = None
-            return
-        stream = self._down_stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # the reduction landed
-        with torch.cuda.stream(stream):
-            target.copy_(source, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-        # The shard (or the gradient buffer) is freed on the compute stream after the host
-        # steps, which wait for this; the buffer is reused only after it (landings.py).
-        source.record_stream(stream)
-        self.landings.read_by(op.unit, event)
-        self._grad_copies[op.unit] = event
+        self.transfers.gradient_down(op.unit, self.host_grad[self._grad_range(op.unit)])
 
     def scalars_to_host(self, op: O.ScalarsToHost) -> None:
         """The step's one host sync: skip or not, and the one factor AdamW reads (averaging
@@ -164,7 +139,7 @@ class HostOptimizer:
         self._inverse_scale = torch.tensor(inverse, dtype=torch.float32)
         if not self._skip:
             self.optimizer.step.add_(1)
-        self._uploads = []
+        self.transfers.forget_uploads()
         if self.deferred and not self._skip:
             self._keep_pending(hyper.lr)
 
@@ -180,17 +155,15 @@ class HostOptimizer:
 
     def _gradient_landed(self, unit: int) -> None:
         """Wait for unit ``unit``'s gradient copy of this step, or copy it now if none ran."""
-        copied = self._grad_copies.pop(unit, "missing")
-        if copied == "missing":
-            target, span = self.host_grad[self._grad_range(unit)], self._range(unit)
-            if span.stop > self.workspace.grad_shard.numel():
-                # Streamed gradients: the unit lands in no shard; with no copy this step, no
-                # reduction wrote it (its backward did not run), so its gradient is zero.
-                target.zero_()
-            else:
-                target.copy_(self.workspace.grad_shard[span])
-        elif copied is not None:
-            copied.synchronize()
+        if self.transfers.wait_gradient(unit):
+            return
+        target, span = self.host_grad[self._grad_range(unit)], self._range(unit)
+        if span.stop > self.workspace.grad_shard.numel():
+            # Streamed gradients: the unit lands in no shard; with no copy this step, no
+            # reduction wrote it (its backward did not run), so its gradient is zero.
+            target.zero_()
+        else:
+            target.copy_(self.workspace.grad_shard[span])
 
     def host_optimizer_step(self, op: O.HostOptimizerStep) -> None:
         self._gradient_landed(op.unit)
@@ -218,9 +191,7 @@ class HostOptimizer:
             # reader settled it and wrote the device shard): the shard holds the master already,
             # and reading the master through the file's mapping would fault it in page by page.
             return
-        event = self._upload(op.unit)
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+        self.transfers.compute_waits(self._upload(op.unit))
 
     def restart_pending(self) -> None:
         """Another state's values were copied in: whatever it holds pending is all still to
@@ -231,7 +202,7 @@ class HostOptimizer:
         """Apply what is still pending of the last decided update, now, and bring the device
         shards up to date: for readers of the weights between steps. The state's value does
         not change (the update was part of it)."""
-        self.wait_copies_to_host()
+        self.transfers.wait_parameters_down()
         if not self.pending.is_armed:
             self._wait_file_writes()
             return
@@ -245,15 +216,6 @@ class HostOptimizer:
         self.pending.armed.zero_()
         self._wait_file_writes()
 
-    def _widened(self, grad: torch.Tensor) -> torch.Tensor:
-        """``grad`` (a unit's bf16 or fp16 host gradient) in fp32, in one buffer kept for every
-        unit: a fresh one per unit would make the host allocator map and fault in a unit's worth
-        of pages each time (large blocks come from mmap)."""
-        if self._fp32_grad is None or self._fp32_grad.numel() < grad.numel():
-            largest = max(u.optimizer_numel for u in self.layout.units)
-            self._fp32_grad = torch.empty(max(largest, grad.numel()), dtype=torch.float32)
-        return self._fp32_grad[: grad.numel()].copy_(grad)
-
     def _adamw(self, unit: int, lr: float, inverse_scale: torch.Tensor) -> torch.Tensor:
         """AdamW over unit ``unit``'s slice of the master and moments (their staged copy under
         NVMe offload), with the gradient in ``host_grad`` divided by ``inverse_scale``; with
@@ -265,37 +227,12 @@ class HostOptimizer:
         assert hyper is not None
         span = self._range(unit)
         if self.state_files is not None:
-            master, exp_avg, exp_avg_sq = self.state_files.arrays(unit)
+            states = self.state_files.arrays(unit)
         else:
-            master, exp_avg, exp_avg_sq = (
-                t[span] for t in (state.master, state.exp_avg, state.exp_avg_sq)
-            )
-        grad = self.host_grad[self._grad_range(unit)]  # all four indexed from the unit's start
-        if grad.dtype != torch.float32:  # torch's kernel wants one dtype throughout
-            grad = self._widened(grad)
-        by_decay: dict[float, list[slice]] = {}
-        for lo, hi, decay in self.decay_runs[unit]:
-            by_decay.setdefault(decay, []).append(slice(lo - span.start, hi - span.start))
-        for decay, spans in by_decay.items():
-            # One fused pass over every range of this decay: reads and writes each element
-            # once across torch's intra-op threads (28 bytes per element).
-            torch._fused_adamw_(
-                [master[s] for s in spans],
-                [grad[s] for s in spans],
-                [exp_avg[s] for s in spans],
-                [exp_avg_sq[s] for s in spans],
-                [],
-                [state.step] * len(spans),
-                lr=lr,
-                beta1=hyper.beta1,
-                beta2=hyper.beta2,
-                weight_decay=decay,
-                eps=hyper.eps,
-                amsgrad=False,
-                maximize=False,
-                grad_scale=inverse_scale,
-                found_inf=None,
-            )
+            states = tuple(t[span] for t in (state.master, state.exp_avg, state.exp_avg_sq))
+        grad = self.host_grad[self._grad_range(unit)]
+        self.cpu.step(unit, states, grad, state.step, hyper, lr, inverse_scale)
+        master = states[0]
         if self.shard_files is not None:  # the shard is in a file: WriteStateToFile
             self._written[unit] = master
         elif self.params_on_host:  # the gathers upload the host shard: write it here
@@ -336,78 +273,45 @@ class HostOptimizer:
             self.files.wait_writes()
 
     def copy_params_to_device(self, op: O.CopyParamsToDevice) -> None:
-        if self._skip:
-            return
-        event = self._upload(op.unit)
-        if event is not None:
-            self._uploads.append(event)
+        if not self._skip:
+            self.transfers.queue_upload(self._upload(op.unit))
 
     def _upload(self, unit: int) -> Any:
-        """Unit ``unit``'s fp32 master up into its device shard, on the upload stream; returns
-        the copy's event (None on CPU, where it is done)."""
-        target = self.workspace.param_out(unit)
+        """Unit ``unit``'s fp32 master up into its device shard; returns the copy's event (None
+        on CPU, where it is done)."""
         source = self.state_files.master(unit) if self.state_files is not None else None
         from_staging = source is not None  # NVMe: the step's staged copy of the master
         if not from_staging:
             source = self.optimizer.master[self._range(unit)]
-        if not self.on_cuda:
-            target.copy_(source)
-            return None
-        stream = self._up_stream
-        with torch.cuda.stream(stream):
-            # The fp32 master goes up and the device casts it: no cast pass on the host, whose
-            # memory bandwidth the CPU steps need.
-            staged = source.to(self.device, non_blocking=True)
-            target.copy_(staged)
-            event = torch.cuda.Event()
-            event.record(stream)
-        if from_staging:  # the staging buffer is reused only once the copy ran
+        event = self.transfers.upload(source, self.workspace.param_out(unit))
+        if from_staging and event is not None:  # the staging buffer is reused once it ran
             self.state_files.uploading(unit, event)
         return event
 
     def wait_uploads(self, op: O.WaitUploads) -> None:
-        if self.on_cuda:
-            compute = torch.cuda.current_stream(self.device)
-            for event in self._uploads:
-                compute.wait_event(event)
-        self._uploads = []
+        self.transfers.wait_uploads()
 
     def copy_params_to_host(self, op: O.CopyParamsToHost) -> None:
         """Partial offload with parameter offload: the device units' stepped master, cast to the
-        compute dtype, into their slices of the host shard. On CUDA the copies are queued on
-        the compute stream behind the device step, into pinned memory without blocking the
-        host; the next ``UploadShard`` of such a unit waits for the compute stream, so it
-        reads the copied values, and host readers wait in ``wait_copies_to_host``. A skipped
-        step copies nothing (the master did not change)."""
+        compute dtype, into their slices of the host shard; the next ``UploadShard`` of such a
+        unit waits for the compute stream, so it reads the copied values, and host readers wait
+        in ``wait_copies_to_host``. A skipped step copies nothing (the master did not change)."""
         if self._skip:
             return
-        for unit in op.units:
-            target = self.workspace.host_copy_out(unit)
-            source = self.optimizer.master[self._range(unit)]
-            if not self.on_cuda:
-                target.copy_(source)
-                continue
-            # Cast on the device: half the bytes cross the bus and the host does no pass.
-            target.copy_(source.to(target.dtype), non_blocking=True)
-        if self.on_cuda:
-            self._copies_to_host = torch.cuda.Event()
-            self._copies_to_host.record(torch.cuda.current_stream(self.device))
+        master = self.optimizer.master
+        pairs = [(master[self._range(u)], self.workspace.host_copy_out(u)) for u in op.units]
+        self.transfers.parameters_down(pairs)
 
     def wait_copies_to_host(self) -> None:
         """Before the host reads the parameter shard (a checkpoint, a copied state): the last
         ``CopyParamsToHost`` has landed."""
-        if self._copies_to_host is not None:
-            self._copies_to_host.synchronize()
-            self._copies_to_host = None
+        self.transfers.wait_parameters_down()
 
     def abort(self) -> None:
         """A failed micro-batch: copies already issued finish, and a pending update that the
         forward had begun to apply is applied in full (the state given to the step holds it:
         its value must not be half of one)."""
-        for event in self._grad_copies.values():
-            if event is not None:
-                event.synchronize()
-        self._grad_copies.clear()
+        self.transfers.finish_gradients()
         if self.files is not None:  # what stepped goes back to the files; the rest is dropped
             for unit in list(self._written):
                 self._write_back(unit)

@@ -6,7 +6,8 @@ K the optimizer bytes per element, g the gradient-shard bytes and c the compute-
 
 - ``offload_optimizer`` ``"cpu"`` (stages 1-3): the K P of master weights and moments move to
   the host, beside the g P the gradient shard is copied down into. The updated master goes up
-  in fp32 and the device casts it (``HostOptimizer._upload``): no host staging buffer. At stage
+  in fp32 and the device casts it (``HostTransfers.upload``, ``fzero/offload/transfers.py``):
+  no host staging buffer. At stage
   3 the device now keeps a c F parameter shard to gather from (without offload it casts the
   master on the fly).
 - ``offload_ratio`` r < 1 (``offload_optimizer.ratio``, ``"cpu"`` only): only r P of the
