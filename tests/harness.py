@@ -6,6 +6,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
+import optree
 import torch
 
 import fzero
@@ -164,3 +165,21 @@ def ordered_reference(case: Case) -> dict[str, torch.Tensor]:
             p.grad = t * scale
         opt.step()
     return model.state_dict()
+
+
+def assert_copy_trains_like_original(state: Any, micro_batches: list) -> None:
+    """A ``tree_map`` copy of ``state`` trains ``micro_batches`` (one per step) to the same
+    losses and, once settled, the same leaves bit for bit as ``state`` itself."""
+    copy = optree.tree_map(torch.clone, state, namespace=fzero.NAMESPACE)
+    runs = []
+    for current in (state, copy):
+        losses = []
+        for micro in micro_batches:
+            current, metrics = fzero.train_step(current, micro)
+            losses.append(float(metrics["loss"]))
+        current.runtime.settle(current)
+        leaves = [t.clone() for t in optree.tree_leaves(current, namespace=fzero.NAMESPACE)]
+        runs.append((losses, leaves))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)

@@ -29,7 +29,7 @@ from fzero.schedule import schedule_from_json, schedule_to_json, simulate, verif
 from fzero.schedule.offload_split import split_units
 from fzero.state.split import SplitFlat, as_flat
 from tests.gloo_pool import GlooPool
-from tests.harness import Case, assert_close_to_reference
+from tests.harness import Case, assert_close_to_reference, assert_copy_trains_like_original
 from tests.models import ToyLM, ToySpec
 
 SPEC = ToySpec(depth=3, width=6, frozen=True)
@@ -181,20 +181,7 @@ def test_a_tree_map_copy_of_a_split_state_trains_bitwise_like_the_original():
     state = fzero.shard(ToyLM(SPEC), stage=3, config=_with_offload(case.config(), 0.5))
     state, _ = fzero.train_step(state, batches[0][0][0])
     assert state.pending.is_armed and isinstance(state.master, SplitFlat)
-    copy = _clone(state)
-    assert copy.master.on_host.data_ptr() != state.master.on_host.data_ptr()
-    runs = []
-    for current in (state, copy):
-        losses = []
-        for step in (1, 2):
-            current, metrics = fzero.train_step(current, batches[step][0][0])
-            losses.append(float(metrics["loss"]))
-        current.runtime.settle(current)
-        leaves = [t.clone() for t in optree.tree_leaves(current, namespace=fzero.NAMESPACE)]
-        runs.append((losses, leaves))
-    assert runs[0][0] == runs[1][0]
-    for a, b in zip(runs[0][1], runs[1][1], strict=True):
-        assert torch.equal(a, b)
+    assert_copy_trains_like_original(state, [batches[step][0][0] for step in (1, 2)])
 
 
 @pytest.mark.parametrize("saved, loaded", [(0.5, 1.0), (0.5, None), (None, 0.5), (1.0, 0.5)])
