@@ -43,7 +43,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
 from children import child_args, importable, print_result, run_child  # noqa: E402
-from step import _init_single_process_group, _optimizer_config, deepspeed_step  # noqa: E402
+from step import (  # noqa: E402
+    MODELS,  # noqa: E402
+    _init_single_process_group,
+    _optimizer_config,
+    deepspeed_step,
+)
 from step import run_one as step_run_one  # noqa: E402
 
 DEFAULT_IMPLS = [
@@ -72,7 +77,17 @@ def _zero_block(stage: int, options: set[str], pin: bool) -> dict:
     return zero
 
 
-def make_step(impl: str, model, device: torch.device, ckpt: bool = False):
+# The simulator's cost model, calibrated from this machine's measured steps (H200, 2026-12-02):
+# compute at fzero:3's 1.42B rate (58.4% of 989 TFLOP/s in benchmarks/step.py), torch's fused
+# CPU AdamW at the 104 GB/s measured inside an offloaded step (benchmarks/offload_host_step.py),
+# PCIe at the measured 53 GB/s each way (the cost model's default).
+MEASURED_FLOPS_PER_SECOND = 0.584 * 989e12
+MEASURED_CPU_ADAMW_BYTES_PER_SECOND = 104e9
+
+
+def make_step(
+    impl: str, model, device: torch.device, ckpt: bool = False, tokens_per_micro_batch: int = 0
+):
     if ckpt:  # the same model code for every library: each block under torch.utils.checkpoint
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
             checkpoint_wrapper,
@@ -110,9 +125,19 @@ def make_step(impl: str, model, device: torch.device, ckpt: bool = False):
             return metrics["loss"]
 
         def extra():
-            from fzero.schedule import simulate
+            from fzero.schedule import CostModel, simulate
 
-            return {"simulated_ms": 1e3 * simulate(box["state"].schedule).step_seconds}
+            default = simulate(box["state"].schedule).step_seconds
+            calibrated = CostModel(
+                flops_per_second=MEASURED_FLOPS_PER_SECOND,
+                tokens_per_micro_batch=tokens_per_micro_batch or 4096,
+                cpu_optimizer_bytes_per_second=MEASURED_CPU_ADAMW_BYTES_PER_SECOND,
+            )
+            return {
+                "simulated_ms": 1e3 * default,
+                "simulated_calibrated_ms": 1e3
+                * simulate(box["state"].schedule, calibrated).step_seconds,
+            }
 
         return step, extra
     if kind == "deepspeed":
@@ -176,8 +201,11 @@ def run_one(
         torch.cuda.set_per_process_memory_fraction(gpu_memory_gib * 2**30 / total)
         build_device = torch.device("cpu")
 
+    spec = MODELS[model_name]
+    tokens = spec["batch"] * spec["block_size"]
+
     def make(impl, model, device):
-        return make_step(impl, model, device, ckpt=ckpt)
+        return make_step(impl, model, device, ckpt=ckpt, tokens_per_micro_batch=tokens)
 
     result = step_run_one(
         impl, model_name, steps, warmup, device, make=make, build_device=build_device
@@ -243,14 +271,18 @@ def _table(rows: list[dict]) -> str:
     deepspeed = [r["tokens_per_s"] for r in rows if r["impl"].startswith("deepspeed")]
     best = max(deepspeed, default=None)
     lines = [
-        f"{'impl':24} {'tokens/s':>10} {'step ms':>9} {'sim ms':>8} {'GPU GiB':>8} "
-        f"{'host GiB':>9} {'host now':>9} {'x DS best':>9}"
+        f"{'impl':24} {'tokens/s':>10} {'step ms':>9} {'sim ms':>8} {'sim cal':>8} "
+        f"{'GPU GiB':>8} {'host GiB':>9} {'host now':>9} {'x DS best':>9}"
     ]
     for r in rows:
         ratio = f"{r['tokens_per_s'] / best:.2f}" if best else "-"
         simulated = f"{r['simulated_ms']:.0f}" if "simulated_ms" in r else "-"
+        calibrated = (
+            f"{r['simulated_calibrated_ms']:.0f}" if "simulated_calibrated_ms" in r else "-"
+        )
         lines.append(
             f"{r['impl']:24} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {simulated:>8} "
+            f"{calibrated:>8} "
             f"{r['peak_gib']:>8.2f} {r['host_peak_rss_gib']:>9.2f} {r['host_rss_gib']:>9.2f} "
             f"{ratio:>9}"
         )
