@@ -22,7 +22,6 @@ from fzero.runtime.hooks import HookDriver
 from fzero.runtime.plan import make_plan, streams_gradients
 from fzero.runtime.timeline import MeasuredTimeline
 from fzero.schedule import UnitInfo
-from fzero.state.buffers import build_workspace
 from fzero.state.layout import (
     FlatLayout,
     backward_reads_params,
@@ -32,6 +31,7 @@ from fzero.state.layout import (
 )
 from fzero.state.materialize import UnitInitializer, draw_base_seed, target_device
 from fzero.state.progress import Progress
+from fzero.state.sharding import build_workspace
 from fzero.state.zero_state import ZeroState
 
 
