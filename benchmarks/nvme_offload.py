@@ -97,7 +97,7 @@ def make_step(impl: str, model, device: torch.device, directory: str):
     offload = {"device": device_name, "pin_memory": pin, "nvme_path": directory}
     zero = {"stage": int(stage), "offload_optimizer": offload}
     if "param" in options:
-        zero["offload_param"] = offload
+        zero["offload_param"] = {**offload, "max_in_cpu": 0}  # every shard through the file
     zero.update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
     config = {
         "optimizer": _optimizer_config(),

@@ -158,6 +158,12 @@ class PinnedMemoryWarning(UserWarning):
     from the device still work, but cannot overlap compute and run at a fraction of the speed."""
 
 
+class ResidencyWarning(UserWarning):
+    """Parameter shards meant to stay in host memory under NVMe offload
+    (``offload_param.max_in_cpu``) could not be locked there: they are ordinary page cache,
+    which the kernel may evict under memory pressure (still correct, slower when it does)."""
+
+
 class SwapPathError(ConfigError):
     """``nvme_path`` cannot hold the swap files: missing, not a directory, not writable, or on a
     filesystem with less free space than they need. ``path`` is the config key, ``directory``

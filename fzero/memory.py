@@ -114,6 +114,7 @@ def estimate_memory(
     optimizer_buffer_count: int = 4,
     param_buffer_count: int = 5,
     param_buffer_size: int = 100_000_000,
+    param_max_in_cpu: int = 0,
     offload_ratio: float = 1.0,
     gradient_accumulation_steps: int | None = 1,
     deterministic: bool = False,
@@ -132,7 +133,9 @@ def estimate_memory(
     ``offload_optimizer.buffer_count`` and ``offload_param.buffer_count``, which count NVMe
     staging buffers of the largest unit's shard (``largest_unit_numel``; None: the whole model
     as one unit, an upper bound); ``param_buffer_size`` (``offload_param.buffer_size``) sizes
-    nothing in fzero and is accepted for DeepSpeed's sake. ``offload_ratio``:
+    nothing in fzero and is accepted for DeepSpeed's sake; ``param_max_in_cpu``
+    (``offload_param.max_in_cpu``, 0 here: every shard in the file) elements of the parameter
+    shard also stay in host memory under ``"nvme"``. ``offload_ratio``:
     ``offload_optimizer.ratio``, the share of the optimizer state on the host (``"cpu"``
     only); the rest stays on the GPU. ``gradient_accumulation_steps`` and ``deterministic``
     (the config's ``fzero.deterministic``) decide, as the compiler does, whether optimizer offload
@@ -187,6 +190,7 @@ def estimate_memory(
         optimizer_buffer_count=optimizer_buffer_count,
         param_buffer_count=param_buffer_count,
         param_buffer_size=param_buffer_size,
+        param_max_in_cpu=param_max_in_cpu,
         offload_ratio=offload_ratio,
         streamed_gradients=streamed,
     )

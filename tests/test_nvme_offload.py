@@ -50,7 +50,7 @@ def _config(
         offload["nvme_path"] = str(directory)
     zero["offload_optimizer"] = {**offload, "device": optimizer_device or device}
     if params:
-        zero["offload_param"] = {**offload, "buffer_count": 3}
+        zero["offload_param"] = {**offload, "buffer_count": 3, "max_in_cpu": 0}  # all in the file
     # Requests of two pages on 2 x 2 threads: a unit's range is cut into several.
     return {**config, "zero_optimization": zero, "aio": {"block_size": 8192, "thread_count": 2}}
 
@@ -189,6 +189,57 @@ def test_parameter_shards_in_a_file_with_the_optimizer_on_the_host(tmp_path):
     assert any(isinstance(op, O.WriteStateToFile) for op in ops)
     assert state.param_shards[0].untyped_storage().filename is not None
     assert state.master.untyped_storage().filename is None
+
+
+def test_max_in_cpu_keeps_the_first_units_shards_in_memory_and_trains_the_same(tmp_path):
+    """offload_param.max_in_cpu (DeepSpeed's parameter elements kept in CPU memory under
+    NVMe): the first units whose shards fit stay in memory (the file's pages, locked): no file
+    op for them in the schedule, their uploads read memory; the rest go through the file. Bit
+    for bit CPU offload either way."""
+    from dataclasses import replace
+
+    from fzero.errors import ScheduleInvariantError
+
+    torch.set_num_threads(1)
+    case = Case(SPEC, 1, 3, 1, steps=3, clip=0.05)
+    expected, expected_losses = _train(case, _config(case, "cpu", True, tmp_path))
+    config = _config(case, "nvme", True, tmp_path)
+    torch.manual_seed(0)
+    layout = fzero.shard(ToyLM(SPEC), stage=3, config=_config(case, "cpu", True, tmp_path)).layout
+    sizes = [u.shard_numel for u in layout.units]
+    config["zero_optimization"]["offload_param"]["max_in_cpu"] = sizes[0] + sizes[1]
+    state, losses = _train(case, config)
+    assert losses == expected_losses
+    for a, b in zip(expected.param_shards, state.param_shards, strict=True):
+        assert torch.equal(a, b)
+    verify(state.schedule)
+    resident = state.runtime.executor.host_optimizer.shard_files.resident
+    assert resident == {layout.units[0].index, layout.units[1].index}
+    ops = state.schedule.ops(1) + [op for e in state.schedule.first_micro_extra for op in e.ops]
+    uploads = {op.unit: op.from_file for op in ops if isinstance(op, O.UploadShard)}
+    read = {op.unit for op in ops if isinstance(op, O.ReadShardFromFile)}
+    written = {op.unit for op in ops if isinstance(op, O.WriteStateToFile) and op.shard_nbytes}
+    assert uploads and all(uploads[u] == (u not in resident) for u in uploads)
+    assert not read & resident and read == {u for u in uploads if u not in resident}
+    assert not written & resident and written
+    assert "from its file" in str(state.schedule)
+    # A resident unit's upload marked "from its file" has no read before it: refused.
+    first = min(resident)
+
+    def from_file(entry):
+        ops = tuple(
+            replace(op, from_file=True)
+            if isinstance(op, O.UploadShard) and op.unit == first
+            else op
+            for op in entry.ops
+        )
+        return replace(entry, ops=ops)
+
+    schedule = state.schedule
+    micro = tuple(from_file(e) for e in schedule.micro_step)
+    with pytest.raises(ScheduleInvariantError, match="without ReadShardFromFile"):
+        verify(replace(schedule, micro_step=micro, last_micro_step=None))
+    state.runtime.executor.host_optimizer.files.close()
 
 
 def test_the_file_io_is_in_the_printed_serialized_and_verified_schedule(tmp_path):

@@ -115,3 +115,13 @@ def test_bad_offload_arguments():
         estimate_memory(PSI, N, 3, offload_optimizer="gpu")
     with pytest.raises(ValueError, match='layout="fzero"'):
         estimate_memory(PSI, N, 3, offload_optimizer="cpu", layout="paper")
+
+
+def test_nvme_parameter_offload_keeps_max_in_cpu_elements_in_host_memory_too():
+    """offload_param.max_in_cpu: that many elements of the compute-dtype shard stay in host
+    memory (the file still backs the whole shard); more than the shard keeps all of it."""
+    nvme = {"offload_optimizer": "nvme", "offload_param": "nvme", "largest_unit_numel": 6 * 10**7}
+    kept = estimate_memory(PSI, N, 3, param_max_in_cpu=10**8, **nvme)
+    assert kept.host.parameters == 2 * 10**8 and kept.file.parameters == 2 * P
+    everything = estimate_memory(PSI, N, 3, param_max_in_cpu=10 * PSI, **nvme)
+    assert everything.host.parameters == 2 * P

@@ -66,7 +66,7 @@ def _config(
         device["nvme_path"] = str(nvme_dir)
     zero["offload_optimizer"] = {**device, **({"ratio": ratio} if ratio is not None else {})}
     if params:
-        zero["offload_param"] = dict(device)
+        zero["offload_param"] = {**device, **({"max_in_cpu": 0} if nvme_dir is not None else {})}
     return {
         **config,
         "zero_optimization": zero,

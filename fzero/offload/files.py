@@ -46,8 +46,10 @@ class FileResidence:
         optimizer_in_files: bool,
         params_in_files: bool,
         pin_memory: bool,
+        resident_shard_units: frozenset[int] = frozenset(),
     ):
         zero = config.zero_optimization
+        self.resident_shard_units = resident_shard_units
         aio = _aio_settings(config)
         needs: dict[str, list] = {}  # real directory -> [key, bytes needed, path as given]
         if optimizer_in_files:
@@ -115,7 +117,8 @@ class FileResidence:
                 for u in layout.units
             }
             count = zero.offload_param.buffer_count
-            self.shards = ShardStaging(file, ranges, count, pin_memory)
+            resident = self.resident_shard_units
+            self.shards = ShardStaging(file, ranges, count, pin_memory, resident)
 
     def __repr__(self) -> str:
         where = ", ".join(repr(s) for s in self.swappers.values())

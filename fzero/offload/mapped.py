@@ -26,12 +26,14 @@ mapping between steps run after every write was waited for (``WaitFileWrites``, 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import warnings
 
 import torch
 
-from fzero.errors import SwapIOError
+from fzero.errors import ResidencyWarning, SwapIOError
 from fzero.offload.aio import ALIGNMENT_NBYTES, round_up
 from fzero.offload.swap import NvmeSwapper, SwapHandle
 
@@ -111,6 +113,27 @@ class MappedFile:
         self._bytes[inner_last:last].copy_(staging[inner_last - start : last - start])
         inner = staging[inner_first - start : inner_last - start]
         return self.swapper.write_at(self.name, self._descriptor(), inner_first, inner)
+
+    def keep_in_memory(self, lo: int, hi: int) -> None:
+        """Lock the mapping's pages around elements ``lo:hi`` in memory (``mlock``), so the
+        kernel never evicts them: ``offload_param.max_in_cpu``'s shards. Where the locked-memory
+        limit refuses it, one ``ResidencyWarning`` says so and the pages stay ordinary page
+        cache (correct, only evictable)."""
+        if hi <= lo:
+            return
+        start, length = self.window(lo, hi)
+        address = self._bytes.data_ptr() + start
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(length)) != 0:
+            error = ctypes.get_errno()
+            warnings.warn(
+                f"cannot lock {length:,} bytes of {self.path} in memory ({os.strerror(error)}): "
+                "offload_param.max_in_cpu's parameter shards stay in the page cache, which the "
+                "kernel may evict under memory pressure. Raise the locked-memory limit "
+                "(ulimit -l) or lower max_in_cpu.",
+                ResidencyWarning,
+                stacklevel=3,
+            )
 
     def _descriptor(self) -> int:
         if self._fd is None:

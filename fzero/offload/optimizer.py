@@ -233,8 +233,8 @@ class HostOptimizer:
         grad = self.host_grad[self._grad_range(unit)]
         self.cpu.step(unit, states, grad, state.step, hyper, lr, inverse_scale)
         master = states[0]
-        if self.shard_files is not None:  # the shard is in a file: WriteStateToFile
-            self._written[unit] = master
+        if self.shard_files is not None and unit not in self.shard_files.resident:
+            self._written[unit] = master  # the shard is in a file: WriteStateToFile
         elif self.params_on_host:  # the gathers upload the host shard: write it here
             self.workspace.param_out(unit).copy_(master)
         return master

@@ -60,6 +60,8 @@ class OffloadPlan:
     # NVMe staging buffers (offload_optimizer.buffer_count, offload_param.buffer_count)
     optimizer_buffer_count: int = 0
     param_buffer_count: int = 0
+    # offload_param.max_in_cpu under "nvme": parameter elements whose shards stay in memory
+    param_max_in_cpu: int = 0
 
     @classmethod
     def from_config(cls, config: Config) -> OffloadPlan:
@@ -107,7 +109,25 @@ class OffloadPlan:
             params_in_files=params_in_files,
             optimizer_buffer_count=optimizer.buffer_count if in_files else 0,
             param_buffer_count=params.buffer_count if params_in_files else 0,
+            param_max_in_cpu=int(params.max_in_cpu) if params_in_files else 0,
         )
+
+    def resident_shard_units(self, layout: FlatLayout) -> frozenset[int]:
+        """Under ``offload_param.device: "nvme"``, the units whose compute-dtype shard stays in
+        host memory (``offload_param.max_in_cpu``, DeepSpeed's "parameter elements to keep in
+        CPU memory"): the first units in layout order whose shard elements, summed, stay within
+        it. Their gathers upload from memory and their CPU steps write it, with no file I/O;
+        the file still backs them (``fzero/offload/staging.py``)."""
+        kept: set[int] = set()
+        total = 0
+        if not self.params_in_files:
+            return frozenset()
+        for unit in layout.units:
+            total += unit.shard_numel
+            if total > self.param_max_in_cpu:
+                break
+            kept.add(unit.index)
+        return frozenset(kept)
 
     def split(self, layout: FlatLayout) -> OffloadSplit:
         """Which units' optimizer state is on the host (every unit's at ratio 1)."""
@@ -135,6 +155,7 @@ class OffloadPlan:
             optimizer_in_files=self.optimizer_in_files,
             params_in_files=self.params_in_files,
             pin_memory=self.pin_memory,
+            resident_shard_units=self.resident_shard_units(layout),
         )
 
     def check_host_memory(
@@ -151,7 +172,13 @@ class OffloadPlan:
             nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
             parts = [f"fp32 master weights, moments and gradients of {numel:,} elements"]
         if self.params_in_files:
-            parts.append("the parameter shards are in a file")
+            resident = self.resident_shard_units(layout)
+            kept = sum(u.shard_numel for u in layout.units if u.index in resident)
+            nbytes += kept * compute_dtype.itemsize
+            parts.append(
+                f"the parameter shards are in a file, {kept:,} elements of them kept in memory "
+                "(offload_param.max_in_cpu)"
+            )
         elif self.params_on_host:
             nbytes += layout.shard_numel * compute_dtype.itemsize
             parts.append("offload_param's parameter shards")

@@ -172,8 +172,15 @@ class ShardStaging:
         ranges: dict[int, tuple[int, int, int]],
         count: int,
         pin_memory: bool,
+        resident: frozenset[int] = frozenset(),
     ):
         self.file, self.ranges = file, ranges
+        # offload_param.max_in_cpu: these units' shards stay in memory, the file's own pages
+        # locked there; their gathers read the mapping and their steps write it, no staging.
+        self.resident = resident
+        if resident:
+            end = max(ranges[u][1] for u in resident)
+            file.keep_in_memory(0, end)
         largest = max((hi - lo for lo, hi, _ in ranges.values()), default=0)
         nbytes = MappedFile.staging_nbytes(largest, file.itemsize)
         self.free = deque(_slots(count, nbytes, 1, pin_memory))
@@ -183,7 +190,7 @@ class ShardStaging:
         self.written: dict[int, Slot] = {}  # unit -> the writer its last write went from
 
     def read(self, unit: int) -> None:
-        if unit in self.read_slots:
+        if unit in self.read_slots or unit in self.resident:
             return
         writer = self.written.get(unit)
         if writer is not None:  # the file must hold the update before it is read
@@ -203,7 +210,10 @@ class ShardStaging:
 
     def take(self, unit: int) -> torch.Tensor:
         """Unit ``unit``'s shard, read (now, if no ``read`` ran); ``release`` gives the slot
-        back once the upload from it is issued."""
+        back once the upload from it is issued. A resident unit's is the mapping itself."""
+        if unit in self.resident:
+            lo, hi, _ = self.ranges[unit]
+            return self.file.tensor[lo:hi]
         self.read(unit)
         slot = self.read_slots.pop(unit)
         _wait(slot.reads)

@@ -75,7 +75,9 @@ class Gathers:
         (so a prefetched gather prefetches its upload), for the gather that follows."""
         flat = self.workspace.param_flats[op.unit]
         files = self.shard_files
-        staged = files is not None
+        staged = op.from_file  # else in memory: "cpu", or kept there by max_in_cpu
+        if staged and files is None:
+            raise ScheduleError(f"{op}: this model keeps no parameter shards in files")
         source = files.take(op.unit) if staged else self.workspace.gather_source(op.unit)
         if not flat.is_cuda:
             # A staging buffer is reused by a later read: the gather sends a copy of it.

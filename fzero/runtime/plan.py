@@ -105,6 +105,7 @@ def knobs_from(config: Config, layout: FlatLayout, offload: OffloadPlan) -> Knob
         offload_update_in_forward=config.fzero.offload_update_in_forward,
         optimizer_in_files=offload.optimizer_in_files,
         params_in_files=offload.params_in_files,
+        resident_shard_units=offload.resident_shard_units(layout),
     )
 
 

@@ -118,6 +118,8 @@ class Knobs:
     # device "nvme": the master and moments / the parameter shards live in files (file_pass.py)
     optimizer_in_files: bool = False
     params_in_files: bool = False
+    # offload_param.max_in_cpu: units whose shard stays in host memory (no file I/O for them)
+    resident_shard_units: frozenset[int] = frozenset()
 
 
 def presumed_trace(units: tuple[UnitInfo, ...]) -> tuple[Trigger, ...]:
@@ -252,17 +254,19 @@ def _streamed(
 
 def _with_file_io(units, micro, last_micro, first_extra, ops, knobs):
     """NVMe offload: the swap files' reads and writes around the CPU steps and the uploads."""
+    resident = knobs.resident_shard_units
     in_files = {
         "optimizer_in_files": knobs.optimizer_in_files,
         "params_in_files": knobs.params_in_files,
+        "resident": resident,
     }
     first_extra = file_io_steps(units, first_extra, **in_files)
     (step,) = file_io_steps(units, (Entry(Trigger(STEP), ops),), **in_files)
     ops = wait_file_writes(step.ops)
     if knobs.params_in_files:
-        micro = read_shards_ahead(units, micro)
-        last_micro = read_shards_ahead(units, last_micro) if last_micro else None
-        (step,) = read_shards_ahead(units, (Entry(Trigger(STEP), ops),))
+        micro = read_shards_ahead(units, micro, resident)
+        last_micro = read_shards_ahead(units, last_micro, resident) if last_micro else None
+        (step,) = read_shards_ahead(units, (Entry(Trigger(STEP), ops),), resident)
         ops = step.ops
     return micro, last_micro, first_extra, ops
 

@@ -10,7 +10,8 @@ compute-dtype shards in files: ``offload_param.device: "nvme"``):
   ``WriteStateToFile``: while unit k steps, unit k + 1's state is read and unit k - 1's written.
 - With parameter shards in files, the first ``UploadShard`` of a phase is preceded by its
   ``ReadShardFromFile``, and every ``UploadShard`` is followed by the read of the next gathered
-  unit's shard, in the schedule's gather order.
+  unit's shard, in the schedule's gather order. Units whose shard ``offload_param.max_in_cpu``
+  keeps in memory (``resident``) upload from memory and write no shard: no file op for them.
 - The step phase ends with ``WaitFileWrites``.
 """
 
@@ -40,6 +41,7 @@ def file_io_steps(
     *,
     optimizer_in_files: bool,
     params_in_files: bool,
+    resident: frozenset[int] = frozenset(),
 ) -> tuple[Entry, ...]:
     """Reads ahead of and writes after every CPU step in ``entries`` (one phase, in order)."""
     by_index = {u.index: u for u in units}
@@ -67,17 +69,26 @@ def file_io_steps(
             first = False
             ops.append(op)
             state_nbytes = info.optimizer_numel * 12 if optimizer_in_files else 0
-            shard_nbytes = info.optimizer_numel * info.param_itemsize if params_in_files else 0
-            ops.append(WriteStateToFile(op.unit, info.name, state_nbytes, shard_nbytes))
+            shard_in_file = params_in_files and op.unit not in resident
+            shard_nbytes = info.optimizer_numel * info.param_itemsize if shard_in_file else 0
+            if state_nbytes or shard_nbytes:
+                ops.append(WriteStateToFile(op.unit, info.name, state_nbytes, shard_nbytes))
         out.append(replace(entry, ops=tuple(ops)))
     return tuple(out)
 
 
-def read_shards_ahead(units: tuple[UnitInfo, ...], entries: tuple[Entry, ...]) -> tuple[Entry, ...]:
-    """``ReadShardFromFile`` before a phase's first ``UploadShard`` and after every one, for
-    the next upload's unit."""
+def read_shards_ahead(
+    units: tuple[UnitInfo, ...], entries: tuple[Entry, ...], resident: frozenset[int] = frozenset()
+) -> tuple[Entry, ...]:
+    """``ReadShardFromFile`` before a phase's first ``UploadShard`` from a file and after every
+    one, for the next such upload's unit (``resident`` units upload from memory)."""
     by_index = {u.index: u for u in units}
-    uploads = [op.unit for entry in entries for op in entry.ops if isinstance(op, UploadShard)]
+    uploads = [
+        op.unit
+        for entry in entries
+        for op in entry.ops
+        if isinstance(op, UploadShard) and op.unit not in resident
+    ]
 
     def read(unit: int) -> ReadShardFromFile:
         info = by_index[unit]
@@ -88,10 +99,10 @@ def read_shards_ahead(units: tuple[UnitInfo, ...], entries: tuple[Entry, ...]) -
     for entry in entries:
         ops: list[Op] = []
         for op in entry.ops:
-            if isinstance(op, UploadShard):
+            if isinstance(op, UploadShard) and op.unit not in resident:
                 if count == 0:
                     ops.append(read(op.unit))
-                ops.append(op)
+                ops.append(replace(op, from_file=True))
                 count += 1
                 if count < len(uploads):
                     ops.append(read(uploads[count]))

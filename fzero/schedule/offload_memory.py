@@ -29,7 +29,8 @@ K the optimizer bytes per element, g the gradient-shard bytes and c the compute-
 - ``offload_param`` ``"nvme"``: the c F go to a file, read through ``param_buffer_count``
   host buffers of the largest unit's shard, and written from two more (DeepSpeed's
   ``buffer_count``; its ``buffer_size`` sizes nothing in fzero, ``param_buffer_size`` is
-  accepted for its sake).
+  accepted for its sake). ``param_max_in_cpu`` (``offload_param.max_in_cpu``) elements of the
+  shard also stay in host memory, the file's pages locked there.
 
 On the device the gradient shard stays transient, as without offload: a unit's part is reduced
 there and copied down. With ``streamed_gradients`` (``fzero/schedule/streamed_grads.py``: each
@@ -87,6 +88,7 @@ def offload_states(
     optimizer_buffer_count: int = 4,
     param_buffer_count: int = 5,
     param_buffer_size: int = 100_000_000,
+    param_max_in_cpu: int = 0,
     offload_ratio: float = 1.0,
     streamed_gradients: bool = False,
 ) -> OffloadStates:
@@ -146,7 +148,9 @@ def offload_states(
         if offload_param == "cpu":
             host = replace(host, parameters=moved)
         else:
-            host = replace(host, parameters=0)
+            # max_in_cpu elements of it stay in host memory too (the file backs all of it).
+            resident = min(param_max_in_cpu * b.parameter, moved)
+            host = replace(host, parameters=resident)
             file = replace(file, parameters=moved)
             unit = -(-(largest_unit_numel or numel) // world_size)
             buffers = max(param_buffer_count, 1) + SHARD_WRITE_BUFFERS

@@ -110,18 +110,22 @@ class CopyParamsToHost(Op):
 class UploadShard(Op):
     """Parameter offload (stage 3): copy this rank's compute-dtype shard of unit ``unit``
     (``nbytes``) from host memory to the device, on the gather stream, for the ``AllGather``
-    that follows it to send."""
+    that follows it to send. ``from_file``: the shard is in a swap file (``offload_param``
+    ``"nvme"``) and uploads from the staging buffer its ``ReadShardFromFile`` filled; False for
+    a shard in host memory (``"cpu"``, or kept there by ``max_in_cpu``)."""
 
     unit: int
     name: str
     nbytes: int
+    from_file: bool = False
 
     @property
     def stream(self) -> str:
         return GATHER
 
     def __str__(self) -> str:
-        return f"UploadShard  {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}"
+        where = "  from its file" if self.from_file else ""
+        return f"UploadShard  {_unit_label(self.unit, self.name)}  {_size(self.nbytes)}{where}"
 
 
 @dataclass(frozen=True)

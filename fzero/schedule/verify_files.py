@@ -10,13 +10,6 @@ from fzero.schedule import ops as O
 
 class FileRules:
     def init_files(self, schedule) -> None:
-        ops = schedule.ops(1) + [op for e in schedule.first_micro_extra for op in e.ops]
-        # Parameter shards in a file: some op reads one, or a CPU step writes one.
-        self.shards_in_files = any(
-            isinstance(op, O.ReadShardFromFile)
-            or (isinstance(op, O.WriteStateToFile) and op.shard_nbytes)
-            for op in ops
-        )
         self.state_reads: set[int] = set()  # read, not yet stepped and written
         self.shard_reads: set[int] = set()  # read, not yet uploaded
         self.file_writes = False
@@ -41,10 +34,12 @@ class FileRules:
         self.shard_reads.add(op.unit)
 
     def op_UploadShard(self, op: O.UploadShard) -> None:
-        if self.shards_in_files:
+        if op.from_file:
             if op.unit not in self.shard_reads:
                 self.fail("file-io", op.unit, "uploaded without ReadShardFromFile before")
             self.shard_reads.discard(op.unit)
+        elif op.unit in self.shard_reads:
+            self.fail("file-io", op.unit, "read from its file, then uploaded from memory")
         super().op_UploadShard(op)
 
     def op_WaitFileWrites(self, op: O.WaitFileWrites) -> None:

@@ -32,7 +32,7 @@ def _train(stage: int, device: str, params: bool, directory: Path):
     offload = {"device": device, "pin_memory": True, "nvme_path": str(directory)}
     zero = {"stage3_param_persistence_threshold": 0, "offload_optimizer": offload}
     if params:
-        zero["offload_param"] = offload
+        zero["offload_param"] = {**offload, "max_in_cpu": 0}  # every shard in the file
     config = {
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
         "gradient_clipping": 1.0,
