@@ -10,7 +10,9 @@ It works over plain integers:
    each gather moves to an earlier trigger, after that trigger's wait, so it overlaps compute,
    while the live bytes stay under ``max_live_nbytes``), ``defer_reduce_waits`` (stages 2 and
    3 with ``overlap_comm``: reductions run on under the next units' backward).
-3. ``with_live_nbytes`` annotates each trigger with the bytes alive after its ops.
+3. Under offload, ``apply_offload`` (``offload_passes.py``) adds the copies, the CPU steps and
+   NVMe's file reads and writes.
+4. ``with_live_nbytes`` annotates each trigger with the bytes alive after its ops.
 
 Stages 0 and 1 keep full gradients and reduce them once, at the ``step`` trigger; stages 2 and 3
 reduce each unit's gradient right after its backward, and stage 3 also gathers parameters.
@@ -40,13 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fzero.schedule.file_pass import file_io_steps, read_shards_ahead, wait_file_writes
-from fzero.schedule.offload import (
-    copy_grads_down,
-    defer_host_steps,
-    host_step_ops,
-    upload_before_gathers,
-)
+from fzero.schedule.offload_passes import apply_offload
 from fzero.schedule.on_demand import on_demand
 from fzero.schedule.ops import (
     BACKWARD_END,
@@ -76,7 +72,6 @@ from fzero.schedule.ops import (
 )
 from fzero.schedule.passes import defer_reduce_waits, keep_for_reuse, prefetch
 from fzero.schedule.schedule import GRADIENT_REDUCTIONS, Schedule, UnitInfo
-from fzero.schedule.streamed_grads import GradStreaming, stream_gradients
 
 
 @dataclass(frozen=True)
@@ -197,38 +192,9 @@ def compile_schedule(
             for op in ops
         )
     last_micro = micro_pass(reduce=True) if last else None
-    streaming = None
-    if knobs.offload_optimizer:
-        itemsize = knobs.grad_shard_itemsize
-        host = knobs.host_step_units
-        if knobs.stream_gradients and reduction != "ordered":
-            streaming = GradStreaming.of(units, host, itemsize, reduction != "step")
-            micro = _streamed(units, micro, streaming)
-            last_micro = _streamed(units, last_micro, streaming) if last_micro else None
-        elif reduction != "step" and traced:  # reduced in the micro-step: copy after the last
-            last_micro = copy_grads_down(units, last_micro or micro, itemsize, host)
-        ops = host_step_ops(
-            units,
-            ops,
-            reduces_in_step=reduction == "step" and streaming is None,
-            grad_itemsize=itemsize,
-            param_offload=knobs.offload_param,
-            host_units=host,
-        )
-        if streaming is not None:
-            ops = stream_gradients(units, ops, streaming)
-    first_extra: tuple[Entry, ...] = ()
-    if knobs.offload_optimizer and stage == 3 and knobs.offload_update_in_forward:
-        first_extra, ops = defer_host_steps(units, micro, ops, param_offload=knobs.offload_param)
-    if knobs.offload_param:
-        micro = upload_before_gathers(units, micro)
-        last_micro = upload_before_gathers(units, last_micro) if last_micro else None
-        (ops_entry,) = upload_before_gathers(units, (Entry(Trigger(STEP), ops),))
-        ops = ops_entry.ops
-    if knobs.optimizer_in_files or knobs.params_in_files:
-        micro, last_micro, first_extra, ops = _with_file_io(
-            units, micro, last_micro, first_extra, ops, knobs
-        )
+    micro, last_micro, first_extra, ops, streaming = apply_offload(
+        units, stage, reduction, traced, micro, last_micro, ops, knobs
+    )
     step = Entry(Trigger(STEP), ops)
     return Schedule(
         stage,
@@ -242,33 +208,6 @@ def compile_schedule(
         first_micro_extra=first_extra,
         grad_streaming=streaming,
     )
-
-
-def _streamed(
-    units: tuple[UnitInfo, ...], entries: tuple[Entry, ...], streaming: GradStreaming
-) -> tuple[Entry, ...]:
-    return tuple(
-        replace(entry, ops=stream_gradients(units, entry.ops, streaming)) for entry in entries
-    )
-
-
-def _with_file_io(units, micro, last_micro, first_extra, ops, knobs):
-    """NVMe offload: the swap files' reads and writes around the CPU steps and the uploads."""
-    resident = knobs.resident_shard_units
-    in_files = {
-        "optimizer_in_files": knobs.optimizer_in_files,
-        "params_in_files": knobs.params_in_files,
-        "resident": resident,
-    }
-    first_extra = file_io_steps(units, first_extra, **in_files)
-    (step,) = file_io_steps(units, (Entry(Trigger(STEP), ops),), **in_files)
-    ops = wait_file_writes(step.ops)
-    if knobs.params_in_files:
-        micro = read_shards_ahead(units, micro, resident)
-        last_micro = read_shards_ahead(units, last_micro, resident) if last_micro else None
-        (step,) = read_shards_ahead(units, (Entry(Trigger(STEP), ops),), resident)
-        ops = step.ops
-    return micro, last_micro, first_extra, ops
 
 
 def _buckets(units: list[UnitInfo], bucket_numel: int) -> list[list[UnitInfo]]:
