@@ -10,9 +10,9 @@ It works over plain integers:
    each gather moves to an earlier trigger, after that trigger's wait, so it overlaps compute,
    while the live bytes stay under ``max_live_nbytes``), ``defer_reduce_waits`` (stages 2 and
    3 with ``overlap_comm``: reductions run on under the next units' backward).
-3. Under offload, ``apply_offload`` (``offload_passes.py``) adds the copies, the CPU steps and
+3. ``with_live_nbytes`` annotates each trigger with the bytes alive after its ops.
+4. Under offload, ``apply_offload`` (``offload_passes.py``) adds the copies, the CPU steps and
    NVMe's file reads and writes.
-4. ``with_live_nbytes`` annotates each trigger with the bytes alive after its ops.
 
 Stages 0 and 1 keep full gradients and reduce them once, at the ``step`` trigger; stages 2 and 3
 reduce each unit's gradient right after its backward, and stage 3 also gathers parameters.
