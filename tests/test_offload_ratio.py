@@ -14,8 +14,6 @@ most 1.8e-7).
 
 from __future__ import annotations
 
-import threading
-
 import optree
 import pytest
 import torch
@@ -30,59 +28,8 @@ from fzero.schedule.offload_split import split_units
 from fzero.state.split import SplitFlat, as_flat
 from tests.gloo_pool import GlooPool
 from tests.harness import Case, assert_close_to_reference, assert_copy_trains_like_original
-from tests.models import ToyLM, ToySpec
-
-SPEC = ToySpec(depth=3, width=6, frozen=True)
-KINDS = ("master", "exp_avg", "exp_avg_sq")
-_BUILDING = threading.Lock()
-
-
-def _with_offload(config: dict, ratio: float | None) -> dict:
-    """``config`` without optimizer offload (None) or with it at ``ratio``."""
-    if ratio is None:
-        return config
-    zero = dict(config.get("zero_optimization", {}))
-    zero["offload_optimizer"] = {"device": "cpu", "ratio": ratio}
-    return {**config, "zero_optimization": zero}
-
-
-def _train_rank(case: Case, ratio: float | None, rank: int, comm, steps: int):
-    """Train ``steps`` steps on this rank; the optimizer state (whole flat buffers, with any
-    pending update applied), the full parameters, the metrics and the state."""
-    with _BUILDING:  # torch's global RNG is shared by rank threads: one model at a time
-        torch.manual_seed(0)
-        model = ToyLM(case.spec)
-    config = _with_offload(case.config(), ratio)
-    state = fzero.shard(model, stage=case.stage, config=config, process_group=comm)
-    batches = case.batches()
-    metrics = []
-    for step in range(steps):
-        micro = batches[step][rank]
-        state, m = fzero.train_step(state, micro if case.micro > 1 else micro[0])
-        metrics.append((float(m["loss"]), m["skipped"], m["loss_scale"]))
-    full = fzero.full_state_dict(state)  # applies a pending update first
-    flats = {kind: as_flat(getattr(state, kind)).clone() for kind in KINDS}
-    return flats, full, metrics, state
-
-
-def _compare_parts(case: Case, ratio: float, rank: int, comm, steps: int):
-    """Train without offload, with full offload and with ``ratio`` for ``steps`` steps; check
-    the parts bit for bit against their oracles; return what the three runs ended with."""
-    plain = _train_rank(case, None, rank, comm, steps)
-    full = _train_rank(case, 1.0, rank, comm, steps)
-    split = _train_rank(case, ratio, rank, comm, steps)
-    state = split[3]
-    layout = state.layout
-    expected = split_units(((u.index, u.optimizer_numel) for u in layout.units), ratio)
-    assert isinstance(state.master, SplitFlat) == expected.is_partial
-    cut = expected.device_numel if expected.is_partial else 0
-    for kind in KINDS:
-        ours = split[0][kind]
-        assert torch.equal(ours[:cut], plain[0][kind][:cut]), f"{kind}: device part"
-        assert torch.equal(ours[cut:], full[0][kind][cut:]), f"{kind}: host part"
-    assert split[2][0][0] == plain[2][0][0]  # the first loss: no update touched it yet
-    assert [m[1:] for m in split[2]] == [m[1:] for m in plain[2]]  # skips and loss scales
-    return plain, full, split
+from tests.models import ToyLM
+from tests.ratio_cases import KINDS, SPEC, compare_parts, offloaded, train_rank
 
 
 def _schedule_says_where_units_step(state, micro: int) -> None:
@@ -125,11 +72,11 @@ def test_device_units_step_like_no_offload_and_host_units_like_full_offload(
     case = Case(SPEC, world_size, stage, micro, steps=3, clip=0.05, extra=extra)
 
     def rank(comm):
-        plain, _, split = _compare_parts(case, ratio, comm.rank, comm, steps=1)
+        plain, _, split = compare_parts(case, ratio, comm.rank, comm, steps=1)
         _schedule_says_where_units_step(split[3], micro)
         # Three steps: the parts have computed with each other's values.
-        plain = _train_rank(case, None, comm.rank, comm, 3)
-        split = _train_rank(case, ratio, comm.rank, comm, 3)
+        plain = train_rank(case, None, comm.rank, comm, 3)
+        split = train_rank(case, ratio, comm.rank, comm, 3)
         assert_close_to_reference(split[1], plain[1], rtol=1e-6)
         return split[3].master.on_host.device.type
 
@@ -144,7 +91,7 @@ def test_an_fp16_overflow_skips_both_parts():
     case = Case(SPEC, 2, 2, 1, steps=3, extra=fp16)
 
     def rank(comm):
-        _, _, split = _compare_parts(case, 0.5, comm.rank, comm, steps=3)
+        _, _, split = compare_parts(case, 0.5, comm.rank, comm, steps=3)
         assert [skipped for _, skipped, _ in split[2]] == [True, True, False]
         assert int(split[3].step) == 1
 
@@ -154,7 +101,7 @@ def test_an_fp16_overflow_skips_both_parts():
 def _gloo_case(rank: int, world_size: int, stage: int, ratio: float) -> bool:
     """On a real gloo group (the default process group: ``process_group=None``)."""
     case = Case(SPEC, world_size, stage, 2, steps=1, clip=0.05)
-    _compare_parts(case, ratio, rank, None, steps=1)
+    compare_parts(case, ratio, rank, None, steps=1)
     return True
 
 
@@ -178,7 +125,7 @@ def test_a_tree_map_copy_of_a_split_state_trains_bitwise_like_the_original():
     case = Case(SPEC, 1, 3, 1, steps=3)
     batches = case.batches()
     torch.manual_seed(0)
-    state = fzero.shard(ToyLM(SPEC), stage=3, config=_with_offload(case.config(), 0.5))
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded(case.config(), 0.5))
     state, _ = fzero.train_step(state, batches[0][0][0])
     assert state.pending.is_armed and isinstance(state.master, SplitFlat)
     assert_copy_trains_like_original(state, [batches[step][0][0] for step in (1, 2)])
@@ -192,12 +139,12 @@ def test_checkpoints_move_between_split_and_whole_states(tmp_path, saved, loaded
     case = Case(SPEC, 1, 3, 1, steps=2)
     batches = case.batches()
     torch.manual_seed(0)
-    state = fzero.shard(ToyLM(SPEC), stage=3, config=_with_offload(case.config(), saved))
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded(case.config(), saved))
     state, _ = fzero.train_step(state, batches[0][0][0])
     fzero.save(state, tmp_path)
     saved_flats = {kind: as_flat(getattr(state, kind)).clone() for kind in KINDS}
     state, expected = fzero.train_step(state, batches[1][0][0])
-    loaded_state = fzero.load(tmp_path, ToyLM(SPEC), config=_with_offload(case.config(), loaded))
+    loaded_state = fzero.load(tmp_path, ToyLM(SPEC), config=offloaded(case.config(), loaded))
     assert isinstance(loaded_state.master, SplitFlat) == (loaded == 0.5)
     for kind in KINDS:
         assert torch.equal(as_flat(getattr(loaded_state, kind)), saved_flats[kind])
@@ -215,8 +162,8 @@ def test_ratio_zero_is_no_optimizer_offload():
     case = Case(SPEC, 1, 2, 1, steps=2)
 
     def rank(comm):
-        plain = _train_rank(case, None, 0, comm, 2)
-        zero = _train_rank(case, 0.0, 0, comm, 2)
+        plain = train_rank(case, None, 0, comm, 2)
+        zero = train_rank(case, 0.0, 0, comm, 2)
         assert isinstance(zero[3].master, torch.Tensor)
         assert str(zero[3].schedule) == str(plain[3].schedule)
         assert all(torch.equal(zero[0][k], plain[0][k]) for k in KINDS)
@@ -268,7 +215,7 @@ def test_memory_counts_each_part_where_it_lives(monkeypatch):
         "fzero.offload.plan.check_host_memory", lambda nbytes, *_, **__: asked.append(nbytes)
     )
     states = [
-        fzero.shard(ToyLM(SPEC), stage=2, config=_with_offload({}, ratio)) for ratio in (1.0, 0.5)
+        fzero.shard(ToyLM(SPEC), stage=2, config=offloaded({}, ratio)) for ratio in (1.0, 0.5)
     ]
     host_numel = states[1].master.on_host.numel()
     assert host_numel < states[0].master.numel()
@@ -296,7 +243,7 @@ def test_readers_route_each_unit_to_its_part(tmp_path):
     values = {name: tensor.detach() * 0.5 + 0.25 for name, tensor in source.state_dict().items()}
     save_file(values, str(tmp_path / "model.safetensors"))
     torch.manual_seed(0)
-    state = fzero.shard(ToyLM(SPEC), stage=2, config=_with_offload({}, 0.5))
+    state = fzero.shard(ToyLM(SPEC), stage=2, config=offloaded({}, 0.5))
     before = state.master.full()
     state = fzero.load_pretrained(tmp_path, state)
     assert isinstance(state.master, SplitFlat)
@@ -323,7 +270,7 @@ def test_the_schedules_memory_model_keeps_the_device_units_state_on_the_device()
     b = BytesPerParam.from_dtypes("fp32", "fp32", "fp32")
     models = {}
     for ratio in (None, 1.0, 0.5):
-        state = fzero.shard(ToyLM(SPEC), stage=3, config=_with_offload({}, ratio))
+        state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded({}, ratio))
         models[ratio] = (MemoryModel.from_schedule(state.schedule, b), state)
     split = models[0.5][1].master
     assert models[0.5][0].optimizer_state_nbytes == split.split_numel * b.optimizer_state
@@ -339,7 +286,7 @@ def test_verify_refuses_a_unit_stepped_on_both_sides_or_before_the_step_is_count
 
     from fzero.errors import ScheduleInvariantError
 
-    state = fzero.shard(ToyLM(SPEC), stage=2, config=_with_offload({}, 0.5))
+    state = fzero.shard(ToyLM(SPEC), stage=2, config=offloaded({}, 0.5))
     schedule = state.schedule
     (step,) = schedule.step
     device_step = next(op for op in step.ops if isinstance(op, O.OptimizerStep))

@@ -14,7 +14,6 @@ largest value, the tolerance ``test_offload_training.py`` measured for full offl
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 
 import pytest
@@ -26,77 +25,18 @@ from fzero.errors import ConfigError, ScheduleInvariantError
 from fzero.memory import estimate_memory
 from fzero.schedule import ops as O
 from fzero.schedule import schedule_from_json, schedule_to_json, simulate, verify
-from fzero.schedule.offload_split import split_units
 from fzero.state.split import SplitFlat, as_flat
 from tests.gloo_pool import GlooPool
 from tests.harness import Case, assert_close_to_reference, assert_copy_trains_like_original
-from tests.models import ToyLM, ToySpec
-
-SPEC = ToySpec(depth=3, width=6, frozen=True)
-KINDS = ("master", "exp_avg", "exp_avg_sq")
-_BUILDING = threading.Lock()
-
-
-def _offloaded(config: dict, ratio: float | None, params: bool = True) -> dict:
-    """``config`` without offload (None), or with CPU optimizer offload at ``ratio`` and, with
-    ``params``, CPU parameter offload."""
-    if ratio is None:
-        return config
-    zero = dict(config.get("zero_optimization", {}))
-    zero["offload_optimizer"] = {"device": "cpu", "ratio": ratio}
-    if params:
-        zero["offload_param"] = {"device": "cpu"}
-    return {**config, "zero_optimization": zero}
-
-
-def _train_rank(case: Case, ratio: float | None, rank: int, comm, steps: int, params=True):
-    """Train ``steps`` steps; the whole optimizer buffers (a pending update applied), the full
-    parameters, the metrics and the state."""
-    with _BUILDING:  # torch's global RNG is shared by rank threads: one model at a time
-        torch.manual_seed(0)
-        model = ToyLM(case.spec)
-    config = _offloaded(case.config(), ratio, params)
-    state = fzero.shard(model, stage=3, config=config, process_group=comm)
-    batches = case.batches()
-    metrics = []
-    for step in range(steps):
-        micro = batches[step][rank]
-        state, m = fzero.train_step(state, micro if case.micro > 1 else micro[0])
-        metrics.append((float(m["loss"]), m["skipped"], m["loss_scale"]))
-    full = fzero.full_state_dict(state)  # applies a pending update first
-    flats = {kind: as_flat(getattr(state, kind)).clone() for kind in KINDS}
-    return flats, full, metrics, state
-
-
-def _host_shard_holds_the_cast_master(state) -> None:
-    """Every unit's trainable part of the host shard is its master in the compute dtype."""
-    workspace = state.runtime.executor.workspace
-    assert workspace.host_shards and workspace.param_shard.device.type == "cpu"
-    for unit in state.layout.units:
-        span = slice(unit.shard_offset, unit.shard_offset + unit.optimizer_numel)
-        master = state.master[unit.optimizer_offset : unit.optimizer_offset + unit.optimizer_numel]
-        shard = workspace.param_shard[span]
-        assert torch.equal(shard, master.to(shard.dtype)), f"unit {unit.index}"
-
-
-def _compare_parts(case: Case, ratio: float, rank: int, comm, steps: int):
-    """The three runs (no offload, full offload with parameter offload, ``ratio`` with it);
-    each part equals its oracle bit for bit, and so do the host shard's units."""
-    plain = _train_rank(case, None, rank, comm, steps)
-    full = _train_rank(case, 1.0, rank, comm, steps)
-    split = _train_rank(case, ratio, rank, comm, steps)
-    state = split[3]
-    expected = split_units(((u.index, u.optimizer_numel) for u in state.layout.units), ratio)
-    assert expected.is_partial and isinstance(state.master, SplitFlat)
-    cut = expected.device_numel
-    for kind in KINDS:
-        ours = split[0][kind]
-        assert torch.equal(ours[:cut], plain[0][kind][:cut]), f"{kind}: device part"
-        assert torch.equal(ours[cut:], full[0][kind][cut:]), f"{kind}: host part"
-    _host_shard_holds_the_cast_master(state)
-    assert split[2][0][0] == plain[2][0][0]  # the first loss: no update touched it yet
-    assert [m[1:] for m in split[2]] == [m[1:] for m in plain[2]]  # skips and loss scales
-    return plain, full, split
+from tests.models import ToyLM
+from tests.ratio_cases import (
+    KINDS,
+    SPEC,
+    compare_parts,
+    host_shard_holds_the_cast_master,
+    offloaded,
+    train_rank,
+)
 
 
 def _schedule_copies_the_device_units_down(state, micro: int) -> None:
@@ -134,14 +74,14 @@ def test_device_units_step_like_no_offload_and_host_units_like_full_param_offloa
     case = Case(SPEC, world_size, 3, micro, steps=3, clip=0.05, extra=extra)
 
     def rank(comm):
-        _, _, split = _compare_parts(case, 0.5, comm.rank, comm, steps=1)
+        _, _, split = compare_parts(case, 0.5, comm.rank, comm, steps=1, params=True)
         _schedule_copies_the_device_units_down(split[3], micro)
-        plain = _train_rank(case, None, comm.rank, comm, 3)
-        split = _train_rank(case, 0.5, comm.rank, comm, 3)
+        plain = train_rank(case, None, comm.rank, comm, 3)
+        split = train_rank(case, 0.5, comm.rank, comm, 3, params=True)
         assert_close_to_reference(split[1], plain[1], rtol=1e-6)
         # Where the shards live changes no value: the same partial offload without parameter
         # offload computes the same numbers.
-        resident = _train_rank(case, 0.5, comm.rank, comm, 3, params=False)
+        resident = train_rank(case, 0.5, comm.rank, comm, 3)
         assert all(torch.equal(split[1][name], resident[1][name]) for name in resident[1])
         return split[3].runtime.executor.workspace.param_shard.device.type
 
@@ -158,7 +98,7 @@ def test_an_fp16_overflow_skips_both_parts_and_copies_nothing():
 
     def rank(comm):
         torch.manual_seed(0)
-        state = fzero.shard(ToyLM(SPEC), stage=3, config=_offloaded(case.config(), 0.5))
+        state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded(case.config(), 0.5, params=True))
         state, metrics = fzero.train_step(state, case.batches()[0][0][0])
         assert metrics["skipped"]
         executor = state.runtime.executor
@@ -169,7 +109,7 @@ def test_an_fp16_overflow_skips_both_parts_and_copies_nothing():
         executor.host_optimizer.copy_params_to_host(copy)  # the skipped step's copy, again
         assert torch.all(target == 7.0)
         target.copy_(kept)
-        _, _, split = _compare_parts(case, 0.5, comm.rank, comm, steps=3)
+        _, _, split = compare_parts(case, 0.5, comm.rank, comm, steps=3, params=True)
         assert [skipped for _, skipped, _ in split[2]] == [True, True, False]
         assert int(split[3].step) == 1
 
@@ -179,7 +119,7 @@ def test_an_fp16_overflow_skips_both_parts_and_copies_nothing():
 def _gloo_case(rank: int, world_size: int, micro: int) -> bool:
     """On a real gloo group (the default process group: ``process_group=None``)."""
     case = Case(SPEC, world_size, 3, micro, steps=1, clip=0.05)
-    _compare_parts(case, 0.5, rank, None, steps=1)
+    compare_parts(case, 0.5, rank, None, steps=1, params=True)
     return True
 
 
@@ -198,7 +138,7 @@ def test_a_tree_map_copy_trains_bitwise_like_the_original():
     case = Case(SPEC, 1, 3, 1, steps=3)
     batches = case.batches()
     torch.manual_seed(0)
-    state = fzero.shard(ToyLM(SPEC), stage=3, config=_offloaded(case.config(), 0.5))
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded(case.config(), 0.5, params=True))
     state, _ = fzero.train_step(state, batches[0][0][0])
     assert state.pending.is_armed and isinstance(state.master, SplitFlat)
     assert_copy_trains_like_original(state, [batches[step][0][0] for step in (1, 2)])
@@ -216,18 +156,18 @@ def test_checkpoints_move_to_and_from_partial_parameter_offload(tmp_path, saved,
     case = Case(SPEC, 1, 3, 1, steps=2)
     batches = case.batches()
     torch.manual_seed(0)
-    state = fzero.shard(ToyLM(SPEC), stage=3, config=_offloaded(case.config(), *saved))
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded(case.config(), *saved))
     state, _ = fzero.train_step(state, batches[0][0][0])
     fzero.save(state, tmp_path)
     saved_flats = {kind: as_flat(getattr(state, kind)).clone() for kind in KINDS}
     state, expected = fzero.train_step(state, batches[1][0][0])
-    config = _offloaded(case.config(), *loaded)
+    config = offloaded(case.config(), *loaded)
     loaded_state = fzero.load(tmp_path, ToyLM(SPEC), config=config)
     assert isinstance(loaded_state.master, SplitFlat) == (loaded[0] == 0.5)
     for kind in KINDS:
         assert torch.equal(as_flat(getattr(loaded_state, kind)), saved_flats[kind])
     if loaded[1]:
-        _host_shard_holds_the_cast_master(loaded_state)
+        host_shard_holds_the_cast_master(loaded_state)
     loaded_state, metrics = fzero.train_step(loaded_state, batches[1][0][0])
     assert float(metrics["loss"]) == float(expected["loss"])
     assert_close_to_reference(
@@ -236,7 +176,7 @@ def test_checkpoints_move_to_and_from_partial_parameter_offload(tmp_path, saved,
 
 
 def test_verify_refuses_a_device_unit_uploaded_before_its_copy_to_host():
-    state = fzero.shard(ToyLM(SPEC), stage=3, config=_offloaded({}, 0.5))
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded({}, 0.5, params=True))
     schedule = state.schedule
     verify(schedule)
     (step,) = schedule.step
@@ -254,7 +194,7 @@ def test_verify_refuses_a_device_unit_uploaded_before_its_copy_to_host():
 def test_simulate_prices_the_copy_on_the_device_to_host_stream():
     """The copy runs on the device-to-host stream, priced by ``CostModel.download``, after the
     device step it copies; the step lasts until it landed."""
-    state = fzero.shard(ToyLM(SPEC), stage=3, config=_offloaded({}, 0.5))
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded({}, 0.5, params=True))
     timeline = simulate(state.schedule, micro_batches=1)
     (copy,) = [s for s in timeline.spans if s.name.startswith("CopyParamsToHost")]
     (device_step,) = [s for s in timeline.spans if s.name.startswith("OptimizerStep")]
@@ -291,7 +231,7 @@ def test_memory_counts_the_whole_shard_on_the_host_and_the_device_units_state_on
     monkeypatch.setattr(
         "fzero.offload.plan.check_host_memory", lambda nbytes, *_, **__: asked.append(nbytes)
     )
-    state = fzero.shard(ToyLM(SPEC), stage=3, config=_offloaded({}, 0.5))
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded({}, 0.5, params=True))
     host_numel = state.master.on_host.numel()
     shard_numel = state.layout.shard_numel
     # fp32: master, moments and gradient copy of the host units, and the whole fp32 shard.
@@ -324,11 +264,11 @@ def test_readers_write_the_host_shard_of_every_unit(tmp_path):
     values = {name: tensor.detach() * 0.5 + 0.25 for name, tensor in source.state_dict().items()}
     save_file(values, str(tmp_path / "model.safetensors"))
     torch.manual_seed(0)
-    state = fzero.shard(ToyLM(SPEC), stage=3, config=_offloaded({}, 0.5))
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=offloaded({}, 0.5, params=True))
     state = fzero.load_pretrained(tmp_path, state)
-    _host_shard_holds_the_cast_master(state)
+    host_shard_holds_the_cast_master(state)
     loaded = fzero.full_state_dict(state)
     assert all(torch.equal(loaded[name], values[name]) for name in values)
     state.master.on_device.add_(1.0)  # written directly: refresh_parameters casts it down
     fzero.checkpoint.refresh_parameters(state)
-    _host_shard_holds_the_cast_master(state)
+    host_shard_holds_the_cast_master(state)
