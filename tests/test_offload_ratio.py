@@ -14,7 +14,6 @@ most 1.8e-7).
 
 from __future__ import annotations
 
-import optree
 import pytest
 import torch
 
@@ -112,10 +111,6 @@ def test_partial_offload_on_gloo_ranks(world_size, stage, ratio):
         assert all(pool.run(_gloo_case, stage, ratio, timeout_s=120))
     finally:
         pool.close()
-
-
-def _clone(state):
-    return optree.tree_map(torch.clone, state, namespace=fzero.NAMESPACE)
 
 
 def test_a_tree_map_copy_of_a_split_state_trains_bitwise_like_the_original():
