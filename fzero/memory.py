@@ -33,6 +33,7 @@ from torch import nn
 
 from fzero.schedule.memory_model import BytesPerParam, ModelStates, dtype_nbytes, model_states
 from fzero.schedule.offload_memory import offload_states
+from fzero.schedule.streamed_grads import streams
 
 GB = 1e9  # the paper's gigabyte
 
@@ -173,10 +174,12 @@ def estimate_memory(
     states = model_states(
         numel, world_size, stage, bytes_per_param, trainable_numel=trainable, layout=layout
     )
-    # As the compiler decides (fzero.runtime.plan.streams_gradients).
-    once_per_step = stage == 1 or gradient_accumulation_steps == 1
-    streamed = offload_optimizer != "none" and offload_ratio > 0 and not deterministic
-    streamed = streamed and once_per_step
+    streamed = streams(  # as the planner decides
+        optimizer_offloaded=offload_optimizer != "none" and offload_ratio > 0,
+        deterministic=deterministic,
+        stage=stage,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
     split = offload_states(
         states,
         numel=numel,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from fzero.config import Config
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
+from fzero.schedule.streamed_grads import streams
 from fzero.state.layout import FlatLayout, dtype_from_name
 
 if TYPE_CHECKING:
@@ -110,16 +111,12 @@ def knobs_from(config: Config, layout: FlatLayout, offload: OffloadPlan) -> Knob
 
 
 def streams_gradients(config: Config, offload: OffloadPlan) -> bool:
-    """Whether host units' gradients stream down as they land (``streamed_grads.py``) instead
-    of filling a whole gradient shard: under optimizer offload, when each unit's gradient lands
-    once per step. Stage 1 reduces once, in the step phase; stages 2 and 3 reduce in the
-    micro-steps (every one, or the last with ``reduce_every_micro_batch: false``, whose tracing
-    first micro-batch reduces too), so only with ``gradient_accumulation_steps`` 1: with
-    accumulation a later micro-batch adds into the landed gradient. Deterministic mode sums the
-    norm in model order over the whole shard, so it keeps the shard. ``fzero.stream_gradients``
-    false keeps it too."""
-    if not offload.optimizer_on_host:
-        return False
-    if config.fzero.deterministic or not config.fzero.stream_gradients:
-        return False
-    return config.stage == 1 or config.gradient_accumulation_steps == 1
+    """Whether host units' gradients stream down as they land (``streamed_grads.streams``)
+    instead of filling a whole gradient shard; ``fzero.stream_gradients`` false keeps the
+    shard."""
+    return config.fzero.stream_gradients and streams(
+        optimizer_offloaded=offload.optimizer_on_host,
+        deterministic=config.fzero.deterministic,
+        stage=config.stage,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )

@@ -18,8 +18,8 @@ The gradient shard keeps only the device units' part (partial offload; none unde
 offload), ``ReduceScalars`` all-reduces the accumulated sum (``summed_per_unit``) instead of
 reading a shard, and ``FreeGradBuffer`` frees the buffer at the end of the step phase.
 
-Exact only when each unit's gradient lands once per step (the compiler streams then, see
-``streams_gradients`` in ``fzero/runtime/plan.py``): accumulation across micro-batches adds into
+Exact only when each unit's gradient lands once per step (``streams``, which the planner
+and ``estimate_memory`` both ask): accumulation across micro-batches adds into
 the landed gradient, which streaming has already copied down. Deterministic mode sums the norm
 parameter by parameter in model order over the whole shard, so it keeps the shard.
 """
@@ -43,6 +43,25 @@ from fzero.schedule.ops import (
     _size,
 )
 from fzero.schedule.schedule import UnitInfo
+
+
+def streams(
+    *,
+    optimizer_offloaded: bool,
+    deterministic: bool,
+    stage: int,
+    gradient_accumulation_steps: int | None,
+) -> bool:
+    """Whether host units' gradients can stream down as they land: under optimizer offload,
+    when each unit's gradient lands once per step. Stage 1 reduces once, in the step phase;
+    stages 2 and 3 reduce in the micro-steps (every one, or the last with
+    ``reduce_every_micro_batch: false``, whose tracing first micro-batch reduces too), so only
+    with ``gradient_accumulation_steps`` 1: with accumulation a later micro-batch adds into the
+    landed gradient. Deterministic mode sums the norm in model order over the whole shard, so
+    it keeps the shard."""
+    if not optimizer_offloaded or deterministic:
+        return False
+    return stage == 1 or gradient_accumulation_steps == 1
 
 
 @dataclass(frozen=True)
