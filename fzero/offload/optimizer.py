@@ -294,8 +294,9 @@ class HostOptimizer:
     def copy_params_to_host(self, op: O.CopyParamsToHost) -> None:
         """Partial offload with parameter offload: the device units' stepped master, cast to the
         compute dtype, into their slices of the host shard; the next ``UploadShard`` of such a
-        unit waits for the compute stream, so it reads the copied values, and host readers wait
-        in ``wait_copies_to_host``. A skipped step copies nothing (the master did not change)."""
+        unit waits for the compute stream, so it reads the copied values; the step waits for the
+        copies before it returns (``wait_copies_to_host``, from ``Executor.run_step``), and a
+        failed step in ``settle``. A skipped step copies nothing (the master did not change)."""
         if self._skip:
             return
         master = self.optimizer.master
@@ -303,8 +304,8 @@ class HostOptimizer:
         self.transfers.parameters_down(pairs)
 
     def wait_copies_to_host(self) -> None:
-        """Before the host reads the parameter shard (a checkpoint, a copied state): the last
-        ``CopyParamsToHost`` has landed."""
+        """The last ``CopyParamsToHost`` has landed: the host shard, a state leaf, holds the
+        step's values for any reader (a checkpoint, a ``tree_map`` copy)."""
         self.transfers.wait_parameters_down()
 
     def abort(self) -> None:

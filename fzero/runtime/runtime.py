@@ -140,8 +140,6 @@ class Runtime:
             if not keep_pending:
                 self.executor.settle()
             return
-        if self.executor.host_optimizer is not None:  # nothing still lands in the host shard
-            self.executor.host_optimizer.wait_copies_to_host()
         if installed is not None and not self.is_donated(installed):
             for leaf in _tensor_leaves(installed):  # keep its values its own
                 if leaf.numel():
@@ -165,8 +163,6 @@ class Runtime:
         """Apply the update ``state`` holds pending, so that its weights can be read as they
         are (``save``); installs ``state``. Its value does not change."""
         if not state.pending.is_armed:
-            if self.executor.host_optimizer is not None:  # copies into the host shard landed
-                self.executor.host_optimizer.wait_copies_to_host()
             return
         self.install(state)
         for leaf, buffer in zip(_tensor_leaves(state), self._buffers(), strict=True):
