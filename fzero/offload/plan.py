@@ -118,10 +118,10 @@ class OffloadPlan:
         CPU memory"): the first units in layout order whose shard elements, summed, stay within
         it. Their gathers upload from memory and their CPU steps write it, with no file I/O;
         the file still backs them (``fzero/offload/staging.py``)."""
-        kept: set[int] = set()
-        total = 0
         if not self.params_in_files:
             return frozenset()
+        kept: set[int] = set()
+        total = 0
         for unit in layout.units:
             total += unit.shard_numel
             if total > self.param_max_in_cpu:
