@@ -100,9 +100,14 @@ def test_matches_the_reference_moments_bitwise_and_master_to_the_updates_roundin
     assert_within_update_rounding(one[0], one_expected[0], decayed)
 
 
-def test_one_step_on_a_large_shard_differs_by_at_most_one_ulp_on_few_elements():
+def test_one_step_on_a_large_shard_differs_within_update_rounding_on_few_elements():
     """2**20 elements over many chunks, three decay ranges, bf16 gradient, grad_scale and a bf16
-    param_out: at most one ulp, on under 1e-3 of the elements (measured: 1.4e-5)."""
+    param_out: within the update's rounding (the module's bound, ``2**-22 |update|`` plus one
+    ulp), on under 1e-3 of the elements. Counted in ulps the difference depends on the host's
+    vector width and on where a master lands near zero: on an AVX-512 host at most 1 ulp on
+    1.4e-5 of the elements; on an AVX2 host (AMD EPYC, torch 2.13) 303 elements (2.9e-4), 275
+    of them by 1 ulp and the largest by 128 ulps, on a master that the update took from 5.3e-4
+    to -6.4e-6, where 2**-22 of the update is about 280 ulps of the result."""
     numel = 1 << 20
     ranges = [(0, 1_000, 0.1), (1_000, 600_001, 0.0), (600_001, numel, 0.05)]
     decay = WeightDecaySegments.from_ranges(ranges, numel)
@@ -118,9 +123,11 @@ def test_one_step_on_a_large_shard_differs_by_at_most_one_ulp_on_few_elements():
     (master, exp_avg, exp_avg_sq), (ref_master, ref_avg, ref_avg_sq) = results
     assert_identical(exp_avg, ref_avg)
     assert_identical(exp_avg_sq, ref_avg_sq)
-    distance = ulp_distance(master, ref_master)
-    assert int(distance.max()) <= 1
-    assert int((distance > 0).sum()) < numel // 1000
+    decayed = random_shard(numel, 0)[0]
+    for start, end, weight_decay in ranges:
+        decayed[start:end].mul_(1 - HYPER["lr"] * weight_decay)
+    assert_within_update_rounding(master, ref_master, decayed)
+    assert int((ulp_distance(master, ref_master) > 0).sum()) < numel // 1000
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

@@ -11,7 +11,8 @@ squared norm is summed (per unit, then over units, instead of one reduction over
   loss scales are equal bit for bit (fp32, bf16, fp16 with its overflow step);
 - with clipping the clip factor differs in its last bits, and after three steps the parameters
   agree within 1e-6 relative to each tensor's largest value (measured: at most 1.3e-7 over the
-  cases below), the reported gradient norms within 1e-6 relative (measured: 1.1e-7).
+  cases below), the reported gradient norms within 1e-6 relative (measured: 1.1e-7), and the
+  losses after the first step, which read those parameters, within 1e-6 relative too.
 
 The device's gradient bytes are read after every op from the executor's buffers (CPU tensors
 here, whose storage sizes are exact): never more than the largest host unit's part plus the
@@ -132,8 +133,17 @@ def _check(case: Case, whole, streamed, clip: float) -> None:
         assert state_b.runtime.executor.executed[-len(ops) :] == ops
         assert peak_a == _expected_peak(state_a, streamed=False)
         assert peak_b == _expected_peak(state_b, streamed=True) < peak_a
-        # Losses, skips and loss scales: the norm reaches none of them.
-        assert [m[:1] + m[2:] for m in metrics_a] == [m[:1] + m[2:] for m in metrics_b]
+        # Skips and loss scales: the norm reaches neither. Losses: without clipping, nor them;
+        # with it, a step's loss reads the parameters that earlier clipped updates made, which
+        # agree within 1e-6 only (on an AVX2 host: 8e-8 relative at the second step of the
+        # stage-1 accumulation case), so the first loss alone is bit for bit.
+        assert [m[2:] for m in metrics_a] == [m[2:] for m in metrics_b]
+        losses_a, losses_b = [m[0] for m in metrics_a], [m[0] for m in metrics_b]
+        if clip == 0:
+            assert losses_a == losses_b
+        else:
+            assert losses_a[0] == losses_b[0]
+            assert losses_b == pytest.approx(losses_a, rel=1e-6)
         for (_, norm_a, *_), (_, norm_b, *_) in zip(metrics_a, metrics_b, strict=True):
             assert norm_b == pytest.approx(norm_a, rel=1e-6, nan_ok=True)
         if clip == 0:

@@ -127,8 +127,8 @@ def _fill_from(state: ZeroState, checkpoint: Checkpoint, verify: bool) -> ZeroSt
     state = runtime.new_state(Progress.of(checkpoint.step, skipped, scaler))
     if "rng.cpu" in rng:
         torch.set_rng_state(rng["rng.cpu"])
-    if "rng.cuda" in rng and state.master.is_cuda:
-        torch.cuda.set_rng_state(rng["rng.cuda"], state.master.device)
+    if "rng.cuda" in rng and state.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["rng.cuda"], state.device)
     return state
 
 

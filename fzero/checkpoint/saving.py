@@ -200,8 +200,8 @@ def _write_rank_file(state: ZeroState, staging: Path, data_state: Any) -> dict[s
     for name, buffer in _buffers(runtime).items():
         tensors[f"buffer.{name}"] = buffer
     tensors["rng.cpu"] = torch.get_rng_state()
-    if state.master.is_cuda:
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(state.master.device)
+    if state.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(state.device)
 
     file_name = rank_file_name(rank)
     partial = staging / f".{file_name}.partial"
@@ -250,7 +250,7 @@ def _manifest(state: ZeroState, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "shard_world": layout.shard_world,
         "alignment": layout.alignment,
         "compute_dtype": config.compute_dtype_name,
-        "device": state.master.device.type,
+        "device": state.device.type,
         "numel": layout.numel,
         "trainable_numel": layout.trainable_param_numel,
         "config": config.to_dict(),

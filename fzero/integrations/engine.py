@@ -70,7 +70,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.state.master.device
+        return self.state.device
 
     @property
     def local_rank(self) -> int | torch.device:

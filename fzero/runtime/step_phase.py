@@ -155,7 +155,7 @@ class StepPhase:
     def reduce_scalars_in_order(self, op: O.ReduceScalarsInOrder) -> None:
         # No float sum is left to a collective: gathered values are added in a fixed order.
         world = self.comm.world_size
-        device = self.workspace.master.device
+        device = self.workspace.device
         counted = self.hyper is not None and self.hyper.check_counts
         mine = self._mean_loss(device).float().reshape(1)
         if counted:  # each rank's count of micro-steps travels beside its loss

@@ -74,6 +74,9 @@ class Workspace:
     host_buffers: list[HostBuffer] = field(default_factory=list)
     # Parameter offload (stage 3): ``param_shard`` is in host memory, whatever the device.
     host_shards: bool = False
+    # Where this rank computes (gathers, reductions, the loss). Under offload ``master`` lives
+    # in host memory, so its device is not this one.
+    device: torch.device = torch.device("cpu")
 
     def _master_part(self, index: int) -> torch.Tensor:
         unit = self.layout.units[index]

@@ -164,6 +164,7 @@ def build_workspace(
         grad_shard,
         host_buffers,
         host_shards=standing_stage3 and host_shards,
+        device=torch.device(device),
     )
     return workspace, master
 

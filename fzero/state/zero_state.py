@@ -50,6 +50,11 @@ class ZeroState:
         return self.runtime.executor.schedule
 
     @property
+    def device(self) -> torch.device:
+        """Where this rank computes: the GPU even when offload keeps ``master`` on the host."""
+        return self.runtime.executor.workspace.device
+
+    @property
     def layout(self):
         return self.runtime.layout
 

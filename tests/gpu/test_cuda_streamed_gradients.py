@@ -5,7 +5,9 @@ from the whole-shard run.
 
 - Memory: with stage 3 and both offloads, a step's peak allocated bytes (above what it started
   with) are below the whole-shard run's by about the shard less one unit's buffer; the batch
-  is small, so the gradient shard, not the activations, sets the whole-shard run's peak.
+  is small, so the gradient shard, not the activations, sets the whole-shard run's peak. The
+  prefetch bucket is one block: with DeepSpeed's default (5e7 elements) the forward gathers
+  this whole model ahead, and that, not the backward, would set the streamed run's peak.
 - Arithmetic: ``tests/test_streamed_gradients.py`` checks on CPU that streaming changes only the
   norm's summation order. Without clipping the CUDA runs must then agree bit for bit (losses,
   master weights, moments), in the step phase and with the CPU steps in the next forward, and
@@ -53,6 +55,7 @@ def _train(
     model = GPT(cfg)
     zero = {
         "stage3_param_persistence_threshold": 0,
+        "stage3_prefetch_bucket_size": 12 * cfg.n_embd**2,  # one block
         "offload_optimizer": {"device": "cpu", "pin_memory": True},
     }
     if params:
