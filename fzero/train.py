@@ -104,9 +104,7 @@ def micro_step(
 def _check_count_up_front(runtime: Runtime, count: int) -> None:
     executor = runtime.executor
     try:
-        runtime.checks.check_count_up_front(
-            executor.schedule, count, executor.workspace.device
-        )
+        runtime.checks.check_count_up_front(executor.schedule, count, executor.workspace.device)
     except RuntimeError as error:
         failure = op_failure(error, executor)
         if failure is error:

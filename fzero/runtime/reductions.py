@@ -230,9 +230,7 @@ class GradientReduction:
             grad = self.workspace.grad_flats[unit]
             return grad if grad.dtype == self.reduce_dtype else grad.to(self.reduce_dtype)
         u = self.layout.units[unit]
-        full = torch.empty(
-            u.padded_numel, dtype=self.reduce_dtype, device=self.workspace.device
-        )
+        full = torch.empty(u.padded_numel, dtype=self.reduce_dtype, device=self.workspace.device)
         self._pack(unit, full)
         return full
 
