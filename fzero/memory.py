@@ -119,6 +119,7 @@ def estimate_memory(
     offload_ratio: float = 1.0,
     gradient_accumulation_steps: int | None = 1,
     deterministic: bool = False,
+    stream_gradients: bool | None = None,
 ) -> MemoryEstimate:
     """Per-rank model-state bytes of ``model_or_param_count`` (an ``nn.Module`` or an element
     count) on ``world_size`` ranks at ZeRO ``stage``, at the optimizer step.
@@ -138,10 +139,12 @@ def estimate_memory(
     (``offload_param.max_in_cpu``, 0 here: every shard in the file) elements of the parameter
     shard also stay in host memory under ``"nvme"``. ``offload_ratio``:
     ``offload_optimizer.ratio``, the share of the optimizer state on the host (``"cpu"``
-    only); the rest stays on the GPU. ``gradient_accumulation_steps`` and ``deterministic``
-    (the config's ``fzero.deterministic``) decide, as the compiler does, whether optimizer offload
-    streams gradients down unit by unit (stage 1, or one micro-batch per step, and not
-    deterministic): then the GPU's transient gradient is the largest unit's part of the shard
+    only); the rest stays on the GPU. ``gradient_accumulation_steps``, ``deterministic`` and
+    ``stream_gradients`` (the config's ``fzero.deterministic`` and ``fzero.stream_gradients``)
+    decide, as the compiler does, whether optimizer offload streams gradients down unit by unit
+    (by default stage 1, or one micro-batch per step, and not deterministic; with
+    ``stream_gradients=True`` with accumulation too): then the GPU's transient gradient is the
+    largest unit's part of the shard
     (``largest_unit_numel``; None: the whole model as one unit) beside the device units' part of
     a partial offload, instead of the whole gradient shard.
     """
@@ -179,6 +182,7 @@ def estimate_memory(
         deterministic=deterministic,
         stage=stage,
         gradient_accumulation_steps=gradient_accumulation_steps,
+        requested=stream_gradients,
     )
     split = offload_states(
         states,

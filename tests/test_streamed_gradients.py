@@ -185,6 +185,12 @@ CASES = [
     (2, 2, 1, False, 0.5, {}),
     (1, 2, 2, False, 0.5, {}),
     (2, 2, 1, False, None, {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}}),
+    # Accumulation (fzero.stream_gradients true): later landings add onto the sum brought up.
+    (3, 2, 2, False, None, {}),
+    (2, 2, 3, False, None, {}),
+    (3, 1, 3, True, None, {"bf16": {"enabled": True}}),
+    (3, 2, 2, False, 0.5, {}),
+    (3, 2, 2, False, None, {"fzero": {"reduce_every_micro_batch": False}}),
 ]
 
 
@@ -201,12 +207,14 @@ def test_streamed_offload_trains_like_the_whole_gradient_shard(
     _check(case, whole, streamed, clip)
 
 
+@pytest.mark.parametrize("micro", [1, 2])
 @pytest.mark.parametrize("clip", [0.0, CLIP])
-def test_an_fp16_overflow_skips_the_streamed_step_on_every_rank(clip):
+def test_an_fp16_overflow_skips_the_streamed_step_on_every_rank(clip, micro):
     """The overflow flag is the non-finite sum of the per-unit norms: the first step (scale
-    2**30) is skipped on both ranks, as with the whole shard, and the loss scales follow."""
+    2**30) is skipped on both ranks, as with the whole shard, and the loss scales follow; with
+    two micro-batches too (the infinite sum comes back up and the second landing adds to it)."""
     torch.set_num_threads(1)
-    case = Case(SPEC, 2, 3, 1, steps=3, clip=clip, extra=FP16)
+    case = Case(SPEC, 2, 3, micro, steps=3, clip=clip, extra=FP16)
     whole, streamed = _run_pair(case)
     _check(case, whole, streamed, clip)
     for _, metrics, state, _ in streamed:
@@ -284,6 +292,10 @@ def _schedule_of(config: dict, stage: int = 3):
         (3, {"gradient_accumulation_steps": 2}, False),
         (3, {"gradient_accumulation_steps": 1, "fzero": {"deterministic": True}}, False),
         (3, {"gradient_accumulation_steps": 1, "fzero": {"stream_gradients": False}}, False),
+        # asked for: with accumulation too (the sum comes back up for each later landing)
+        (3, {"gradient_accumulation_steps": 2, "fzero": {"stream_gradients": True}}, True),
+        (2, {"fzero": {"stream_gradients": True}}, True),
+        (3, {"fzero": {"stream_gradients": True, "deterministic": True}}, False),
     ],
 )
 def test_the_compiler_streams_only_where_each_gradient_lands_once(stage, extra, streams):
@@ -299,6 +311,12 @@ def test_the_compiler_streams_only_where_each_gradient_lands_once(stage, extra, 
     assert any(isinstance(op, O.ZeroGradShard) for op in ops) != streams  # full offload
     without = {k: v for k, v in config.items() if k != "zero_optimization"}
     assert _schedule_of(without, stage).grad_streaming is None
+    # Only where a unit may land twice in a step does its sum come back up.
+    accumulates = streams and stage > 1 and extra.get("gradient_accumulation_steps") != 1
+    assert any(isinstance(op, O.GradFromHost) for op in ops) == accumulates
+    if streams:
+        assert schedule.grad_streaming.accumulates == accumulates
+        assert ("accumulated through the host" in str(schedule)) == accumulates
 
 
 def _units(count: int = 6, numel: int = 1000) -> tuple[UnitInfo, ...]:
@@ -318,12 +336,13 @@ def _units(count: int = 6, numel: int = 1000) -> tuple[UnitInfo, ...]:
     )
 
 
-def _compiled(streamed: bool, host_units=None, world_size: int = 2):
+def _compiled(streamed: bool, host_units=None, world_size: int = 2, accumulates: bool = False):
     units = _units()
     optimizer_numel = sum(u.optimizer_numel for u in units)
     knobs = Knobs(
         offload_optimizer=True,
         stream_gradients=streamed,
+        accumulate_streamed_grads=accumulates,
         host_step_units=host_units,
         offload_update_in_forward=True,
     )
@@ -356,6 +375,30 @@ def test_simulate_counts_one_units_gradient_instead_of_the_shard(world_size):
     assert schedule_from_json(schedule_to_json(partial)) == partial
     with pytest.raises(ValueError, match="one micro-batch per step"):
         simulate(streamed_schedule, micro_batches=2)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_an_accumulating_schedule_brings_each_sum_up_after_the_first_micro_batch(world_size):
+    """Compiled for accumulation, the schedule verifies over steps of 1-3 micro-batches, holds
+    the same one-unit gradient peak, and simulate counts a GradFromHost upload of every host
+    unit in each micro-batch after the first (none in the first: nothing went down yet)."""
+    schedule = _compiled(True, world_size=world_size, accumulates=True)
+    verify(schedule)
+    assert schedule.grad_streaming.accumulates and not schedule.grad_streaming.one_micro_batch
+    one = simulate(_compiled(True, world_size=world_size))
+    timeline = simulate(schedule, micro_batches=3)
+    assert timeline.peak_memory.gradients == one.peak_memory.gradients
+    uploads = [s for s in timeline.spans if s.name.startswith("GradFromHost")]
+    copies = [s for s in uploads if s.stream == O.HOST_TO_DEVICE]
+    assert sorted({s.micro_batch for s in copies}) == [1, 2] and len(copies) == 2 * 6
+    assert all(s.end > s.start for s in copies)
+    assert timeline.step_seconds > simulate(schedule, micro_batches=1).step_seconds
+    assert schedule_from_json(schedule_to_json(schedule)) == schedule
+
+
+def test_verify_refuses_a_second_landing_without_its_sum_brought_up():
+    with pytest.raises(ScheduleInvariantError, match="lands again in this step"):
+        verify(_without(_compiled(True, accumulates=True), O.GradFromHost, 3))
 
 
 def _without(schedule, op_type, unit: int = -1):
@@ -406,6 +449,10 @@ def test_estimate_counts_the_largest_units_gradient_under_offload():
     assert streamed.transient_gradients == streamed.gradients == 4 * unit // n
     for other in ({"gradient_accumulation_steps": 2}, {"deterministic": True}):
         assert estimate_memory(psi, n, 3, **common, **other).transient_gradients == 4 * psi // n
+    asked = estimate_memory(
+        psi, n, 3, **common, gradient_accumulation_steps=2, stream_gradients=True
+    )
+    assert asked.transient_gradients == 4 * unit // n  # accumulated through the host
     assert estimate_memory(psi, n, 1, **common, gradient_accumulation_steps=4).gradients == (
         2 * psi + 4 * unit // n
     )
@@ -534,7 +581,7 @@ def test_a_micro_batch_failing_in_backward_leaves_the_streamed_state_usable():
                 with pytest.raises(RuntimeError, match="injected backward failure"):
                     fzero.train_step(state, ids_targets)
                 assert state.runtime.executor.landings.nbytes() == 0
-                assert state.runtime.executor.step_phase.squares_sum is None
+                assert state.runtime.executor.step_phase.unit_squares == {}
             state, metrics = fzero.train_step(state, ids_targets)
             losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
         return fzero.full_state_dict(state), losses

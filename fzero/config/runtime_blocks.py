@@ -93,9 +93,12 @@ class FzeroConfig:
 
     ``stream_gradients``: with ``offload_optimizer``, let each host unit's reduced gradient go
     down to the host as soon as it lands, from a device buffer of one unit, instead of keeping
-    the whole gradient shard on the device through the step; the compiler does so when it is
-    exact (stage 1, or ``gradient_accumulation_steps`` 1; not ``deterministic``). True by
-    default; false keeps the whole shard (``docs/offload.md``).
+    the whole gradient shard on the device through the step (never in ``deterministic`` mode).
+    Unset (None): where no unit's gradient lands twice in a step, so streaming costs no copy
+    (stage 1, or ``gradient_accumulation_steps`` 1). True: with accumulation too, each
+    micro-batch after the first bringing the unit's sum so far back up from the host to add to
+    (two copies of the host units' gradient per micro-batch; the same values bit for bit).
+    False: the whole shard stays (``docs/offload.md``).
     """
 
     no_weight_decay: tuple[str, ...] = ()
@@ -108,4 +111,4 @@ class FzeroConfig:
     embedding_units: bool = False
     step_timeout_s: float = 300.0
     offload_update_in_forward: bool = True
-    stream_gradients: bool = True
+    stream_gradients: bool | None = None

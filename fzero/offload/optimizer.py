@@ -120,6 +120,9 @@ class HostOptimizer:
     def copy_grad_to_host(self, op: O.CopyGradToHost) -> None:
         self.transfers.gradient_down(op.unit, self.host_grad[self._grad_range(op.unit)])
 
+    def grad_from_host(self, op: O.GradFromHost) -> None:
+        self.transfers.gradient_up(op.unit, self.host_grad[self._grad_range(op.unit)])
+
     def scalars_to_host(self, op: O.ScalarsToHost) -> None:
         """The step's one host sync: skip or not, and the one factor AdamW reads (averaging
         over ranks, undoing the loss scale, clipping), as ``StepPhase.optimizer_step``."""
@@ -140,6 +143,7 @@ class HostOptimizer:
         if not self._skip:
             self.optimizer.step.add_(1)
         self.transfers.forget_uploads()
+        self.transfers.end_landings()
         if self.deferred and not self._skip:
             self._keep_pending(hyper.lr)
 

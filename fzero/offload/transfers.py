@@ -1,7 +1,9 @@
 """The copies between the device and host memory under optimizer offload, and their waits.
 
 ``HostTransfers`` owns the two copy streams (on CUDA: one down, one up) and the events of the
-copies in flight: the gradients coming down (``CopyGradToHost``), the updated fp32 master
+copies in flight: the gradients coming down (``CopyGradToHost``) and, with streamed gradients
+under accumulation, their sums going back up for the next landing (``GradFromHost``), the
+updated fp32 master
 going up into the device shard (``CopyParamsToDevice``, ``UploadUpdate``; the device casts it,
 so the host does no cast pass and keeps no staging buffer), and, under partial offload with
 parameter offload, the device units' parameters coming down into the host shard
@@ -29,6 +31,7 @@ class HostTransfers:
         self._down: Any = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._up: Any = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._grad_copies: dict[int, Any] = {}  # unit -> event (None on CPU: copied already)
+        self._sent: set[int] = set()  # units whose gradient came down since the step began
         self._uploads: list[Any] = []
         self._copies_to_host: Any = None  # the last copy into the host shard (CUDA)
 
@@ -38,6 +41,7 @@ class HostTransfers:
         """Unit ``unit``'s landed gradient into ``target`` (its host buffer slice), on the down
         stream once the reduction landed."""
         source = self.landings.target(unit)
+        self._sent.add(unit)
         if not self.on_cuda:
             target.copy_(source)
             self._grad_copies[unit] = None
@@ -54,6 +58,35 @@ class HostTransfers:
         self.landings.read_by(unit, event)
         self._grad_copies[unit] = event
 
+    def gradient_up(self, unit: int, source: torch.Tensor) -> None:
+        """Unit ``unit``'s gradient copied down earlier in this step (``source``, its host
+        buffer slice: the sum of its landings so far) back into the gradient buffer it holds,
+        so that its next landing adds to it (``GradFromHost``). The copy waits for the copy down
+        to have landed and the device for the copy; nothing to do in a step's first landing."""
+        if unit not in self._sent:
+            return
+        target = self.landings.target(unit)
+        if not self.on_cuda:
+            target.copy_(source)
+        else:
+            stream, compute = self._up, torch.cuda.current_stream(self.device)
+            stream.wait_stream(compute)  # the buffer is this unit's (AllocUnitGrad waited)
+            down = self._grad_copies.get(unit)
+            if down is not None:
+                stream.wait_event(down)
+            with torch.cuda.stream(stream):
+                target.copy_(source, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            target.record_stream(stream)
+            compute.wait_event(done)
+        self.landings.carry(unit)
+
+    def end_landings(self) -> None:
+        """No gradient lands again in this step (its scalars are on the host): the next
+        landing of every unit is a new step's first."""
+        self._sent.clear()
+
     def wait_gradient(self, unit: int) -> bool:
         """Wait for unit ``unit``'s gradient copy of this step; False when none ran."""
         copied = self._grad_copies.pop(unit, MISSING)
@@ -69,6 +102,7 @@ class HostTransfers:
             if event is not None:
                 event.synchronize()
         self._grad_copies.clear()
+        self._sent.clear()
 
     # -- the master up --------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ def handler_table(
         O.ReduceScalarsInOrder: s.reduce_scalars_in_order,
         O.OptimizerStep: s.optimizer_step,
         O.CopyGradToHost: h.copy_grad_to_host,
+        O.GradFromHost: h.grad_from_host,
         O.ScalarsToHost: h.scalars_to_host,
         O.HostOptimizerStep: h.host_optimizer_step,
         O.CopyParamsToDevice: h.copy_params_to_device,

@@ -2,6 +2,9 @@
 with streamed gradients (``fzero/schedule/streamed_grads.py``), the gradient buffer while the
 unit holds it (from its ``AllocUnitGrad`` to the next unit's).
 
+With gradient accumulation a unit lands in the buffer once per micro-batch; after the first,
+``GradFromHost`` has brought its sum so far back up (``carry``), so the landing adds to it.
+
 The buffer is one explicit tensor, as large as the largest host unit's part, kept for the step
 and reused unit after unit: a fresh tensor per unit would leave the caching allocator a block of
 every unit's size. Before a unit lands in it, the compute stream waits for the copy down that
@@ -26,6 +29,7 @@ class GradientLandings:
         self.layout, self.workspace = layout, workspace
         self.buffer: torch.Tensor | None = None
         self.holder: int | None = None
+        self.carried = False  # the holder's sum of earlier landings is in the buffer
         self._read: Any = None  # the event of the copy down that read the holder (CUDA)
 
     def target(self, unit: int) -> torch.Tensor:
@@ -47,7 +51,13 @@ class GradientLandings:
         if self._read is not None:  # the previous holder's copy down has read it
             torch.cuda.current_stream(shard.device).wait_event(self._read)
             self._read = None
-        self.holder = unit
+        self.holder, self.carried = unit, False
+
+    def carry(self, unit: int) -> None:
+        """Unit ``unit``'s sum of this step's earlier landings is in the buffer now
+        (``GradFromHost``): its landing adds to it instead of writing."""
+        assert unit == self.holder, "GradFromHost follows its unit's AllocUnitGrad"
+        self.carried = True
 
     def read_by(self, unit: int, event: Any) -> None:
         """A copy down of unit ``unit`` was issued (``event`` on its stream): the buffer is

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from fzero.config import Config
 from fzero.schedule import Knobs, Schedule, Trigger, UnitInfo, compile_schedule, presumed_trace
-from fzero.schedule.streamed_grads import streams
+from fzero.schedule.streamed_grads import lands_once, streams
 from fzero.state.layout import FlatLayout, dtype_from_name
 
 if TYPE_CHECKING:
@@ -103,6 +103,9 @@ def knobs_from(config: Config, layout: FlatLayout, offload: OffloadPlan) -> Knob
         host_step_units=host_units,
         offload_param=offload.params_on_host,
         stream_gradients=streams_gradients(config, offload),
+        accumulate_streamed_grads=not lands_once(
+            config.stage, config.gradient_accumulation_steps, config.reduce_every_micro_batch
+        ),
         offload_update_in_forward=config.fzero.offload_update_in_forward,
         optimizer_in_files=offload.optimizer_in_files,
         params_in_files=offload.params_in_files,
@@ -112,11 +115,12 @@ def knobs_from(config: Config, layout: FlatLayout, offload: OffloadPlan) -> Knob
 
 def streams_gradients(config: Config, offload: OffloadPlan) -> bool:
     """Whether host units' gradients stream down as they land (``streamed_grads.streams``)
-    instead of filling a whole gradient shard; ``fzero.stream_gradients`` false keeps the
-    shard."""
-    return config.fzero.stream_gradients and streams(
+    instead of filling a whole gradient shard, as ``fzero.stream_gradients`` asks."""
+    return streams(
         optimizer_offloaded=offload.optimizer_on_host,
         deterministic=config.fzero.deterministic,
         stage=config.stage,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        requested=config.fzero.stream_gradients,
+        reduce_every_micro_batch=config.reduce_every_micro_batch,
     )

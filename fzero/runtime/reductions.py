@@ -168,8 +168,11 @@ class GradientReduction:
 
     def _first_landing(self, unit: int) -> bool:
         """Whether unit ``unit``'s gradient lands for the first time in this step (written, not
-        added): always in the gradient buffer, which holds it once."""
-        return unit == self.landings.holder or unit not in self.shard_written
+        added): in the gradient buffer, unless its earlier landings' sum was brought up into it
+        (``GradFromHost``)."""
+        if unit == self.landings.holder:
+            return not self.landings.carried
+        return unit not in self.shard_written
 
     def _shard_places(self, unit: int) -> ShardPlaces:
         """Unit ``unit``'s places where it lands (the gradient shard or the gradient buffer),

@@ -76,8 +76,9 @@ class StepPhase:
     ):
         self.layout = layout
         self.landings = landings or GradientLandings(layout, workspace)
-        # Streamed gradients: the squared norms of the units landed so far in this step.
-        self.squares_sum: torch.Tensor | None = None
+        # Streamed gradients: per unit landed so far in this step, the squared norm of its
+        # latest landing (with accumulation, of its sum so far), in the order of the latest.
+        self.unit_squares: dict[int, torch.Tensor] = {}
         self.workspace = workspace
         self.comm = comm
         self.optimizer = optimizer
@@ -117,7 +118,8 @@ class StepPhase:
 
     def abort(self) -> None:
         """A failed micro-batch: drop what the step accumulated."""
-        self.loss_sum = self.squares_sum = None
+        self.loss_sum = None
+        self.unit_squares = {}
 
     def _mean_loss(self, device: torch.device) -> torch.Tensor:
         if self.loss_sum is None:
@@ -127,19 +129,23 @@ class StepPhase:
     # -- handlers ---------------------------------------------------------------------------
 
     def accumulate_grad_norm(self, op: O.AccumulateGradNorm) -> None:
-        """Add unit ``op.unit``'s squared norm, where it landed, to the step's sum (in the
-        schedule's order of units, so every run adds the same values in the same order)."""
+        """Record unit ``op.unit``'s squared norm where it landed. A later landing of the unit
+        in the step (accumulation) replaces it and moves it last, so the sum reads each unit's
+        whole gradient once, in the order of the units' last landings: the schedule's order,
+        so every run adds the same values in the same order."""
         grad = self.landings.target(op.unit)
-        squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-        self.squares_sum = squares if self.squares_sum is None else self.squares_sum + squares
+        self.unit_squares.pop(op.unit, None)
+        self.unit_squares[op.unit] = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
 
     def reduce_scalars(self, op: O.ReduceScalars) -> None:
         grad = self.workspace.grad_shard
         if op.summed_per_unit:  # streamed gradients: no whole shard to read
-            squares = self.squares_sum
+            squares = None
+            for unit_squares in self.unit_squares.values():
+                squares = unit_squares if squares is None else squares + unit_squares
             if squares is None:
                 squares = torch.zeros((), dtype=torch.float32, device=grad.device)
-            self.squares_sum = None
+            self.unit_squares = {}
         else:
             # vector_norm reduces without materialising a squared copy of the shard.
             squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()

@@ -105,9 +105,11 @@ class Knobs:
     # offload_optimizer.ratio < 1: the units whose optimizer steps on the host (the others step
     # on the device, ``offload_split.py``); None: every unit's.
     host_step_units: frozenset[int] | None = None
-    # Optimizer offload with each unit's gradient landing once per step: host units' gradients
-    # stream down as they land instead of filling a whole gradient shard (streamed_grads.py).
+    # Optimizer offload: host units' gradients stream down as they land instead of filling a
+    # whole gradient shard (streamed_grads.py); ``accumulate_streamed_grads``: a unit may land
+    # in several micro-batches of a step, so each landing first brings its sum up from the host.
     stream_gradients: bool = False
+    accumulate_streamed_grads: bool = False
     # fzero.offload_update_in_forward: stage 3's CPU steps move into the next first forward
     offload_update_in_forward: bool = False
     # device "nvme": the master and moments / the parameter shards live in files (file_pass.py)

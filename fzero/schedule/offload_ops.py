@@ -31,6 +31,27 @@ class CopyGradToHost(Op):
 
 
 @dataclass(frozen=True)
+class GradFromHost(Op):
+    """Streamed gradients with accumulation (``streamed_grads.py``): right after unit
+    ``unit``'s ``AllocUnitGrad``, where its gradient was copied down earlier in this step (an
+    earlier micro-batch's landing), bring that sum (``nbytes``) back up into the gradient
+    buffer, on the host-to-device stream, so that the landing adds to it; the device waits for
+    the copy before the landing. In the step's first landing of the unit it does nothing."""
+
+    unit: int
+    name: str
+    nbytes: int
+
+    @property
+    def stream(self) -> str:
+        return HOST_TO_DEVICE
+
+    def __str__(self) -> str:
+        label = _unit_label(self.unit, self.name)
+        return f"GradFromHost {label}  {_size(self.nbytes)}  (after its first landing of a step)"
+
+
+@dataclass(frozen=True)
 class ScalarsToHost(Op):
     """Optimizer offload: read the step's overflow flag and gradient norm on the host (one
     sync), which the CPU steps need for skipping and clipping."""

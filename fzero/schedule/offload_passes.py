@@ -47,7 +47,11 @@ def apply_offload(
         itemsize = knobs.grad_shard_itemsize
         host = knobs.host_step_units
         if knobs.stream_gradients and reduction != "ordered":
-            streaming = GradStreaming.of(units, host, itemsize, reduction != "step")
+            in_micro_steps = reduction != "step"
+            accumulates = in_micro_steps and knobs.accumulate_streamed_grads
+            streaming = GradStreaming.of(
+                units, host, itemsize, accumulates, in_micro_steps and not accumulates
+            )
             micro = _streamed(units, micro, streaming)
             last_micro = _streamed(units, last_micro, streaming) if last_micro else None
         elif reduction != "step" and traced:  # reduced in the micro-step: copy after the last

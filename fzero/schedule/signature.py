@@ -25,6 +25,7 @@ COLLECTIVES = (
 
 LOCAL_OFFLOAD_OPS = (
     O.CopyGradToHost,
+    O.GradFromHost,
     O.ScalarsToHost,
     O.HostOptimizerStep,
     O.CopyParamsToDevice,

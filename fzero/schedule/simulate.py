@@ -51,9 +51,9 @@ def simulate(
     streaming = schedule.grad_streaming
     if streaming is not None and streaming.one_micro_batch and micro_batches != 1:
         raise ValueError(
-            f"micro_batches is {micro_batches}, but this schedule streams gradients, which it "
-            "does for one micro-batch per step only (gradient_accumulation_steps 1): simulate "
-            "one, or compile for accumulation"
+            f"micro_batches is {micro_batches}, but this schedule streams gradients for one "
+            "micro-batch per step (gradient_accumulation_steps 1): simulate one, or compile "
+            "for accumulation (fzero.stream_gradients true with gradient_accumulation_steps)"
         )
     if memory is None:
         memory = MemoryModel.from_schedule(schedule, bytes_per_param or BytesPerParam())
@@ -128,6 +128,7 @@ class _Replay:
             O.FILE: 0.0,
         }
         self.in_flight: dict[tuple[str, int], float] = {}  # (stream, unit) -> collective end
+        self.sent_down: set[int] = set()  # units whose gradient went down in this step
         self.spans: list[Span] = []
         self.compute_seconds = self.exposed_seconds = 0.0
         stage = schedule.stage
@@ -209,6 +210,14 @@ class _Replay:
                 seconds = self.cost.download(op.nbytes)
                 end = self.collective(op, O.DEVICE_TO_HOST, seconds, micro)
                 self.in_flight[(O.DEVICE_TO_HOST, op.unit)] = end
+                self.sent_down.add(op.unit)
+            elif isinstance(op, O.GradFromHost) and op.unit in self.sent_down:
+                # The sum so far comes up once its copy down landed; the landing waits for it.
+                down = self.in_flight.get((O.DEVICE_TO_HOST, op.unit), 0.0)
+                up = O.HOST_TO_DEVICE
+                self.stream_free[up] = max(self.stream_free[up], down)
+                end = self.collective(op, up, self.cost.upload(op.nbytes), micro)
+                self.wait(op, end, micro)
             elif isinstance(op, O.CopyParamsToHost):
                 seconds = self.cost.download(op.nbytes)
                 end = self.collective(op, O.DEVICE_TO_HOST, seconds, micro)
@@ -259,6 +268,7 @@ class _Replay:
                     O.ZeroGradShard,
                     O.FreeGradShard,
                     O.AllocUnitGrad,
+                    O.GradFromHost,  # the step's first landing of its unit: nothing to bring
                     O.FreeGradBuffer,
                     O.AccumulateGradNorm,  # a read of one unit's part, like ReduceScalars' norm
                 ),

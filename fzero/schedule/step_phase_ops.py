@@ -30,10 +30,11 @@ class ReduceScalars(Op):
 
 @dataclass(frozen=True)
 class AccumulateGradNorm(Op):
-    """Streamed gradients: add unit ``unit``'s squared gradient norm (fp32, on the device) to
-    the step's sum, right after the unit's gradient landed and before it is copied down;
-    ``ReduceScalars`` all-reduces the sum. The units add in the schedule's order, so every run
-    sums the same values in the same order."""
+    """Streamed gradients: record unit ``unit``'s squared gradient norm (fp32, on the device),
+    right after the unit's gradient landed and before it is copied down; a later landing in the
+    step (gradient accumulation: onto its sum so far) replaces it. ``ReduceScalars`` all-reduces
+    the sum of the recorded norms, added in the order of the units' last landings (the
+    schedule's), so every run sums the same values in the same order."""
 
     unit: int
     name: str

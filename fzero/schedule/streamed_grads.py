@@ -10,18 +10,29 @@ although every host unit's part goes down to the host right after its last reduc
    which writes at once; before the ``WaitReduce`` of a ``ReduceScatter``, whose result lands
    there) points the landing at the device's gradient buffer (as large as the largest host
    unit's part), which the previous unit has left once its copy down read it;
-2. ``AccumulateGradNorm`` after its ``WaitReduce`` adds its squared norm to the step's sum on the
-   device, before the copy; device units (partial offload) add theirs too;
+2. ``AccumulateGradNorm`` after its ``WaitReduce`` records its squared norm on the device,
+   before the copy; device units (partial offload) record theirs too;
 3. ``CopyGradToHost`` copies it down, as without streaming.
 
 The gradient shard keeps only the device units' part (partial offload; none under full
-offload), ``ReduceScalars`` all-reduces the accumulated sum (``summed_per_unit``) instead of
-reading a shard, and ``FreeGradBuffer`` frees the buffer at the end of the step phase.
+offload), ``ReduceScalars`` all-reduces the sum of the recorded norms (``summed_per_unit``)
+instead of reading a shard, and ``FreeGradBuffer`` frees the buffer at the end of the step
+phase.
 
-Exact only when each unit's gradient lands once per step (``streams``, which the planner
-and ``estimate_memory`` both ask): accumulation across micro-batches adds into
-the landed gradient, which streaming has already copied down. Deterministic mode sums the norm
-parameter by parameter in model order over the whole shard, so it keeps the shard.
+Gradient accumulation: a unit whose gradient lands in several micro-batches of a step (stages
+2 and 3 with ``gradient_accumulation_steps`` above 1, or not known) would add each landing into
+a gradient that streaming has already copied down. With ``accumulates`` the pass puts a
+``GradFromHost`` right after each ``AllocUnitGrad``: where the unit's gradient was copied down
+earlier in the step, its sum so far comes back up into the buffer, the landing adds to it, and
+the new sum goes down again; in the step's first landing it does nothing. The device adds the
+same fp32 values in the same order as into a whole shard, so the gradient is the same bit for
+bit, for two copies of the host units' gradient per micro-batch after the first (DeepSpeed's
+ZeRO-3 offload adds each micro-batch's partition into its host buffer on the CPU instead). A
+later landing's ``AccumulateGradNorm`` replaces the unit's recorded norm, so the sum reads each
+unit's whole gradient. Whether to pay those copies is the planner's choice (``streams``):
+by default only where no unit lands twice; ``fzero.stream_gradients: true`` asks for it with
+accumulation too. Deterministic mode sums the norm parameter by parameter in model order over
+the whole shard, so it keeps the shard.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from fzero.schedule.ops import (
     CopyGradToHost,
     FreeGradBuffer,
     FreeGradShard,
+    GradFromHost,
     Op,
     ReduceScalars,
     WaitReduce,
@@ -51,17 +63,32 @@ def streams(
     deterministic: bool,
     stage: int,
     gradient_accumulation_steps: int | None,
+    requested: bool | None = None,
+    reduce_every_micro_batch: bool | None = None,
 ) -> bool:
-    """Whether host units' gradients can stream down as they land: under optimizer offload,
-    when each unit's gradient lands once per step. Stage 1 reduces once, in the step phase;
-    stages 2 and 3 reduce in the micro-steps (every one, or the last with
-    ``reduce_every_micro_batch: false``, whose tracing first micro-batch reduces too), so only
-    with ``gradient_accumulation_steps`` 1: with accumulation a later micro-batch adds into the
-    landed gradient. Deterministic mode sums the norm in model order over the whole shard, so
-    it keeps the shard."""
-    if not optimizer_offloaded or deterministic:
+    """Whether host units' gradients stream down as they land, under optimizer offload.
+    ``requested`` is ``fzero.stream_gradients``: False never; True always (with accumulation,
+    each later landing brings the unit's sum up from the host first, ``GradFromHost``); None
+    (the default) where no unit lands twice in a step (``lands_once``), so streaming adds no
+    copy. Deterministic mode sums the norm in model order over the whole shard, so it keeps
+    the shard."""
+    if not optimizer_offloaded or deterministic or requested is False:
         return False
-    return stage == 1 or gradient_accumulation_steps == 1
+    return requested is True or lands_once(
+        stage, gradient_accumulation_steps, reduce_every_micro_batch
+    )
+
+
+def lands_once(
+    stage: int, gradient_accumulation_steps: int | None, reduce_every_micro_batch: bool | None
+) -> bool:
+    """Whether each unit's gradient lands once per step: with one micro-batch a step, or where
+    the reduction runs once, in the step phase (stages 0 and 1 unless
+    ``reduce_every_micro_batch``; None: the stage's default). Stages 2 and 3 reduce in the
+    micro-steps: every one, or the last with ``reduce_every_micro_batch: false``, whose tracing
+    first micro-batch reduces too."""
+    in_step_phase = stage < 2 and not reduce_every_micro_batch
+    return in_step_phase or gradient_accumulation_steps == 1
 
 
 @dataclass(frozen=True)
@@ -69,15 +96,18 @@ class GradStreaming:
     """What streaming needs to know: the host units (their gradients stream), the gradient
     buffer's bytes (the largest host unit's part), the device units' gradient shard
     (``shard_nbytes``, 0 under full offload) and the whole shard streaming replaces.
-    ``one_micro_batch``: the schedule reduces in the micro-steps, so it is exact for steps of one
-    micro-batch only (stage 1 reduces in the step phase: any number)."""
+    ``accumulates``: a unit may land in several micro-batches of a step, so each landing first
+    brings the unit's sum so far up from the host (``GradFromHost``). ``one_micro_batch``: the
+    schedule reduces in the micro-steps without that, so it holds for steps of one micro-batch
+    only (``gradient_accumulation_steps`` 1; stage 1 reduces in the step phase: any number)."""
 
     host_units: frozenset[int]
     buffer_nbytes: int
     shard_nbytes: int
     whole_shard_nbytes: int
     itemsize: int
-    one_micro_batch: bool = True
+    accumulates: bool = False
+    one_micro_batch: bool = False
 
     @classmethod
     def of(
@@ -85,7 +115,8 @@ class GradStreaming:
         units: tuple[UnitInfo, ...],
         host_units: frozenset[int] | None,
         itemsize: int,
-        one_micro_batch: bool = True,
+        accumulates: bool = False,
+        one_micro_batch: bool = False,
     ) -> GradStreaming:
         """``host_units`` None: every unit steps on the host. A trainable unit with no
         optimizer elements on this rank streams too (an empty part): it lands nowhere else."""
@@ -98,6 +129,7 @@ class GradStreaming:
             device_numel * itemsize,
             sum(u.optimizer_numel for u in trainable) * itemsize,
             itemsize,
+            accumulates,
             one_micro_batch,
         )
 
@@ -107,6 +139,7 @@ class GradStreaming:
             f"streamed to the host as each unit lands: on the device a "
             f"{_size(self.buffer_nbytes)} buffer (the largest host unit's){device} instead of "
             f"the {_size(self.whole_shard_nbytes)} gradient shard"
+            + ("; accumulated through the host (GradFromHost)" if self.accumulates else "")
             + ("; one micro-batch per step" if self.one_micro_batch else "")
         )
 
@@ -125,6 +158,8 @@ def stream_gradients(
     def take_buffer(unit: UnitInfo) -> None:
         nbytes = unit.optimizer_numel * streaming.itemsize
         out.append(AllocUnitGrad(unit.index, unit.name, nbytes, streaming.buffer_nbytes))
+        if streaming.accumulates:
+            out.append(GradFromHost(unit.index, unit.name, nbytes))
         in_buffer.add(unit.index)
 
     for op in ops:

@@ -160,7 +160,7 @@ class GradientRules:
         if reduction is None:
             self.fail("wait-after-reduce", unit, "WaitReduce with no reduction in flight")
         if unit in self.streamed_units:
-            self.require_holder(unit, "its reduction lands")
+            self.streamed_landing(unit)
         elif not self.shard_alive:
             self.fail(
                 "grad-shard",
@@ -169,6 +169,7 @@ class GradientRules:
                 "allocated (ZeroGradShard missing)",
             )
         self.shard_holds.add(unit)
+        self.normed.discard(unit)  # a new landing: its norm is recorded anew
         if op.frees_nbytes:
             self.grad_alive.discard(unit)
             self.grad_stale.discard(unit)

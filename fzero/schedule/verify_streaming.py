@@ -1,7 +1,9 @@
 """verify's rules for streamed gradients (``streamed_grads.py``): a host unit lands in the
 gradient buffer, which it holds from its ``AllocUnitGrad`` until ``AccumulateGradNorm`` and
 ``CopyGradToHost`` have read it; the next unit takes the buffer only then, and
-``FreeGradBuffer`` frees it before the step ends. A mixin of ``verify._Checker``; the landing
+``FreeGradBuffer`` frees it before the step ends. A unit landing again in a step, after its
+copy down, must have had its sum brought back up first (``GradFromHost``), or the earlier
+micro-batches' gradient would be lost. A mixin of ``verify._Checker``; the landing
 and scalar rules that also hold without streaming are in ``verify_gradients.py``."""
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ class StreamingRules:
         self.buffer_alive = False
         self.buffer_holder: int | None = None
         self.buffer_done = True  # the holder's gradient was copied down: the buffer may be reused
-        self.normed: set[int] = set()  # units whose squared norm was added in this step
+        self.buffer_carries = False  # the holder's sum so far was brought up (GradFromHost)
+        self.normed: set[int] = set()  # units whose latest landing's squared norm is recorded
+        self.sent_down: set[int] = set()  # streamed units copied down in this step
 
     def require_holder(self, unit: int, action: str) -> None:
         if self.buffer_holder != unit:
@@ -43,6 +47,30 @@ class StreamingRules:
                 "not copied down yet (CopyGradToHost missing)",
             )
         self.buffer_alive, self.buffer_holder, self.buffer_done = True, op.unit, False
+        self.buffer_carries = False
+
+    def op_GradFromHost(self, op: O.GradFromHost) -> None:
+        self.require_holder(op.unit, "GradFromHost brings its sum up")
+        if op.unit in self.shard_holds and op.unit not in self.sent_down:
+            self.fail(
+                "grad-shard",
+                op.unit,
+                "GradFromHost over a landed gradient that was not copied down: it would be lost",
+            )
+        self.buffer_carries = op.unit in self.sent_down
+
+    def streamed_landing(self, unit: int) -> None:
+        """A streamed unit's reduction lands in the buffer: after a copy down in this step,
+        only onto its sum brought back up."""
+        self.require_holder(unit, "its reduction lands")
+        if unit in self.sent_down and not self.buffer_carries:
+            self.fail(
+                "grad-shard",
+                unit,
+                "lands again in this step after its copy down without GradFromHost: the "
+                "earlier micro-batches' gradient would be lost",
+            )
+        self.normed.discard(unit)
 
     def op_FreeGradBuffer(self, op: O.FreeGradBuffer) -> None:
         if not self.buffer_alive:
@@ -59,7 +87,7 @@ class StreamingRules:
         if op.unit not in self.shard_holds:
             self.fail("grad-shard", op.unit, "AccumulateGradNorm before the gradient landed")
         if op.unit in self.normed:
-            self.fail("grad-shard", op.unit, "squared norm added twice in one step")
+            self.fail("grad-shard", op.unit, "squared norm recorded twice for one landing")
         if op.unit in self.streamed_units:
             self.require_holder(op.unit, "AccumulateGradNorm reads it")
         self.normed.add(op.unit)
@@ -76,6 +104,7 @@ class StreamingRules:
                 "copied down before AccumulateGradNorm added its norm: the buffer may be reused",
             )
         self.buffer_done = True
+        self.sent_down.add(unit)
 
     def end_step_streaming(self) -> None:
         if self.buffer_alive:
@@ -83,5 +112,6 @@ class StreamingRules:
                 "end-of-step", -1, "the gradient buffer outlives the step (FreeGradBuffer missing)"
             )
         self.normed.clear()
+        self.sent_down.clear()
         if self.streaming:
             self.shard_holds.clear()

@@ -46,6 +46,7 @@ def _train(
     params: bool = True,
     bf16: bool = True,
     steps: int = STEPS,
+    micro: int = 1,
 ):
     """Train STEPS steps at stage 3 with optimizer (and parameter) offload; returns the losses,
     the full parameters, the moments, the state and the largest step's peak allocated bytes
@@ -63,7 +64,7 @@ def _train(
     config = {
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
         "gradient_clipping": clip,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": micro,
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
         "fzero": {"offload_update_in_forward": in_forward, "stream_gradients": streamed},
@@ -73,7 +74,11 @@ def _train(
     corpus, generator = MarkovCorpus(cfg.vocab_size), torch.Generator().manual_seed(3)
     losses, peaks = [], []
     for step in range(steps):
-        batch = tuple(t.cuda() for t in corpus.batch(2, cfg.block_size, generator))
+        batches = [
+            tuple(t.cuda() for t in corpus.batch(2, cfg.block_size, generator))
+            for _ in range(micro)
+        ]
+        batch = batches[0] if micro == 1 else batches
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
@@ -129,3 +134,19 @@ def test_streamed_cpu_steps_in_the_forward_equal_the_step_phase_on_cuda():
     assert in_forward[0] == in_step[0]
     for name in in_step[1]:
         assert torch.equal(in_forward[1][name], in_step[1][name]), name
+
+
+def test_accumulated_streaming_on_cuda_equals_the_whole_shard_without_clipping():
+    """Three micro-batches a step: each later landing adds onto the sum brought back up from
+    pinned host memory (``GradFromHost`` on the up stream, the landing waiting for it), so a
+    race (the upload reading the host buffer before the copy down landed, or the landing
+    before the upload) would show as a difference from the whole shard's sums."""
+    whole = _train(streamed=False, clip=0.0, micro=3)
+    streamed = _train(streamed=True, clip=0.0, micro=3)
+    assert streamed[3].schedule.grad_streaming.accumulates
+    assert streamed[0] == whole[0]
+    for name in whole[1]:
+        assert torch.equal(streamed[1][name], whole[1][name]), name
+    for a, b in zip(streamed[2], whole[2], strict=True):
+        assert torch.equal(a, b)
+    assert streamed[4] < whole[4]  # the device never held the whole gradient shard
