@@ -214,7 +214,7 @@ def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
     by_param: dict[int, torch.Tensor] = {}  # id(parameter) -> value, for renamed state dicts
     for unit, params in zip(layout.units, runtime.executor.unit_params, strict=True):
         # Offloaded masters are on the host: gather where the communicator works.
-        owned = workspace.owned_fp32(unit.index).to(workspace.grad_shard.device)
+        owned = workspace.owned_fp32(unit.index).to(workspace.device)
         gathered = owned
         if layout.shard_world > 1:
             gathered = torch.empty(unit.padded_numel, dtype=torch.float32, device=owned.device)
