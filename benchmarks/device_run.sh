@@ -38,7 +38,7 @@ for task in "$@"; do
     scaling) python3 benchmarks/scaling.py --model 1.4b --worlds 1 2 4 8 --out "$OUT" --json "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log" ;;
     profile255) python3 benchmarks/profile_step.py --model 255m --impls fsdp2 fzero:3 2>&1 | tee "$OUT/profile_255m.log" ;;
     offload1.4b) python3 benchmarks/offload.py --model 1.4b --json "$OUT/offload_1.4b.json" 2>&1 | tee "$OUT/offload_1.4b.log" ;;
-    offload3.9b) python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --impls fzero:3+opt fzero:3+opt+r0.8 deepspeed:3+opt+param --steps 3 --warmup 1 --json "$OUT/offload_3.9b.json" 2>&1 | tee "$OUT/offload_3.9b.log" ;;
+    offload3.9b) python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --impls fzero:3+opt+r0.85 fzero:3+opt+r0.8 deepspeed:3+opt+param --steps 3 --warmup 1 --json "$OUT/offload_3.9b.json" 2>&1 | tee "$OUT/offload_3.9b.log" ;;
     offload3.9b-more) python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --impls fzero:3+opt+param fzero:3+opt+param+r0.7 deepspeed:3+opt+param fsdp2:offload --steps 3 --warmup 1 --json "$OUT/offload_3.9b_more.json" 2>&1 | tee "$OUT/offload_3.9b_more.log" ;;
     nvme255) mkdir -p /tmp/nvme && python3 benchmarks/nvme_offload.py --dir /tmp/nvme --model 255m --json "$OUT/nvme_255m.json" 2>&1 | tee "$OUT/nvme_255m.log" ;;
     offloadquick) python3 benchmarks/offload.py --model 1.4b --impls fzero:3 fzero:2+opt fzero:3+opt fzero:3+opt+param fzero:3+opt+r0.6 deepspeed:2+opt deepspeed:3+opt+r0.6 --json "$OUT/offload_1.4b.json" 2>&1 | tee "$OUT/offload_1.4b.log" ;;

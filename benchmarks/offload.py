@@ -87,6 +87,37 @@ MEASURED_FLOPS_PER_SECOND = 0.584 * 989e12
 MEASURED_CPU_ADAMW_BYTES_PER_SECOND = 104e9
 
 
+def fzero_config(stage: int, options: set[str], pin: bool, bf16: bool) -> dict:
+    """fzero's config for one row (``benchmarks/offload_plan.py`` plans the same ones)."""
+    zero = _zero_block(stage, options, pin)
+    zero.update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    config = {
+        # One micro-batch a step (what step() passes), so that under optimizer offload the
+        # gradients stream down unit by unit instead of filling a whole device shard.
+        "gradient_accumulation_steps": 1,
+        "optimizer": _optimizer_config(),
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        # +stepphase: every CPU step in the step phase (no overlap with the next forward)
+        "fzero": {"offload_update_in_forward": "stepphase" not in options},
+    }
+    if "bf16grad" in options:  # exact here: one rank, no accumulation, bf16 gradients
+        config["data_types"] = {"grad_accum_dtype": "bf16"}
+    return config
+
+
+def calibrated_cost(tokens_per_micro_batch: int):
+    """The simulator's cost model calibrated from this machine's measured steps (above)."""
+    from fzero.schedule import CostModel
+
+    return CostModel(
+        flops_per_second=MEASURED_FLOPS_PER_SECOND,
+        tokens_per_micro_batch=tokens_per_micro_batch or 4096,
+        cpu_optimizer_bytes_per_second=MEASURED_CPU_ADAMW_BYTES_PER_SECOND,
+    )
+
+
 def make_step(
     impl: str, model, device: torch.device, ckpt: bool = False, tokens_per_micro_batch: int = 0
 ):
@@ -105,21 +136,7 @@ def make_step(
     if kind == "fzero":
         import fzero
 
-        zero = _zero_block(int(stage), options, pin)
-        zero.update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
-        config = {
-            # One micro-batch a step (what step() passes), so that under optimizer offload the
-            # gradients stream down unit by unit instead of filling a whole device shard.
-            "gradient_accumulation_steps": 1,
-            "optimizer": _optimizer_config(),
-            "gradient_clipping": 1.0,
-            "bf16": {"enabled": bf16},
-            "zero_optimization": zero,
-            # +stepphase: every CPU step in the step phase (no overlap with the next forward)
-            "fzero": {"offload_update_in_forward": "stepphase" not in options},
-        }
-        if "bf16grad" in options:  # exact here: one rank, no accumulation, bf16 gradients
-            config["data_types"] = {"grad_accum_dtype": "bf16"}
+        config = fzero_config(int(stage), options, pin, bf16)
         box = {"state": fzero.shard(model, config=config, device=device)}
 
         def step(batch):
@@ -127,14 +144,10 @@ def make_step(
             return metrics["loss"]
 
         def extra():
-            from fzero.schedule import CostModel, simulate
+            from fzero.schedule import simulate
 
             default = simulate(box["state"].schedule).step_seconds
-            calibrated = CostModel(
-                flops_per_second=MEASURED_FLOPS_PER_SECOND,
-                tokens_per_micro_batch=tokens_per_micro_batch or 4096,
-                cpu_optimizer_bytes_per_second=MEASURED_CPU_ADAMW_BYTES_PER_SECOND,
-            )
+            calibrated = calibrated_cost(tokens_per_micro_batch)
             return {
                 "simulated_ms": 1e3 * default,
                 "simulated_calibrated_ms": 1e3

@@ -6,12 +6,20 @@ state, metrics = fzero.train_step(state, batch)
 
 from __future__ import annotations
 
-from fzero.api import full_state_dict, shard
+from fzero.api import full_state_dict, plan_schedule, shard
 from fzero.config import Config
 from fzero.state import NAMESPACE, ZeroState
 from fzero.train import train_step
 
-__all__ = ["NAMESPACE", "Config", "ZeroState", "full_state_dict", "shard", "train_step"]
+__all__ = [
+    "NAMESPACE",
+    "Config",
+    "ZeroState",
+    "full_state_dict",
+    "plan_schedule",
+    "shard",
+    "train_step",
+]
 __version__ = "0.1.0"
 
 from fzero.checkpoint import load, load_pretrained, save  # noqa: E402 - appended: checkpoints

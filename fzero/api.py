@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from fzero.runtime.executor import Executor, ExecutorParts
 from fzero.runtime.hooks import HookDriver
 from fzero.runtime.plan import make_plan, streams_gradients
 from fzero.runtime.timeline import MeasuredTimeline
-from fzero.schedule import UnitInfo
+from fzero.schedule import Schedule, UnitInfo, presumed_trace
 from fzero.state.layout import (
     FlatLayout,
     backward_reads_params,
@@ -152,28 +153,9 @@ def shard(
         else None,
     )
 
-    modules = {
-        u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units
-    }
+    modules = _unit_modules(model, layout)
     recomputed = checkpointed_units(layout, cfg)
-    infos = tuple(
-        UnitInfo(
-            u.index,
-            u.name,
-            u.numel,
-            u.padded_numel * compute_dtype.itemsize,
-            u.padded_numel * compute_dtype.itemsize if u.has_trainable else 0,
-            u.padded_numel * reduce_dtype.itemsize if u.has_trainable else 0,
-            u.has_trainable,
-            persistent=u.index in persistent,
-            backward_reads_params=backward_reads_params(modules[u.index]),
-            optimizer_numel=u.optimizer_numel,
-            shard_nbytes=u.shard_numel * compute_dtype.itemsize,
-            param_itemsize=compute_dtype.itemsize,
-            recomputed=u.index in recomputed,
-        )
-        for u in layout.units
-    )
+    infos = _unit_infos(layout, cfg, modules, persistent, recomputed)
     optimizer = offload.optimizer_buffers(master, layout.optimizer_numel, device, workspace, files)
     plan = make_plan(layout, infos, cfg, comm.world_size, offload)
     parts = ExecutorParts(
@@ -233,7 +215,117 @@ def full_state_dict(state: ZeroState) -> dict[str, torch.Tensor]:
     return result
 
 
+def plan_schedule(
+    model: nn.Module,
+    stage: int | None = None,
+    config: Config | dict | str | None = None,
+    *,
+    world_size: int = 1,
+    units: list[nn.Module | str] | None = None,
+    total_num_steps: int | None = None,
+) -> Schedule:
+    """The schedule ``shard`` would run for ``model`` on each of ``world_size`` ranks, compiled
+    for the order a sequential model runs in (``presumed_trace``), without allocating anything:
+    the model may be on the meta device and larger than this machine. Print it, ``verify`` it,
+    ``simulate`` it (time and device memory a step), beside ``estimate_memory`` for the host and
+    file bytes, before renting the hardware. Where the model's first step runs in the presumed
+    order (a plain stack of blocks, with or without activation checkpointing) it is the
+    schedule ``shard``'s runtime compiles after that step; a model that runs its units in
+    another order gets the traced one at its first step instead."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ShardError(f"world_size must be a positive int, got {world_size!r}")
+    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    cfg = Config.from_any(config).with_stage_override(stage)
+    cfg.check_stage_options()
+    params = list(model.parameters())
+    if not params:
+        raise ShardError("the model has no parameters")
+    cfg = cfg.resolve(
+        world_size=world_size,
+        hidden_size=_hidden_size(model),
+        param_numel=sum(p.numel() for p in params),
+        total_num_steps=total_num_steps,
+    )
+    unit_modules = _resolve_units(model, units, cfg.fzero.embedding_units)
+    layout, _ = build_layout(
+        model,
+        unit_modules,
+        world_size=world_size,
+        rank=0,
+        stage=cfg.stage,
+        alignment=cfg.fzero.alignment,
+        weight_decay=cfg.optimizer.weight_decay,
+        no_weight_decay=cfg.fzero.no_weight_decay,
+    )
+    threshold = cfg.zero_optimization.stage3_param_persistence_threshold
+    persistent = {u.index for u in layout.units if cfg.stage == 3 and u.numel < threshold}
+    modules = _unit_modules(model, layout)
+    infos = _unit_infos(layout, cfg, modules, persistent, checkpointed_units(layout, cfg))
+    plan = make_plan(layout, infos, cfg, world_size, OffloadPlan.from_config(cfg))
+    # The model's own checkpointing shows only in the trace, as fzero's does.
+    by_model = _checkpointed_by_the_model(model, layout)
+    order = tuple(
+        dataclasses.replace(u, recomputed=True) if u.index in by_model else u for u in infos
+    )
+    return plan.retraced(presumed_trace(order)).schedule
+
+
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _checkpointed_by_the_model(model: nn.Module, layout: FlatLayout) -> frozenset[int]:
+    """The units whose forward the model itself recomputes in backward, which a real step's
+    trace shows as ``pre_recompute`` triggers: inside torch's ``checkpoint_wrapper``, or below
+    a module with Hugging Face's ``gradient_checkpointing`` switched on."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    found = set()
+    for unit in layout.units:
+        if unit.name == "":
+            continue
+        parts = unit.name.split(".")
+        chain = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
+        if any(isinstance(m, CheckpointWrapper) for m in chain[1:]) or any(
+            getattr(m, "gradient_checkpointing", False) is True for m in chain[:-1]
+        ):
+            found.add(unit.index)
+    return frozenset(found)
+
+
+def _unit_modules(model: nn.Module, layout: FlatLayout) -> dict[int, nn.Module]:
+    return {u.index: (model if u.name == "" else model.get_submodule(u.name)) for u in layout.units}
+
+
+def _unit_infos(
+    layout: FlatLayout,
+    cfg: Config,
+    modules: dict[int, nn.Module],
+    persistent: set[int],
+    recomputed: set[int] | frozenset[int],
+) -> tuple[UnitInfo, ...]:
+    """What the compiler knows of each unit: its sizes in the compute and reduce dtypes, and
+    whether it stays gathered, reads its parameters in backward, or recomputes its forward."""
+    compute = dtype_from_name(cfg.compute_dtype_name).itemsize
+    reduce = dtype_from_name(cfg.reduce_dtype_name).itemsize
+    return tuple(
+        UnitInfo(
+            u.index,
+            u.name,
+            u.numel,
+            u.padded_numel * compute,
+            u.padded_numel * compute if u.has_trainable else 0,
+            u.padded_numel * reduce if u.has_trainable else 0,
+            u.has_trainable,
+            persistent=u.index in persistent,
+            backward_reads_params=backward_reads_params(modules[u.index]),
+            optimizer_numel=u.optimizer_numel,
+            shard_nbytes=u.shard_numel * compute,
+            param_itemsize=compute,
+            recomputed=u.index in recomputed,
+        )
+        for u in layout.units
+    )
 
 
 def _hidden_size(model: nn.Module) -> int | None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step.py"
 
 
@@ -128,6 +130,21 @@ def test_offload_benchmark_cpu_smoke_runs_every_fzero_offload_configuration(tmp_
     rows = {r["impl"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"fzero:2", "fzero:2+opt", "fzero:3+opt", "fzero:3+opt+param"}
     assert all(r["tokens_per_s"] > 0 and r["simulated_ms"] > 0 for r in rows.values())
+
+
+def test_offload_plan_predicts_the_3_9b_rows_on_the_meta_device(tmp_path):
+    """The 3.9B rows plan here (nothing is allocated); partial offload predicts a shorter step,
+    more device memory and fewer host bytes per parameter than full offload."""
+    out = tmp_path / "plan.json"
+    command = [sys.executable, str(SCRIPT.parent / "offload_plan.py"), "--model", "3.9b", "--ckpt"]
+    command += ["--impls", "fzero:3+opt", "fzero:3+opt+r0.85", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    full, partial = json.loads(out.read_text())
+    assert full["host_bytes_per_param"] == pytest.approx(16.0, abs=0.05)  # 12 + fp32 gradient
+    assert partial["simulated_calibrated_ms"] < full["simulated_calibrated_ms"]
+    assert partial["simulated_peak_gib"] > full["simulated_peak_gib"]
+    assert partial["host_bytes_per_param"] < full["host_bytes_per_param"]
 
 
 def test_host_cost_benchmark_times_a_revision_beside_this_tree():
