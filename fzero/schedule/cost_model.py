@@ -92,6 +92,11 @@ class CostModel:
             shard_numel * self.cpu_optimizer_bytes_per_element / self.cpu_optimizer_bytes_per_second
         )
 
+    def host_cast(self, numel: int, nbytes: int) -> float:
+        """Writing ``numel`` updated fp32 master elements into ``nbytes`` of a compute-dtype
+        host shard (parameter offload): one more pass at the CPU step's bandwidth."""
+        return (4 * numel + nbytes) / self.cpu_optimizer_bytes_per_second
+
     def file_read(self, nbytes: int) -> float:
         return nbytes / self.file_read_bytes_per_second
 

@@ -116,7 +116,8 @@ def host_step_ops(
         for unit in on_host:
             if unit.optimizer_numel == 0:
                 continue
-            ops.append(HostOptimizerStep(unit.index, unit.name, unit.optimizer_numel))
+            shard = unit.optimizer_numel * unit.param_itemsize if param_offload else 0
+            ops.append(HostOptimizerStep(unit.index, unit.name, unit.optimizer_numel, shard))
             if not param_offload:
                 nbytes = unit.optimizer_numel * 4  # the fp32 master, cast on the device
                 ops.append(CopyParamsToDevice(unit.index, unit.name, nbytes))
@@ -177,7 +178,8 @@ def defer_host_steps(
             continue
         unit = by_index[unit_index]
         ops = extra.setdefault(trigger, [])
-        ops.append(ApplyPendingUpdate(unit.index, unit.name, unit.optimizer_numel))
+        shard = unit.optimizer_numel * unit.param_itemsize if param_offload else 0
+        ops.append(ApplyPendingUpdate(unit.index, unit.name, unit.optimizer_numel, shard))
         if not param_offload:
             ops.append(UploadUpdate(unit.index, unit.name, unit.optimizer_numel * 4))
     kept = [

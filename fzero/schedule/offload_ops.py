@@ -65,19 +65,25 @@ class HostOptimizerStep(Op):
     """Optimizer offload: AdamW on the host over unit ``unit``'s ``numel`` elements of the
     master and moments (torch's fused CPU kernel, one pass per weight-decay value), once its
     gradient copy has landed (the host waits for it); with parameter offload it also writes the
-    host parameter shard, in the compute dtype. Skipped, like ``OptimizerStep``, when some rank
-    overflowed."""
+    host parameter shard, in the compute dtype (``shard_nbytes``; 0 without: one more pass over
+    the updated master). Skipped, like ``OptimizerStep``, when some rank overflowed."""
 
     unit: int
     name: str
     numel: int
+    shard_nbytes: int = 0
 
     @property
     def stream(self) -> str:
         return HOST
 
     def __str__(self) -> str:
-        return f"HostOptimizerStep {_unit_label(self.unit, self.name)}  {self.numel:,} elements"
+        label = _unit_label(self.unit, self.name)
+        return f"HostOptimizerStep {label}  {self.numel:,} elements{_writes(self.shard_nbytes)}"
+
+
+def _writes(shard_nbytes: int) -> str:
+    return f", writes its {_size(shard_nbytes)} host shard" if shard_nbytes else ""
 
 
 @dataclass(frozen=True)
@@ -156,11 +162,13 @@ class ApplyPendingUpdate(Op):
     the CPU steps of later units overlap the forward of earlier ones. The previous step left
     its reduced gradient and its factors in the state (``ZeroState.pending``); nothing is
     stale: unit ``unit`` computes with its updated values. Does nothing when no update is
-    pending (the first step, a skipped one, or a state whose update was applied already)."""
+    pending (the first step, a skipped one, or a state whose update was applied already).
+    ``shard_nbytes`` as ``HostOptimizerStep``'s."""
 
     unit: int
     name: str
     numel: int
+    shard_nbytes: int = 0
 
     @property
     def stream(self) -> str:
@@ -168,7 +176,8 @@ class ApplyPendingUpdate(Op):
 
     def __str__(self) -> str:
         label = _unit_label(self.unit, self.name)
-        return f"ApplyPendingUpdate {label}  {self.numel:,} elements (the previous step's)"
+        writes = _writes(self.shard_nbytes)
+        return f"ApplyPendingUpdate {label}  {self.numel:,} elements (the previous step's){writes}"
 
 
 @dataclass(frozen=True)

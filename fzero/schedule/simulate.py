@@ -288,6 +288,8 @@ class _Replay:
         ready = max(ready, self.in_flight.pop((O.FILE, op.unit), 0.0))  # its state's read
         start = max(self.host_now, ready)
         seconds = self.cost.cpu_optimizer(op.numel)
+        if op.shard_nbytes:  # parameter offload: the host shard the gathers upload
+            seconds += self.cost.host_cast(op.numel, op.shard_nbytes)
         self.spans.append(Span(_op_text(op), O.HOST, "compute", start, start + seconds, micro))
         self.host_now = start + seconds
         self.compute_seconds += seconds
