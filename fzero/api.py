@@ -97,22 +97,8 @@ def shard(
     if getattr(model, "_fzero_runtime", None) is not None:
         raise ShardError("this model is already sharded by fzero; shard a fresh model")
 
-    cfg = cfg.resolve(
-        world_size=comm.world_size,
-        hidden_size=_hidden_size(model),
-        param_numel=sum(p.numel() for p in params),
-        total_num_steps=total_num_steps,
-    )
-    unit_modules = _resolve_units(model, units, cfg.fzero.embedding_units)
-    layout, params_per_unit = build_layout(
-        model,
-        unit_modules,
-        world_size=comm.world_size,
-        rank=comm.rank,
-        stage=cfg.stage,
-        alignment=cfg.fzero.alignment,
-        weight_decay=cfg.optimizer.weight_decay,
-        no_weight_decay=cfg.fzero.no_weight_decay,
+    cfg, layout, params_per_unit = _resolved_layout(
+        model, cfg, units, comm.world_size, comm.rank, total_num_steps
     )
     check_same_on_all_ranks(comm, "model layout and config", layout_summary(layout, cfg))
 
@@ -129,9 +115,7 @@ def shard(
     offload = OffloadPlan.from_config(cfg)
     offload.check_host_memory(layout, compute_dtype, accum_dtype)
     files = offload.file_residence(cfg, layout, compute_dtype, comm.rank)
-    # Stage 3 units below the persistence threshold (elements) stay gathered for good.
-    threshold = cfg.zero_optimization.stage3_param_persistence_threshold
-    persistent = {u.index for u in layout.units if cfg.stage == 3 and u.numel < threshold}
+    persistent = _persistent_units(layout, cfg)
     workspace, master = build_workspace(
         layout,
         params_per_unit,
@@ -238,28 +222,10 @@ def plan_schedule(
         raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
     cfg = Config.from_any(config).with_stage_override(stage)
     cfg.check_stage_options()
-    params = list(model.parameters())
-    if not params:
+    if not any(True for _ in model.parameters()):
         raise ShardError("the model has no parameters")
-    cfg = cfg.resolve(
-        world_size=world_size,
-        hidden_size=_hidden_size(model),
-        param_numel=sum(p.numel() for p in params),
-        total_num_steps=total_num_steps,
-    )
-    unit_modules = _resolve_units(model, units, cfg.fzero.embedding_units)
-    layout, _ = build_layout(
-        model,
-        unit_modules,
-        world_size=world_size,
-        rank=0,
-        stage=cfg.stage,
-        alignment=cfg.fzero.alignment,
-        weight_decay=cfg.optimizer.weight_decay,
-        no_weight_decay=cfg.fzero.no_weight_decay,
-    )
-    threshold = cfg.zero_optimization.stage3_param_persistence_threshold
-    persistent = {u.index for u in layout.units if cfg.stage == 3 and u.numel < threshold}
+    cfg, layout, _ = _resolved_layout(model, cfg, units, world_size, 0, total_num_steps)
+    persistent = _persistent_units(layout, cfg)
     modules = _unit_modules(model, layout)
     infos = _unit_infos(layout, cfg, modules, persistent, checkpointed_units(layout, cfg))
     plan = make_plan(layout, infos, cfg, world_size, OffloadPlan.from_config(cfg))
@@ -272,6 +238,35 @@ def plan_schedule(
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _resolved_layout(model, cfg, units, world_size: int, rank: int, total_num_steps):
+    """The config with its "auto" values resolved for this model and world, and the flat
+    layout of ``rank``'s shard (with each unit's parameters)."""
+    cfg = cfg.resolve(
+        world_size=world_size,
+        hidden_size=_hidden_size(model),
+        param_numel=sum(p.numel() for p in model.parameters()),
+        total_num_steps=total_num_steps,
+    )
+    unit_modules = _resolve_units(model, units, cfg.fzero.embedding_units)
+    layout, params_per_unit = build_layout(
+        model,
+        unit_modules,
+        world_size=world_size,
+        rank=rank,
+        stage=cfg.stage,
+        alignment=cfg.fzero.alignment,
+        weight_decay=cfg.optimizer.weight_decay,
+        no_weight_decay=cfg.fzero.no_weight_decay,
+    )
+    return cfg, layout, params_per_unit
+
+
+def _persistent_units(layout: FlatLayout, cfg: Config) -> set[int]:
+    """Stage 3 units below the persistence threshold (elements) stay gathered for good."""
+    threshold = cfg.zero_optimization.stage3_param_persistence_threshold
+    return {u.index for u in layout.units if cfg.stage == 3 and u.numel < threshold}
 
 
 def _checkpointed_by_the_model(model: nn.Module, layout: FlatLayout) -> frozenset[int]:
