@@ -74,12 +74,7 @@ def shard(
     they are sharded, so the device only ever holds what the configuration keeps there (with
     offload, less than the model: a model larger than the device is sharded from the host).
     """
-    if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
-        raise ShardError(f"stage must be an int 0-3, got {stage!r}")
-    if stage is not None and stage not in (0, 1, 2, 3):
-        raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage}")
-    cfg = Config.from_any(config).with_stage_override(stage)
-    cfg.check_stage_options()
+    cfg = _config_for(stage, config)
     if simulate_world_size is not None:
         if process_group is not None:
             raise ShardError("give process_group or simulate_world_size, not both")
@@ -218,10 +213,7 @@ def plan_schedule(
     another order gets the traced one at its first step instead."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ShardError(f"world_size must be a positive int, got {world_size!r}")
-    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
-        raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
-    cfg = Config.from_any(config).with_stage_override(stage)
-    cfg.check_stage_options()
+    cfg = _config_for(stage, config)
     if not any(True for _ in model.parameters()):
         raise ShardError("the model has no parameters")
     cfg, layout, _ = _resolved_layout(model, cfg, units, world_size, 0, total_num_steps)
@@ -238,6 +230,17 @@ def plan_schedule(
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _config_for(stage: int | None, config: Config | dict | str | None) -> Config:
+    """The config, with ``stage`` (when given) overriding its ``zero_optimization.stage``."""
+    if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
+        raise ShardError(f"stage must be an int 0-3, got {stage!r}")
+    if stage is not None and stage not in (0, 1, 2, 3):
+        raise ShardError(f"stage must be 0, 1, 2 or 3, got {stage}")
+    cfg = Config.from_any(config).with_stage_override(stage)
+    cfg.check_stage_options()
+    return cfg
 
 
 def _resolved_layout(model, cfg, units, world_size: int, rank: int, total_num_steps):
