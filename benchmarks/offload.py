@@ -25,14 +25,19 @@ is partial offload, ``offload_optimizer.ratio`` X, with parameter offload too in
 fzero:3+opt+param+r0.7; fzero's ``+bf16grad`` keeps the reduced gradient in bf16
 (``data_types.grad_accum_dtype``), the same values on one rank without accumulation
 (autograd's gradients of bf16 parameters are bf16), in half the device and host memory.
+fzero's ``+nvme`` (fzero:3+opt+nvme, fzero:3+opt+param+nvme) puts the offloaded buffers in swap
+files under ``--nvme-dir`` instead of host memory (a scratch directory made there per run and
+removed after it); its rows add the bytes the swap files hold on the disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -66,16 +71,21 @@ DEFAULT_IMPLS = [
 ]
 
 
-def _zero_block(stage: int, options: set[str], pin: bool) -> dict:
+def _zero_block(stage: int, options: set[str], pin: bool, nvme_dir: str | None = None) -> dict:
     zero: dict = {"stage": stage}
+    offload = {"device": "cpu", "pin_memory": pin}
+    if "nvme" in options:
+        if not nvme_dir:
+            raise ValueError("+nvme rows need --nvme-dir (a directory on the disk to swap to)")
+        offload = {"device": "nvme", "pin_memory": pin, "nvme_path": nvme_dir}
     if "opt" in options:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        zero["offload_optimizer"] = dict(offload)
         # +r0.6: partial offload, that fraction of the optimizer state on the host
         ratios = [float(o[1:]) for o in options if o.startswith("r")]
         if ratios:
             zero["offload_optimizer"]["ratio"] = ratios[0]
     if "param" in options:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+        zero["offload_param"] = dict(offload)
     return zero
 
 
@@ -87,9 +97,11 @@ MEASURED_FLOPS_PER_SECOND = 0.584 * 989e12
 MEASURED_CPU_ADAMW_BYTES_PER_SECOND = 104e9
 
 
-def fzero_config(stage: int, options: set[str], pin: bool, bf16: bool) -> dict:
+def fzero_config(
+    stage: int, options: set[str], pin: bool, bf16: bool, nvme_dir: str | None = None
+) -> dict:
     """fzero's config for one row (``benchmarks/offload_plan.py`` plans the same ones)."""
-    zero = _zero_block(stage, options, pin)
+    zero = _zero_block(stage, options, pin, nvme_dir)
     zero.update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
     config = {
         # One micro-batch a step (what step() passes), so that under optimizer offload the
@@ -119,7 +131,12 @@ def calibrated_cost(tokens_per_micro_batch: int):
 
 
 def make_step(
-    impl: str, model, device: torch.device, ckpt: bool = False, tokens_per_micro_batch: int = 0
+    impl: str,
+    model,
+    device: torch.device,
+    ckpt: bool = False,
+    tokens_per_micro_batch: int = 0,
+    nvme_dir: str | None = None,
 ):
     if ckpt:  # the same model code for every library: each block under torch.utils.checkpoint
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -136,7 +153,7 @@ def make_step(
     if kind == "fzero":
         import fzero
 
-        config = fzero_config(int(stage), options, pin, bf16)
+        config = fzero_config(int(stage), options, pin, bf16, nvme_dir)
         box = {"state": fzero.shard(model, config=config, device=device)}
 
         def step(batch):
@@ -148,13 +165,18 @@ def make_step(
 
             default = simulate(box["state"].schedule).step_seconds
             calibrated = calibrated_cost(tokens_per_micro_batch)
-            return {
+            result = {
                 "simulated_ms": 1e3 * default,
                 "simulated_calibrated_ms": 1e3
                 * simulate(box["state"].schedule, calibrated).step_seconds,
             }
+            if nvme_dir and "nvme" in options:
+                result["file_gib"] = _disk_nbytes(nvme_dir) / 2**30
+            return result
 
         return step, extra
+    if "nvme" in options:
+        raise ValueError(f"{impl}: +nvme is measured for fzero only here")
     if kind == "deepspeed":
         return deepspeed_step(model, device, _zero_block(int(stage), options, pin)), dict
     if kind == "fsdp2":
@@ -189,6 +211,15 @@ def make_step(
     raise ValueError(f"unknown implementation {impl!r}")
 
 
+def _disk_nbytes(directory: str) -> int:
+    """What the files under ``directory`` hold on the disk (allocated blocks, not sizes)."""
+    total = 0
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            total += path.stat().st_blocks * 512
+    return total
+
+
 def _resident_nbytes() -> int:
     """This process's resident set now (VmRSS), or 0 where /proc is not there."""
     try:
@@ -208,6 +239,7 @@ def run_one(
     device: torch.device,
     gpu_memory_gib: float | None = None,
     ckpt: bool = False,
+    nvme_dir: str | None = None,
 ) -> dict:
     """``step.run_one`` with this file's configurations, plus the host's peak resident set."""
     build_device = None
@@ -220,7 +252,9 @@ def run_one(
     tokens = spec["batch"] * spec["block_size"]
 
     def make(impl, model, device):
-        return make_step(impl, model, device, ckpt=ckpt, tokens_per_micro_batch=tokens)
+        return make_step(
+            impl, model, device, ckpt=ckpt, tokens_per_micro_batch=tokens, nvme_dir=nvme_dir
+        )
 
     result = step_run_one(
         impl, model_name, steps, warmup, device, make=make, build_device=build_device
@@ -235,18 +269,20 @@ def run_one(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="1.4b")
-    parser.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS)
+    parser.add_argument("--impls", nargs="+", help="default: DEFAULT_IMPLS (the smoke: fzero's)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, fzero only")
     parser.add_argument("--gpu-memory-gib", type=float, help="cap the CUDA allocator (GiB)")
     parser.add_argument("--ckpt", action="store_true", help="checkpoint every block")
+    parser.add_argument("--nvme-dir", help="a directory on the disk for the +nvme rows' swap files")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cpu_smoke:
         args.model, args.steps, args.warmup = "tiny", 2, 1
-        args.impls = ["fzero:2", "fzero:2+opt", "fzero:3+opt", "fzero:3+opt+param"]
+        args.impls = args.impls or ["fzero:2", "fzero:2+opt", "fzero:3+opt", "fzero:3+opt+param"]
+    args.impls = args.impls or DEFAULT_IMPLS
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     if args.one:
         print_result(
@@ -258,9 +294,12 @@ def main() -> None:
                 device,
                 args.gpu_memory_gib,
                 args.ckpt,
+                args.nvme_dir,
             )
         )
         return
+    if any("+nvme" in impl for impl in args.impls) and not args.nvme_dir:
+        parser.error("+nvme rows need --nvme-dir (a directory on the disk to swap to)")
     rows = []
     for impl in args.impls:
         if impl.startswith("deepspeed") and not importable("deepspeed"):
@@ -273,7 +312,11 @@ def main() -> None:
             command += ["--gpu-memory-gib", str(args.gpu_memory_gib)]
         if args.ckpt:
             command.append("--ckpt")
-        row = run_child(command, impl)
+        with contextlib.ExitStack() as scratch:
+            if "+nvme" in impl:  # a fresh directory per row, removed after it
+                directory = scratch.enter_context(tempfile.TemporaryDirectory(dir=args.nvme_dir))
+                command += ["--nvme-dir", directory]
+            row = run_child(command, impl)
         if row is not None:
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -287,7 +330,7 @@ def _table(rows: list[dict]) -> str:
     best = max(deepspeed, default=None)
     lines = [
         f"{'impl':24} {'tokens/s':>10} {'step ms':>9} {'sim ms':>8} {'sim cal':>8} "
-        f"{'GPU GiB':>8} {'host GiB':>9} {'host now':>9} {'x DS best':>9}"
+        f"{'GPU GiB':>8} {'host GiB':>9} {'host now':>9} {'file GiB':>9} {'x DS best':>9}"
     ]
     for r in rows:
         ratio = f"{r['tokens_per_s'] / best:.2f}" if best else "-"
@@ -299,7 +342,7 @@ def _table(rows: list[dict]) -> str:
             f"{r['impl']:24} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {simulated:>8} "
             f"{calibrated:>8} "
             f"{r['peak_gib']:>8.2f} {r['host_peak_rss_gib']:>9.2f} {r['host_rss_gib']:>9.2f} "
-            f"{ratio:>9}"
+            f"{r.get('file_gib', 0.0):>9.2f} {ratio:>9}"
         )
     return "\n".join(lines)
 

@@ -132,6 +132,29 @@ def test_offload_benchmark_cpu_smoke_runs_every_fzero_offload_configuration(tmp_
     assert all(r["tokens_per_s"] > 0 and r["simulated_ms"] > 0 for r in rows.values())
 
 
+def test_offload_benchmark_cpu_smoke_swaps_to_nvme_and_reports_the_file_bytes(tmp_path):
+    """+nvme rows put the offloaded buffers in swap files under a scratch directory of
+    --nvme-dir, report what they hold on the disk and leave nothing behind."""
+    out, swap = tmp_path / "rows.json", tmp_path / "swap"
+    swap.mkdir()
+    command = [sys.executable, str(SCRIPT.parent / "offload.py"), "--cpu-smoke", "--ckpt"]
+    command += ["--impls", "fzero:3+opt+nvme", "fzero:3+opt+param+nvme", "fzero:3+opt"]
+    command += ["--nvme-dir", str(swap), "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"fzero:3+opt+nvme", "fzero:3+opt+param+nvme", "fzero:3+opt"}
+    optimizer, both = (
+        rows["fzero:3+opt+nvme"]["file_gib"],
+        rows["fzero:3+opt+param+nvme"]["file_gib"],
+    )
+    assert 0 < optimizer < both  # the parameter shard's file besides the optimizer's
+    assert "file_gib" not in rows["fzero:3+opt"]
+    assert list(swap.iterdir()) == []
+    refused = subprocess.run(command[:-4], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--nvme-dir" in refused.stderr
+
+
 def test_offload_plan_predicts_the_3_9b_rows_on_the_meta_device(tmp_path):
     """The 3.9B rows plan here (nothing is allocated); partial offload predicts a shorter step,
     more device memory and fewer host bytes per parameter than full offload."""
