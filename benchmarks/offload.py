@@ -71,12 +71,15 @@ DEFAULT_IMPLS = [
 ]
 
 
+NVME_DIR_NEEDED = "+nvme rows need --nvme-dir (a directory on the disk to swap to)"
+
+
 def _zero_block(stage: int, options: set[str], pin: bool, nvme_dir: str | None = None) -> dict:
     zero: dict = {"stage": stage}
     offload = {"device": "cpu", "pin_memory": pin}
     if "nvme" in options:
         if not nvme_dir:
-            raise ValueError("+nvme rows need --nvme-dir (a directory on the disk to swap to)")
+            raise ValueError(NVME_DIR_NEEDED)
         offload = {"device": "nvme", "pin_memory": pin, "nvme_path": nvme_dir}
     if "opt" in options:
         zero["offload_optimizer"] = dict(offload)
@@ -299,7 +302,7 @@ def main() -> None:
         )
         return
     if any("+nvme" in impl for impl in args.impls) and not args.nvme_dir:
-        parser.error("+nvme rows need --nvme-dir (a directory on the disk to swap to)")
+        parser.error(NVME_DIR_NEEDED)
     rows = []
     for impl in args.impls:
         if impl.startswith("deepspeed") and not importable("deepspeed"):
@@ -334,6 +337,7 @@ def _table(rows: list[dict]) -> str:
     ]
     for r in rows:
         ratio = f"{r['tokens_per_s'] / best:.2f}" if best else "-"
+        file_gib = f"{r['file_gib']:.2f}" if "file_gib" in r else "-"
         simulated = f"{r['simulated_ms']:.0f}" if "simulated_ms" in r else "-"
         calibrated = (
             f"{r['simulated_calibrated_ms']:.0f}" if "simulated_calibrated_ms" in r else "-"
@@ -342,7 +346,7 @@ def _table(rows: list[dict]) -> str:
             f"{r['impl']:24} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {simulated:>8} "
             f"{calibrated:>8} "
             f"{r['peak_gib']:>8.2f} {r['host_peak_rss_gib']:>9.2f} {r['host_rss_gib']:>9.2f} "
-            f"{r.get('file_gib', 0.0):>9.2f} {ratio:>9}"
+            f"{file_gib:>9} {ratio:>9}"
         )
     return "\n".join(lines)
 
