@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from children import print_result, run_child  # noqa: E402
 from nvme_swap import time_dd  # noqa: E402
-from step import _optimizer_config  # noqa: E402
+from offload import fzero_config  # noqa: E402
 from step import run_one as step_run_one  # noqa: E402
 
 DEFAULT_IMPLS = [
@@ -93,18 +93,13 @@ def make_step(impl: str, model, device: torch.device, directory: str):
     stage, device_name, *options = rest.split("+")
     if kind != "fzero" or device_name not in ("cpu", "nvme"):
         raise ValueError(f"unknown implementation {impl!r}")
-    pin = device.type == "cuda"
-    offload = {"device": device_name, "pin_memory": pin, "nvme_path": directory}
-    zero = {"stage": int(stage), "offload_optimizer": offload}
-    if "param" in options:
-        zero["offload_param"] = {**offload, "max_in_cpu": 0}  # every shard through the file
-    zero.update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
-    config = {
-        "optimizer": _optimizer_config(),
-        "gradient_clipping": 1.0,
-        "bf16": {"enabled": device.type == "cuda"},
-        "zero_optimization": zero,
-    }
+    # The rows of benchmarks/offload.py with the same options, so both benchmarks time one config.
+    nvme = device_name == "nvme"
+    rows = {"opt", *options, *(["nvme"] if nvme else [])}
+    on_cuda = device.type == "cuda"
+    config = fzero_config(int(stage), rows, on_cuda, on_cuda, directory if nvme else None)
+    if nvme and "param" in options:  # every parameter shard through the file, none kept on the host
+        config["zero_optimization"]["offload_param"]["max_in_cpu"] = 0
     box = {"state": fzero.shard(model, config=config)}
     files = box["state"].runtime.executor.host_optimizer.files
     log = RequestLog()

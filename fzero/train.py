@@ -29,7 +29,7 @@ from fzero.errors import (
 from fzero.inputs import cast_floating_inputs, check_batch_kind, input_cast_dtype
 from fzero.loss_scale import update
 from fzero.runtime import Runtime
-from fzero.runtime.failures import op_failure, out_of_memory
+from fzero.runtime.failures import op_failure, out_of_memory, reserved_free_nbytes
 from fzero.runtime.step_phase import Hyper
 from fzero.state.zero_state import ZeroState
 
@@ -93,8 +93,9 @@ def micro_step(
         loss = compute_loss(state, micro_batch, index)
         backward(state, loss, count=count)
     except torch.OutOfMemoryError as error:
+        reserved_free = reserved_free_nbytes(state.device)  # before the abort frees tensors
         abort_micro_steps(state)
-        raise out_of_memory(runtime, error, f"micro-batch {index}") from error
+        raise out_of_memory(runtime, error, f"micro-batch {index}", reserved_free) from error
     except BaseException:
         abort_micro_steps(state)
         raise
@@ -178,8 +179,9 @@ def apply_step(state: ZeroState, count: int) -> tuple[ZeroState, dict[str, Any]]
     try:
         result = runtime.executor.run_step(count, hyper)
     except torch.OutOfMemoryError as error:
+        reserved_free = reserved_free_nbytes(runtime.executor.workspace.device)
         runtime.executor.abort()
-        raise out_of_memory(runtime, error, "the step phase") from error
+        raise out_of_memory(runtime, error, "the step phase", reserved_free) from error
     # The step's one host read: whether any rank's gradients were not finite (or, with
     # check_counts, the ranks' micro-batch counts differ).
     skipped = result.found_inf is not None and bool(result.found_inf.item())

@@ -8,6 +8,7 @@ a ``StepOutOfMemoryError`` that says what the schedule predicted and what to cha
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -109,10 +110,47 @@ def _offload_remedy(stage: int) -> str:
     )
 
 
-def out_of_memory(runtime: Any, error: torch.OutOfMemoryError, where: str) -> StepOutOfMemoryError:
+# Reserved-but-free memory at the failure from which the message suggests expandable segments:
+# below this a failed allocation is not the cache's fragmentation but memory that is not there.
+FRAGMENTED_MIN_NBYTES = 256 << 20
+
+
+def reserved_free_nbytes(device: torch.device) -> int:
+    """Bytes the CUDA caching allocator holds reserved but not allocated on ``device`` (0 off
+    CUDA). Read it in the ``except`` block before the micro-steps are aborted: the abort frees
+    the failed micro-step's tensors into the cache, which would read as fragmentation."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _expandable_segments_on() -> bool:
+    settings = ",".join(
+        os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+    )
+    return "expandable_segments:true" in settings.replace(" ", "").lower()
+
+
+def _fragmentation_remedy(reserved_free: int) -> str | None:
+    """The allocator's own remedy when the failure left memory reserved but unusable."""
+    if reserved_free < FRAGMENTED_MIN_NBYTES or _expandable_segments_on():
+        return None
+    return (
+        f"  the CUDA caching allocator held {_size(reserved_free)} reserved but free, in blocks "
+        "too small for the request (fragmentation): try "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment, set before the "
+        "process's first CUDA allocation, so that segments grow in place, before the remedies below"
+    )
+
+
+def out_of_memory(
+    runtime: Any, error: torch.OutOfMemoryError, where: str, reserved_free: int = 0
+) -> StepOutOfMemoryError:
     """A ``StepOutOfMemoryError`` for ``error`` raised in ``where`` (``micro-batch 0``, ``the
     step phase``): the schedule's predicted peak of gathered parameters, the largest unit, the
-    rank's standing optimizer state, and the remedies in the order the guide gives them."""
+    rank's standing optimizer state, and the remedies in the order the guide gives them, after
+    the allocator's own when ``reserved_free`` (``reserved_free_nbytes`` at the failure) says
+    the cache was fragmented."""
     schedule = runtime.plan.schedule
     largest = max(schedule.units, key=lambda u: u.param_nbytes, default=None)
     model = MemoryModel.from_schedule(schedule)
@@ -131,6 +169,9 @@ def out_of_memory(runtime: Any, error: torch.OutOfMemoryError, where: str) -> St
         f"  standing on this rank: {_size(model.optimizer_state_nbytes)} of optimizer state "
         "(fzero.memory.estimate_memory gives the whole model-state budget)"
     )
+    fragmented = _fragmentation_remedy(reserved_free)
+    if fragmented is not None:
+        lines.append(fragmented)
     lines.append("  remedies, in order:")
     lines.extend(f"    {remedy}" for remedy in (*REMEDIES, _offload_remedy(schedule.stage)))
     lines.append("  The micro-steps were aborted: the state given to the step is still usable.")

@@ -179,3 +179,77 @@ def test_a_simulated_world_is_not_mistaken_for_unequal_counts(stage):
     for _ in range(2):
         state, metrics = fzero.train_step(state, batch)
     assert metrics["step"] == 2 and not metrics["skipped"]
+
+
+@pytest.mark.parametrize(
+    "reserved_free,env,suggested",
+    [
+        (3 << 30, "", True),  # a fragmented cache: the allocator's remedy comes first
+        (100 << 20, "", False),  # too little held back to be the cause
+        (3 << 30, "expandable_segments:True", False),  # already on
+    ],
+)
+@pytest.mark.parametrize("fault", ["oom_forward", "oom_step_phase"])
+def test_a_fragmented_cuda_cache_suggests_expandable_segments_first(
+    monkeypatch, fault, reserved_free, env, suggested
+):
+    """When the allocator held memory reserved but free at the failure, the message says how
+    much and suggests expandable segments before the guide's remedies, unless they are on.
+    The cache is read before the abort, which frees the failed micro-step's tensors into it.
+    One rank in this process: the CUDA allocator's figures are faked, the error is injected."""
+    import torch
+
+    import fzero
+    import fzero.train
+    from fzero.errors import StepOutOfMemoryError
+    from fzero.schedule import ops as O
+    from tests.models import ToyLM, ToySpec, make_batches
+
+    spec = ToySpec(depth=3)
+    good = make_batches(spec, steps=1, world_size=1, micro=1)[0][0]
+    state = fzero.shard(ToyLM(spec), config=_config(3))
+    events = []
+
+    def reserved(device):
+        events.append("read")
+        return reserved_free
+
+    monkeypatch.setattr(fzero.train, "reserved_free_nbytes", reserved)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", env)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    executor = state.runtime.executor
+    if fault == "oom_forward":
+        abort = fzero.train.abort_micro_steps
+        monkeypatch.setattr(
+            fzero.train, "abort_micro_steps", lambda s: (events.append("abort"), abort(s))
+        )
+
+        def hook(module, args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        handle = state.runtime.model.blocks[1].register_forward_pre_hook(hook)
+    else:
+        abort = executor.abort
+        monkeypatch.setattr(executor, "abort", lambda: (events.append("abort"), abort()))
+        original = executor.handlers[O.OptimizerStep]
+
+        def raising(op):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+        executor.handlers[O.OptimizerStep] = raising
+    with pytest.raises(StepOutOfMemoryError) as caught:
+        fzero.train_step(state, good)
+    message = str(caught.value)
+    assert events == ["read", "abort"]
+    line = "the CUDA caching allocator held 3.00 GiB reserved but free"
+    assert (line in message) is suggested, message
+    if suggested:
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in message
+        assert message.index(line) < message.index("remedies, in order:")
+    assert message.index("1. a smaller micro-batch") < message.index("3. offload")
+    if fault == "oom_forward":
+        handle.remove()
+    else:
+        executor.handlers[O.OptimizerStep] = original
+    state, metrics = fzero.train_step(state, good)  # still usable
+    assert metrics["step"] == 1
