@@ -28,6 +28,14 @@ fzero:3+opt+param+r0.7; fzero's ``+bf16grad`` keeps the reduced gradient in bf16
 fzero's ``+nvme`` (fzero:3+opt+nvme, fzero:3+opt+param+nvme) puts the offloaded buffers in swap
 files under ``--nvme-dir`` instead of host memory (a scratch directory made there per run and
 removed after it); its rows add the bytes the swap files hold on the disk.
+
+``--host-memory-gib H`` leaves each row only H GiB of host memory (``host_cap.py``: a process
+of its own holds the rest for the row's lifetime), the host's counterpart of the GPU cap: a row
+whose offload does not fit is refused at ``fzero.shard`` with its estimate (the row says
+"refused", needed against available), and NVMe rows show what trains in that much memory.
+Every row reports its anonymous resident set after the steps (``host anon``) beside the whole
+one: swap files are mapped into memory, and their pages, which the kernel can drop, count in the
+resident set.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
 from children import child_args, importable, print_result, run_child  # noqa: E402
+from host_cap import HostCap  # noqa: E402
 from step import (  # noqa: E402
     MODELS,  # noqa: E402
     _init_single_process_group,
@@ -223,11 +232,12 @@ def _disk_nbytes(directory: str) -> int:
     return total
 
 
-def _resident_nbytes() -> int:
-    """This process's resident set now (VmRSS), or 0 where /proc is not there."""
+def _resident_nbytes(field: str = "VmRSS") -> int:
+    """This process's resident set now (``VmRSS``; ``RssAnon`` for its anonymous part, what
+    mapped files do not account for), or 0 where /proc is not there."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -259,13 +269,25 @@ def run_one(
             impl, model, device, ckpt=ckpt, tokens_per_micro_batch=tokens, nvme_dir=nvme_dir
         )
 
-    result = step_run_one(
-        impl, model_name, steps, warmup, device, make=make, build_device=build_device
-    )
+    from fzero.errors import HostMemoryError
+
+    try:
+        result = step_run_one(
+            impl, model_name, steps, warmup, device, make=make, build_device=build_device
+        )
+    except HostMemoryError as error:  # refused at shard, before training: a row of its own
+        return {
+            "impl": impl,
+            "model": model_name,
+            "refused": str(error),
+            "needed_gib": error.needed_nbytes / 2**30,
+            "available_gib": error.available_nbytes / 2**30,
+        }
     result["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     # After the timed steps: what training holds (the peak also counts building the model on
     # the host before a library took it over).
     result["host_rss_gib"] = _resident_nbytes() / 2**30
+    result["host_anon_gib"] = _resident_nbytes("RssAnon") / 2**30
     return result
 
 
@@ -280,6 +302,9 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gib", type=float, help="cap the CUDA allocator (GiB)")
     parser.add_argument("--ckpt", action="store_true", help="checkpoint every block")
     parser.add_argument("--nvme-dir", help="a directory on the disk for the +nvme rows' swap files")
+    parser.add_argument(
+        "--host-memory-gib", type=float, help="leave each row this much host memory (GiB)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -319,7 +344,14 @@ def main() -> None:
             if "+nvme" in impl:  # a fresh directory per row, removed after it
                 directory = scratch.enter_context(tempfile.TemporaryDirectory(dir=args.nvme_dir))
                 command += ["--nvme-dir", directory]
+            cap = None
+            if args.host_memory_gib is not None:
+                cap = scratch.enter_context(HostCap(args.host_memory_gib))
             row = run_child(command, impl)
+            if row is not None and cap is not None:
+                row.update(cap.report)
+                if (lost := cap.check()) is not None:
+                    row["host_cap_error"] = lost
         if row is not None:
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -333,9 +365,16 @@ def _table(rows: list[dict]) -> str:
     best = max(deepspeed, default=None)
     lines = [
         f"{'impl':24} {'tokens/s':>10} {'step ms':>9} {'sim ms':>8} {'sim cal':>8} "
-        f"{'GPU GiB':>8} {'host GiB':>9} {'host now':>9} {'file GiB':>9} {'x DS best':>9}"
+        f"{'GPU GiB':>8} {'host GiB':>9} {'host now':>9} {'host anon':>9} {'file GiB':>9} "
+        f"{'x DS best':>9}"
     ]
     for r in rows:
+        if "refused" in r:
+            lines.append(
+                f"{r['impl']:24} refused at shard: needs {r['needed_gib']:.2f} GiB of host "
+                f"memory, {r['available_gib']:.2f} available"
+            )
+            continue
         ratio = f"{r['tokens_per_s'] / best:.2f}" if best else "-"
         file_gib = f"{r['file_gib']:.2f}" if "file_gib" in r else "-"
         simulated = f"{r['simulated_ms']:.0f}" if "simulated_ms" in r else "-"
@@ -346,8 +385,10 @@ def _table(rows: list[dict]) -> str:
             f"{r['impl']:24} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {simulated:>8} "
             f"{calibrated:>8} "
             f"{r['peak_gib']:>8.2f} {r['host_peak_rss_gib']:>9.2f} {r['host_rss_gib']:>9.2f} "
-            f"{file_gib:>9} {ratio:>9}"
+            f"{r.get('host_anon_gib', float('nan')):>9.2f} {file_gib:>9} {ratio:>9}"
         )
+        if "host_cap_error" in r:
+            lines.append(f"  {r['impl']}: {r['host_cap_error']}")
     return "\n".join(lines)
 
 

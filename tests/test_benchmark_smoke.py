@@ -155,6 +155,64 @@ def test_offload_benchmark_cpu_smoke_swaps_to_nvme_and_reports_the_file_bytes(tm
     assert refused.returncode != 0 and "--nvme-dir" in refused.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="the holder reads /proc/meminfo")
+def test_offload_benchmark_under_a_host_cap_reports_what_was_held_and_left(tmp_path):
+    """--host-memory-gib runs each row beside a process holding all but that much host
+    memory: the row reports what was held and left, the holder outlived the row, and the
+    row's anonymous resident set is reported beside the whole one. The cap here leaves all
+    but 0.25 GiB of what is available, so that the tiny model trains."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from host_cap import GIB, mem_available
+
+    leave_gib = mem_available() / GIB - 0.25
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(SCRIPT.parent / "offload.py"), "--cpu-smoke"]
+    command += ["--impls", "fzero:3+opt", "--host-memory-gib", f"{leave_gib:.3f}"]
+    command += ["--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["tokens_per_s"] > 0 and "host_cap_error" not in row
+    assert row["host_cap_gib"] == pytest.approx(leave_gib, abs=1e-3)
+    # What the holder needs to hold depends on what the row's own start (torch's import) took
+    # already; that it held until only the cap was left does not.
+    assert row["host_held_gib"] >= 0 and row["host_available_gib"] <= leave_gib
+    assert 0 < row["host_anon_gib"] <= row["host_rss_gib"]
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="the holder reads /proc/meminfo")
+def test_the_host_memory_holder_holds_until_only_the_cap_is_left():
+    """The holder process allocates resident memory until MemAvailable is down to the cap,
+    keeps it while its parent runs the row, and lets it go when the parent is done."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from host_cap import GIB, HostCap, mem_available
+
+    leave_gib = mem_available() / GIB - 1.5  # the holder's own torch import takes some of it
+    with HostCap(leave_gib) as cap:
+        assert cap.report["host_held_gib"] > 0.5
+        assert cap.report["host_available_gib"] <= leave_gib
+        assert mem_available() / GIB < leave_gib + 0.5 and cap.check() is None
+    assert cap.process.returncode == 0
+
+
+def test_offload_benchmark_reports_a_row_refused_for_host_memory(monkeypatch):
+    """A row whose offload does not fit the host's available memory is refused at shard with
+    fzero's estimate; the benchmark keeps it as a row that says so (needed against available)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import offload
+    import torch
+
+    import fzero.offload.host as host
+
+    monkeypatch.setattr(host, "read_host_memory", lambda: host.HostMemory(1 << 20, 1 << 20, None))
+    row = offload.run_one("fzero:3+opt", "tiny", 1, 0, torch.device("cpu"))
+    assert "tokens_per_s" not in row and "host memory" in row["refused"]
+    assert row["needed_gib"] > row["available_gib"] == 1 / 1024
+    table = offload._table([row])
+    assert "fzero:3+opt" in table and "refused at shard: needs" in table
+    assert "0.00 available" in table
+
+
 def test_offload_plan_predicts_the_3_9b_rows_on_the_meta_device(tmp_path):
     """The 3.9B rows plan here (nothing is allocated); partial offload predicts a shorter step,
     more device memory and fewer host bytes per parameter than full offload."""
