@@ -49,7 +49,7 @@ for task in "$@"; do
         if [ "$2" = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; else unset PYTORCH_CUDA_ALLOC_CONF; fi
         python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --impls "$1" --steps 3 --warmup 1 --json "$OUT/offload_3.9b_alloc_${1//[:+]/_}_$2.json" 2>&1 | tee -a "$OUT/offload_3.9b_alloc.log"
       done; unset PYTORCH_CUDA_ALLOC_CONF ;;
-    offload3.9b-hostcap) mkdir -p /tmp/nvme && python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --host-memory-gib 40 --impls fzero:3+opt+nvme fzero:3+opt+r0.85 --nvme-dir /tmp/nvme --steps 2 --warmup 1 --json "$OUT/offload_3.9b_hostcap.json" 2>&1 | tee "$OUT/offload_3.9b_hostcap.log" ;;
+    offload3.9b-hostcap) mkdir -p /tmp/nvme && python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --host-memory-gib 46 --impls fzero:3+opt+nvme fzero:3+opt+r0.85 --nvme-dir /tmp/nvme --steps 2 --warmup 1 --json "$OUT/offload_3.9b_hostcap.json" 2>&1 | tee "$OUT/offload_3.9b_hostcap.log" ;;
     oomtests) python3 -m pytest tests/gpu/test_cuda_oom.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_oom_tests.log" | tail -8 ;;
     nvme255) mkdir -p /tmp/nvme && python3 benchmarks/nvme_offload.py --dir /tmp/nvme --model 255m --json "$OUT/nvme_255m.json" 2>&1 | tee "$OUT/nvme_255m.log" ;;
     offloadquick) python3 benchmarks/offload.py --model 1.4b --impls fzero:3 fzero:2+opt fzero:3+opt fzero:3+opt+param fzero:3+opt+r0.6 deepspeed:2+opt deepspeed:3+opt+r0.6 --json "$OUT/offload_1.4b.json" 2>&1 | tee "$OUT/offload_1.4b.log" ;;
