@@ -14,6 +14,7 @@ from fzero.collectives import FakeWorld, make_communicator
 from fzero.config import Config
 from fzero.errors import ShardError
 from fzero.loss_scale import LossScaler
+from fzero.offload.host import releasable_nbytes
 from fzero.offload.plan import OffloadPlan
 from fzero.runtime import Runtime
 from fzero.runtime.activation_checkpointing import checkpoint_units, checkpointed_units
@@ -108,7 +109,10 @@ def shard(
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(compute_dtype)
     offload = OffloadPlan.from_config(cfg)
-    offload.check_host_memory(layout, compute_dtype, accum_dtype)
+    # A host model sharded onto an accelerator frees its parameters' host memory unit by unit.
+    from_host = model_device.type == "cpu" and device.type != "cpu"
+    released = releasable_nbytes(params) if from_host else 0
+    offload.check_host_memory(layout, compute_dtype, accum_dtype, released)
     files = offload.file_residence(cfg, layout, compute_dtype, comm.rank)
     persistent = _persistent_units(layout, cfg)
     workspace, master = build_workspace(

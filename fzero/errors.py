@@ -144,12 +144,17 @@ class HostMemoryError(ShardError):
     """The host memory an offload needs exceeds what this machine (or its cgroup) has available.
 
     Raised at ``shard`` time, before anything is allocated, instead of an out-of-memory kill
-    later. ``needed_nbytes`` and ``available_nbytes`` are per host.
+    later. ``needed_nbytes`` and ``available_nbytes`` are per host; ``released_nbytes`` is what
+    the model's own host parameters free as ``shard`` moves them into its buffers (counted as
+    available for what is allocated after that).
     """
 
-    def __init__(self, message: str, needed_nbytes: int, available_nbytes: int):
+    def __init__(
+        self, message: str, needed_nbytes: int, available_nbytes: int, released_nbytes: int = 0
+    ):
         self.needed_nbytes = needed_nbytes
         self.available_nbytes = available_nbytes
+        self.released_nbytes = released_nbytes
         super().__init__(message)
 
 

@@ -76,6 +76,56 @@ def test_too_little_host_memory_raises_with_needed_and_available_bytes():
     assert "cgroup limit leaves 12,000" in text and 'Offload to "nvme"' in text
 
 
+def test_what_the_model_releases_counts_only_for_what_is_allocated_after_it():
+    """A host model sharded onto an accelerator frees its parameters before the gradient copy
+    and the moments are allocated: the whole must fit in available plus released, the part
+    allocated before the release in available alone; each refusal says which."""
+    memory = HostMemory(10_000, 10_000, None)
+    # 16,000 needed, 9,000 of it after the release of 7,000: fits (16,000 <= 17,000; 7,000).
+    check_host_memory(16_000, "x", memory=memory, released_nbytes=7_000, later_nbytes=9_000)
+    with pytest.raises(HostMemoryError) as raised:  # the whole does not fit: 18,000 > 17,000
+        check_host_memory(18_000, "x", memory=memory, released_nbytes=7_000, later_nbytes=9_000)
+    error = raised.value
+    assert (error.needed_nbytes, error.available_nbytes, error.released_nbytes) == (
+        18_000,
+        10_000,
+        7_000,
+    )
+    assert "only 10,000 bytes" in str(error) and "beside the 7,000 bytes" in str(error)
+    assert "of the model's host parameters that shard releases" in str(error)
+    with pytest.raises(HostMemoryError) as raised:  # the first 11,000 do not fit beside it
+        check_host_memory(16_000, "x", memory=memory, released_nbytes=7_000, later_nbytes=5_000)
+    text = str(raised.value)
+    assert "11,000 bytes" in text and "while the model's parameters still hold their 7,000" in text
+    # Without a release the check is the plain one, whatever comes later.
+    with pytest.raises(HostMemoryError, match="only 10,000 bytes .* are available \\(MemAvail"):
+        check_host_memory(16_000, "x", memory=memory, later_nbytes=9_000)
+    # Two ranks on the host, each releasing its own model copy.
+    check_host_memory(
+        8_000, "x", ranks_on_host=2, memory=memory, released_nbytes=3_000, later_nbytes=5_000
+    )
+
+
+def test_releasable_bytes_count_storages_only_the_parameters_hold():
+    """Each storage once (two parameters viewing one buffer); a storage something else holds
+    (a kept ``.data``, a tensor on it) is not freed by the move, so it does not count; nor does
+    a parameter off the host."""
+    from fzero.offload.host import releasable_nbytes
+
+    alone = torch.nn.Parameter(torch.zeros(100))
+    buffer = torch.zeros(60)
+    left, right = torch.nn.Parameter(buffer[:30]), torch.nn.Parameter(buffer[30:])
+    del buffer
+    assert releasable_nbytes([alone]) == 400
+    assert releasable_nbytes([alone, left, right]) == 400 + 240
+    assert releasable_nbytes([left]) == 0  # ``right`` holds the storage too
+    kept = alone.data
+    assert releasable_nbytes([alone, left, right]) == 240
+    del kept
+    assert releasable_nbytes([alone]) == 400
+    assert releasable_nbytes([torch.nn.Parameter(torch.zeros(8, device="meta"))]) == 0
+
+
 def test_host_buffers_are_aligned_and_fall_back_to_pageable_with_one_warning(monkeypatch):
     monkeypatch.setattr(host, "_pinning_warned", False)
     if torch.cuda.is_available():

@@ -84,6 +84,30 @@ def _cgroup_available(root: Path) -> int | None:
     return None
 
 
+def releasable_nbytes(tensors: list[torch.Tensor]) -> int:
+    """Host bytes that go free when ``tensors`` (a model's parameters, which ``shard`` points
+    into its own buffers) let go of their storages: each storage counted once, and only when
+    nothing but these tensors holds it. A storage some other tensor or object still holds (a
+    ``param.data`` kept by the caller, autograd's saved tensors, a tied copy outside the list)
+    stays allocated, so it is not counted; neither is anything where this torch cannot say how
+    many hold a storage."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return 0
+    storages: dict[int, list] = {}  # data pointer -> [storage, tensors of the list on it]
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            continue
+        storage = tensor.untyped_storage()
+        storages.setdefault(storage.data_ptr(), [storage, 0])[1] += 1
+    # A storage's count is one per tensor on it and one for its Python object, held here.
+    return sum(
+        storage.nbytes()
+        for storage, holders in storages.values()
+        if use_count(storage._cdata) <= holders + 1
+    )
+
+
 def check_host_memory(
     needed_nbytes: int,
     what: str,
@@ -92,15 +116,26 @@ def check_host_memory(
     memory: HostMemory | None = None,
     remedy: str = 'Offload to "nvme" instead, offload less (offload_optimizer.ratio), or shard '
     "over more hosts.",
+    released_nbytes: int = 0,
+    later_nbytes: int = 0,
 ) -> None:
     """Raise ``HostMemoryError`` unless ``ranks_on_host`` ranks each holding ``needed_nbytes``
     fit in the host's available memory. ``what`` says what the bytes are for (it starts the
     message, e.g. ``"offload_optimizer (fp32 master weights and moments of 1.4e9 elements)"``);
     ``remedy`` ends it.
+
+    ``released_nbytes``: host memory each rank's ``shard`` frees before it allocates the last
+    ``later_nbytes`` of ``needed_nbytes`` (the model's own host parameters, moved into fzero's
+    buffers unit by unit): the whole must fit in what is available plus what is released, and
+    the part allocated before the release (``needed_nbytes - later_nbytes``) in what is
+    available alone.
     """
     memory = read_host_memory() if memory is None else memory
     total = needed_nbytes * ranks_on_host
-    if total <= memory.available_nbytes:
+    released = min(released_nbytes, needed_nbytes) * ranks_on_host
+    before = (needed_nbytes - later_nbytes) * ranks_on_host
+    available = memory.available_nbytes
+    if total <= available + released and before <= available:
         return
     per_rank = f" ({ranks_on_host} ranks on this host, {needed_nbytes:,} each)"
     cgroup = (
@@ -108,13 +143,27 @@ def check_host_memory(
         if memory.cgroup_available_nbytes is not None
         else ""
     )
+    if released and total <= available + released:  # the whole fits; its first part does not
+        shortfall = (
+            f"{before:,} bytes ({before / GIB:.2f} GiB) of them are allocated while the model's "
+            f"parameters still hold their {released:,} bytes ({released / GIB:.2f} GiB), and "
+            f"only {available:,} bytes ({available / GIB:.2f} GiB) are available"
+        )
+    else:
+        credit = (
+            f" beside the {released:,} bytes ({released / GIB:.2f} GiB) of the model's host "
+            "parameters that shard releases"
+            if released
+            else ""
+        )
+        shortfall = f"only {available:,} bytes ({available / GIB:.2f} GiB) are available{credit}"
     raise HostMemoryError(
         f"{what} needs {total:,} bytes ({total / GIB:.2f} GiB) of host memory"
-        f"{per_rank if ranks_on_host > 1 else ''}, but only {memory.available_nbytes:,} bytes "
-        f"({memory.available_nbytes / GIB:.2f} GiB) are available (MemAvailable "
+        f"{per_rank if ranks_on_host > 1 else ''}, but {shortfall} (MemAvailable "
         f"{memory.meminfo_available_nbytes:,}{cgroup}). {remedy}",
         needed_nbytes=total,
-        available_nbytes=memory.available_nbytes,
+        available_nbytes=available,
+        released_nbytes=released,
     )
 
 

@@ -159,17 +159,26 @@ class OffloadPlan:
         )
 
     def check_host_memory(
-        self, layout: FlatLayout, compute_dtype: torch.dtype, grad_dtype: torch.dtype
+        self,
+        layout: FlatLayout,
+        compute_dtype: torch.dtype,
+        grad_dtype: torch.dtype,
+        released_nbytes: int = 0,
     ) -> None:
-        """Raise at shard time, with the numbers, when this host cannot hold the offload."""
+        """Raise at shard time, with the numbers, when this host cannot hold the offload.
+        ``released_nbytes``: the model's host parameter bytes that ``shard`` frees as it moves
+        them into its buffers (``host.releasable_nbytes``), which the gradient copy and the
+        moments, allocated after that, may use; the master, the parameter shards and the NVMe
+        staging buffers are allocated before it and must fit beside the model."""
         if not self.optimizer_on_host:
             return
         numel = layout.optimizer_numel - self.device_numel(layout)  # the host units' only
         if self.optimizer_in_files:  # the master and moments are in files: the gradient copy
-            nbytes = numel * grad_dtype.itemsize
+            nbytes = later = numel * grad_dtype.itemsize
             parts = [f"the gradients of {numel:,} elements"]
         else:
             nbytes = numel * (12 + grad_dtype.itemsize)  # master, moments, gradient copy
+            later = numel * (8 + grad_dtype.itemsize)  # the moments and the gradient copy
             parts = [f"fp32 master weights, moments and gradients of {numel:,} elements"]
         if self.params_in_files:
             resident = self.resident_shard_units(layout)
@@ -193,9 +202,18 @@ class OffloadPlan:
                 'Offload the parameters to "nvme" too, lower offload_optimizer.buffer_count '
                 "(its staging buffers), or shard over more hosts."
             )
-            check_host_memory(nbytes, what, ranks_on_host=ranks, remedy=remedy)
+            check_host_memory(
+                nbytes,
+                what,
+                ranks_on_host=ranks,
+                remedy=remedy,
+                released_nbytes=released_nbytes,
+                later_nbytes=later,
+            )
             return
-        check_host_memory(nbytes, what, ranks_on_host=ranks)
+        check_host_memory(
+            nbytes, what, ranks_on_host=ranks, released_nbytes=released_nbytes, later_nbytes=later
+        )
 
     def staging_nbytes(self, layout: FlatLayout, compute_dtype: torch.dtype) -> int:
         """Host bytes of NVMe offload's staging buffers (``fzero/offload/staging.py``): each

@@ -122,3 +122,38 @@ def test_the_engine_shards_a_host_model_onto_cuda():
     it onto this rank's GPU unit by unit instead of moving it there whole first, and trains
     exactly as a model built on the GPU."""
     assert _engine_losses(on_host=True) == _engine_losses(on_host=False)
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_host_model_s_own_bytes_count_for_what_is_allocated_after_its_release(monkeypatch, kept):
+    """Sharding a host model onto CUDA under optimizer offload frees the model's host
+    parameters before the moments and the gradient copy are allocated, so the host check counts
+    them as available for those; a parameter whose storage the caller still holds frees
+    nothing, and the same memory is refused (the message gives both numbers)."""
+    import fzero.offload.host as host
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=256, block_size=64)
+    model = GPT(cfg)
+    params = list(model.parameters())
+    model_nbytes = sum(p.numel() * 4 for p in params)
+    numel = sum(p.numel() for p in params)  # the optimizer space, give or take padding
+    held = [p.data for p in params] if kept else []
+    # Available: the 16 B/element the offload needs, less half of what the model releases.
+    available = 16 * numel - model_nbytes // 2
+    monkeypatch.setattr(
+        host, "read_host_memory", lambda: host.HostMemory(available, available, None)
+    )
+    config = {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+    }
+    if kept:
+        with pytest.raises(fzero.errors.HostMemoryError) as raised:
+            fzero.shard(model, config=config, device="cuda")
+        assert raised.value.released_nbytes == 0
+        assert raised.value.needed_nbytes > available
+        assert len(held) == len(params)  # what kept the storages alive through the check
+        return
+    state = fzero.shard(model, config=config, device="cuda")
+    assert state.master.device.type == "cpu"
