@@ -356,6 +356,88 @@ def test_mapped_file_ranges_round_trip_beside_neighbours_staged_at_once(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_optimizer_slots_fit_the_largest_units_and_a_large_unit_waits_for_its_slot(tmp_path):
+    """Staging slots are sized for the buffer_count largest units, one each (not all for the
+    largest): here 2 slots for units of 300 and 100 elements among 100s. A small unit takes the
+    small slot when it is free, so the large one stays for the large unit; when only a small
+    slot is written back, the large unit's read waits until its step needs it, and then reads
+    its own values from the slot the unit before it left."""
+    from fzero.offload.staging import OptimizerStaging, slot_numels
+
+    assert slot_numels([100, 300, 100, 100], 2) == [300, 100]
+    assert slot_numels([100, 300], 4) == [300, 100, 100, 100]
+    swap = NvmeSwapper(tmp_path, key=KEY, needed_nbytes=1 << 20, aio=AioSettings())
+    cuts = [0, 100, 400, 500, 600]  # units 0, 2, 3: 100 elements; unit 1: 300
+    files = tuple(MappedFile(swap, name, cuts[-1], torch.float32) for name in ("m", "a", "b"))
+    values = [torch.randn(cuts[-1]) for _ in files]
+    for file, value in zip(files, values):
+        file.tensor.copy_(value)
+    ranges = {unit: (lo, hi) for unit, (lo, hi) in enumerate(zip(cuts, cuts[1:]))}
+    staging = OptimizerStaging(files, ranges, 2, pin_memory=False)
+    assert sorted(s.numel for s in staging.free) == [100, 300]
+
+    def step(unit):  # the CPU step's view of the slot: check the values, change them
+        lo, hi = ranges[unit]
+        arrays = staging.arrays(unit)
+        for array, value in zip(arrays, values):
+            assert torch.equal(array, value[lo:hi])
+            array.add_(1.0)
+            value[lo:hi] += 1.0
+
+    staging.read(0)
+    assert staging.by_unit[0].numel == 100  # the small slot, though the large one is free
+    staging.read(2)  # the small slot is busy: the large one
+    assert staging.by_unit[2].numel == 300
+    step(0)
+    staging.write(0)
+    staging.read(1)  # 300 elements: only the small slot is written back, so it waits
+    assert 1 not in staging.by_unit
+    step(2)
+    staging.write(2)
+    step(1)  # read now, into the large slot unit 2 was written back from
+    assert staging.by_unit[1].numel == 300
+    staging.write(1)
+    staging.read(3)
+    step(3)
+    staging.wait_writes()
+    for file, value in zip(files, values):
+        assert torch.equal(file.tensor, value)  # every change, nothing of a neighbour lost
+    staging.read(2)  # unit 2 in the large slot, unit 3 in the small one: unit 1 has none
+    staging.read(3)
+    with pytest.raises(RuntimeError, match="unit 1's 300 elements.*buffer_count"):
+        staging.arrays(1)
+    staging.abort()
+    for file in files:
+        file.close()
+    swap.close()
+
+
+def test_the_host_check_prices_the_slots_shard_allocates(tmp_path):
+    """``OffloadPlan.staging_nbytes`` (what the shard-time host check counts) covers the
+    optimizer slots a sharded state holds, one per each of the buffer_count largest units,
+    within a page either side per buffer; the units differ in size here (the root holds the
+    embedding and the head)."""
+    from fzero.offload.plan import OffloadPlan
+    from fzero.offload.staging import slot_numels
+
+    case = Case(SPEC, 1, 2, 1)
+    config = _config(case, "nvme", False, tmp_path)
+    config["zero_optimization"]["offload_optimizer"]["buffer_count"] = 4  # one per unit here
+    torch.manual_seed(0)
+    state = fzero.shard(ToyLM(SPEC), stage=3, config=config)
+    files = state.runtime.executor.host_optimizer.files
+    slots = list(files.optimizer.free)
+    numels = [u.optimizer_numel for u in state.layout.units if u.optimizer_numel]
+    assert len(numels) == 4 and min(numels) < max(numels) // 4
+    assert sorted(s.numel for s in slots) == sorted(numels) == sorted(slot_numels(numels, 4))
+    held = sum(b.nbytes for s in slots for b in s.buffers)
+    plan = OffloadPlan.from_config(state.runtime.config)
+    priced = plan.staging_nbytes(state.layout, torch.float32)
+    assert held <= priced <= held + 4 * 3 * 2 * 4096
+    assert held < 4 * 3 * MappedFile.staging_nbytes(max(numels), 4)  # less than uniform slots
+    files.close()
+
+
 def _one_rank(directory, device: str, params: bool = True) -> dict:
     case = Case(SPEC, 1, 3, 1, steps=3, clip=0.05)
     if device == "none":

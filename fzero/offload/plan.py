@@ -27,6 +27,7 @@ from fzero.config import Config
 from fzero.errors import ConfigError
 from fzero.offload.files import FileResidence
 from fzero.offload.host import HostBuffer, check_host_memory
+from fzero.offload.staging import slot_numels
 from fzero.runtime.step_phase import OptimizerBuffers
 from fzero.schedule.offload_split import OffloadSplit, split_units
 from fzero.state.buffers import Workspace
@@ -219,9 +220,10 @@ class OffloadPlan:
         """Host bytes of NVMe offload's staging buffers (``fzero/offload/staging.py``): each
         one unit's master and moments, or its parameter shard, plus a page either side."""
         nbytes = 0
-        if self.optimizer_in_files:
-            largest = max(u.optimizer_numel for u in layout.units)
-            nbytes += self.optimizer_buffer_count * 3 * (largest * 4 + 2 * 4096)
+        if self.optimizer_in_files:  # a slot for each of the buffer_count largest units
+            numels = [u.optimizer_numel for u in layout.units if u.optimizer_numel]
+            for numel in slot_numels(numels, self.optimizer_buffer_count):
+                nbytes += 3 * (numel * 4 + 2 * 4096)
         if self.params_in_files:
             largest = max(u.shard_numel for u in layout.units)
             buffers = self.param_buffer_count + 2  # and two the CPU step writes from

@@ -7,6 +7,14 @@ back, after waiting for its write and its upload; ``arrays(k)`` (the CPU step) w
 read; ``write(k)`` (``WriteStateToFile``) sends it back. So while unit k steps, unit k + 1 is
 read into another slot and unit k - 1 written from a third.
 
+The slots are sized for the ``buffer_count`` largest units, one each (``slot_numels``), not all
+for the largest: a model whose root unit holds the embedding and the head (at 3.9B, 315M
+elements against 113M per block) would otherwise stage three times the block's bytes in every
+slot. Any ``buffer_count`` units fit the slots at once (the i-th largest of them is no larger
+than the i-th largest unit). A unit takes the smallest slot it fits, free before written back,
+so the large slots stay for the large units; where none fits yet, its read waits until its
+step needs it (``arrays``), when the unit stepped before it has been written back.
+
 ``ShardStaging``: ``offload_param.buffer_count`` slots for compute-dtype parameter shards read
 for their gathers (``ReadShardFromFile``, taken by ``UploadShard``), and two for the shards the
 CPU step writes. A read that ran before the unit's update was written (prefetched in the
@@ -39,6 +47,7 @@ class Slot:
     """Staging buffers (uint8, 4096-aligned) and what they hold now."""
 
     buffers: list[HostBuffer]
+    numel: int = 0  # the elements of a range each buffer holds (any range that long)
     unit: int | None = None
     reads: list[SwapHandle | None] = field(default_factory=list)
     writes: list[SwapHandle | None] = field(default_factory=list)
@@ -61,6 +70,14 @@ def _slots(count: int, nbytes: int, buffers: int, pin_memory: bool) -> list[Slot
     ]
 
 
+def slot_numels(unit_numels: list[int], count: int) -> list[int]:
+    """The range lengths of ``count`` optimizer slots for units of ``unit_numels`` elements:
+    the ``count`` largest, one slot each (the smallest of them again where there are fewer
+    units than slots). ``OffloadPlan.staging_nbytes`` prices the same slots."""
+    largest = sorted(unit_numels, reverse=True)[:count] or [0]
+    return largest + [largest[-1]] * (count - len(largest))
+
+
 class OptimizerStaging:
     """Slots for units' master and moments (``files``: the three mapped files, in that order;
     ``ranges``: each unit's element range in them)."""
@@ -73,41 +90,55 @@ class OptimizerStaging:
         pin_memory: bool,
     ):
         self.files, self.ranges = files, ranges
-        largest = max((hi - lo for lo, hi in ranges.values()), default=0)
-        nbytes = MappedFile.staging_nbytes(largest, 4)
-        self.free = deque(_slots(count, nbytes, len(files), pin_memory))
+        self.free: deque[Slot] = deque()
+        for numel in slot_numels([hi - lo for lo, hi in ranges.values()], count):
+            (slot,) = _slots(1, MappedFile.staging_nbytes(numel, 4), len(files), pin_memory)
+            slot.numel = numel
+            self.free.append(slot)
         self.by_unit: dict[int, Slot] = {}  # read, and not yet written back
         self.retiring: deque[Slot] = deque()  # written back (or not stepped), oldest first
 
     def read(self, unit: int) -> None:
+        """Start reading unit ``unit``'s ranges into a slot; where no slot it fits is free or
+        written back yet, the read waits for ``arrays``."""
         if unit in self.by_unit:
             return
         for slot in self.retiring:  # its last write must land before the file is read again
             if slot.unit == unit:
                 _wait(slot.writes)
-        slot = self._take()
         lo, hi = self.ranges[unit]
+        slot = self._take(hi - lo)
+        if slot is None:
+            return
         slot.unit, slot.dirty = unit, False
         slot.reads = [f.read(lo, hi, b.tensor) for f, b in zip(self.files, slot.buffers)]
         self.by_unit[unit] = slot
 
-    def _take(self) -> Slot:
-        if self.free:
-            return self.free.popleft()
-        if not self.retiring:
-            raise RuntimeError(
-                "every NVMe staging buffer holds a unit not yet written back; raise "
-                "zero_optimization.offload_optimizer.buffer_count"
-            )
-        slot = self.retiring.popleft()
-        slot.settle()
-        return slot
+    def _take(self, numel: int) -> Slot | None:
+        """The smallest slot that holds ``numel`` elements: a free one, else the oldest of
+        those written back (after its transfers finish); None when every slot that fits holds
+        a unit not yet written back."""
+        for pool in (self.free, self.retiring):
+            fitting = [slot for slot in pool if slot.numel >= numel]
+            if fitting:
+                slot = min(fitting, key=lambda s: s.numel)  # the first: the oldest of a size
+                pool.remove(slot)
+                slot.settle()
+                return slot
+        return None
 
     def arrays(self, unit: int) -> tuple[torch.Tensor, ...]:
         """Unit ``unit``'s master, exp_avg and exp_avg_sq in its slot (read now if no
         ``read`` ran), marked to be written back."""
         self.read(unit)
-        slot = self.by_unit[unit]
+        slot = self.by_unit.get(unit)
+        if slot is None:
+            lo, hi = self.ranges[unit]
+            raise RuntimeError(
+                f"every NVMe staging buffer that holds unit {unit}'s {hi - lo:,} elements holds "
+                "a unit not yet written back; raise "
+                "zero_optimization.offload_optimizer.buffer_count"
+            )
         _wait(slot.reads)
         slot.dirty = True
         lo, hi = self.ranges[unit]

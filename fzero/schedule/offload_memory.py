@@ -19,8 +19,10 @@ K the optimizer bytes per element, g the gradient-shard bytes and c the compute-
   it, and their (1 - r) P of master and moments stay on the device.
 - ``offload_optimizer`` ``"nvme"``: the K P go to files; the host keeps the g P buffer and
   ``optimizer_buffer_count`` staging buffers, each one unit's three states (12 bytes per
-  element) of the largest unit's shard, through which units' states are read, stepped and
-  written back (``fzero/offload/staging.py``).
+  element), through which units' states are read, stepped and written back
+  (``fzero/offload/staging.py``). They are priced at the largest unit's shard each: an upper
+  bound, since the runtime sizes them for the ``optimizer_buffer_count`` largest units, one each
+  (``OffloadPlan.staging_nbytes``, which the shard-time host check uses, is exact).
 - ``offload_param`` ``"cpu"`` (stage 3): the device's compute-dtype shard lives on the host
   between uses; each gather uploads it first. With optimizer offload that is the c F shard, and
   the CPU step writes straight into it.
