@@ -2,7 +2,7 @@
 # One batched GPU session on the lent device: environment, GPU tests, the example, benchmarks.
 #   bash benchmarks/device_run.sh [tests] [example] [step255] [step1.4b] [fakeworld] [adamw]
 #        [timeline] [mempeak255] [mempeak1.4b] [fp16curve] [scaling] [profile255]
-#        [stepds255] [stepds1.4b] [offload1.4b] [offload3.9b] [offload3.9b-more] [offload3.9b-nvme] [offload3.9b-repeat] [offload3.9b-expandable] [offload3.9b-alloc] [offload3.9b-hostcap] [oomtests] [hostcredit] [offloadquick] [nvme255] [step14] [llama1b] [llama1b-quick]
+#        [stepds255] [stepds1.4b] [offload1.4b] [offload3.9b] [offload3.9b-more] [offload3.9b-nvme] [offload3.9b-repeat] [offload3.9b-expandable] [offload3.9b-alloc] [offload3.9b-hostcap] [offload3.9b-hostcap40] [oomtests] [hostcredit] [offloadquick] [nvme255] [step14] [llama1b] [llama1b-quick]
 # DeepSpeed joins the step benchmark when its wheel is in .whl/, made here with CPU torch:
 #   pip download --no-deps --no-binary :all: deepspeed && DS_BUILD_OPS=0 pip wheel --no-deps \
 #     --no-build-isolation deepspeed-*.tar.gz -w .whl
@@ -50,6 +50,7 @@ for task in "$@"; do
         python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --impls "$1" --steps 3 --warmup 1 --json "$OUT/offload_3.9b_alloc_${1//[:+]/_}_$2.json" 2>&1 | tee -a "$OUT/offload_3.9b_alloc.log"
       done; unset PYTORCH_CUDA_ALLOC_CONF ;;
     offload3.9b-hostcap) mkdir -p /tmp/nvme && python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --host-memory-gib 46 --impls fzero:3+opt+nvme fzero:3+opt+r0.85 --nvme-dir /tmp/nvme --steps 2 --warmup 1 --json "$OUT/offload_3.9b_hostcap.json" 2>&1 | tee "$OUT/offload_3.9b_hostcap.log" ;;
+    offload3.9b-hostcap40) mkdir -p /tmp/nvme && python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --host-memory-gib 40 --impls fzero:3+opt+nvme fzero:3+opt+r0.85 --nvme-dir /tmp/nvme --steps 2 --warmup 1 --json "$OUT/offload_3.9b_hostcap40.json" 2>&1 | tee "$OUT/offload_3.9b_hostcap40.log" ;;
     oomtests) python3 -m pytest tests/gpu/test_cuda_oom.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_oom_tests.log" | tail -8 ;;
     hostcredit) python3 -m pytest tests/gpu/test_cuda_offload.py -q -p no:cacheprovider -k "release" 2>&1 | tail -3 | tee "$OUT/gpu_hostcredit_tests.log"
       python3 benchmarks/offload.py --model 3.9b --gpu-memory-gib 24 --ckpt --host-memory-gib 56 --impls fzero:3+opt+r0.85 --steps 2 --warmup 1 --json "$OUT/offload_3.9b_hostcap56.json" 2>&1 | tee "$OUT/offload_3.9b_hostcap56.log" ;;
