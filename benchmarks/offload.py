@@ -385,7 +385,7 @@ def _table(rows: list[dict]) -> str:
             f"{r['impl']:24} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {simulated:>8} "
             f"{calibrated:>8} "
             f"{r['peak_gib']:>8.2f} {r['host_peak_rss_gib']:>9.2f} {r['host_rss_gib']:>9.2f} "
-            f"{r.get('host_anon_gib', float('nan')):>9.2f} {file_gib:>9} {ratio:>9}"
+            f"{r['host_anon_gib']:>9.2f} {file_gib:>9} {ratio:>9}"
         )
         if "host_cap_error" in r:
             lines.append(f"  {r['impl']}: {r['host_cap_error']}")

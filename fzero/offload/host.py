@@ -25,6 +25,9 @@ from fzero.errors import HostMemoryError, PinnedMemoryWarning
 from fzero.offload.aio import aligned_empty
 
 GIB = 1 << 30
+HOST_REMEDY = (
+    'Offload to "nvme" instead, offload less (offload_optimizer.ratio), or shard over more hosts.'
+)
 # cgroup v1 writes "no limit" as a page-aligned value near 2**63.
 _UNLIMITED_NBYTES = 1 << 60
 
@@ -114,8 +117,7 @@ def check_host_memory(
     *,
     ranks_on_host: int = 1,
     memory: HostMemory | None = None,
-    remedy: str = 'Offload to "nvme" instead, offload less (offload_optimizer.ratio), or shard '
-    "over more hosts.",
+    remedy: str = HOST_REMEDY,
     released_nbytes: int = 0,
     later_nbytes: int = 0,
 ) -> None:

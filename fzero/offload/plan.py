@@ -26,7 +26,7 @@ import torch
 from fzero.config import Config
 from fzero.errors import ConfigError
 from fzero.offload.files import FileResidence
-from fzero.offload.host import HostBuffer, check_host_memory
+from fzero.offload.host import HOST_REMEDY, HostBuffer, check_host_memory
 from fzero.offload.staging import slot_numels
 from fzero.runtime.step_phase import OptimizerBuffers
 from fzero.schedule.offload_split import OffloadSplit, split_units
@@ -47,6 +47,13 @@ class HostOptimizerSettings:
     # elements); 0 when every unit steps on the host.
     host_offset_numel: int = 0
     files: FileResidence | None = None  # NVMe offload: the swap files and their staging
+
+
+# Under NVMe optimizer offload the state is in files already: what is left to move or shrink.
+NVME_REMEDY = (
+    'Offload the parameters to "nvme" too, lower offload_optimizer.buffer_count (its staging '
+    "buffers), or shard over more hosts."
+)
 
 
 @dataclass(frozen=True)
@@ -198,22 +205,13 @@ class OffloadPlan:
         listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])}, and {parts[-1]}"
         what = f"offload_optimizer ({listed})"
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if self.optimizer_in_files:  # already on NVMe: what is left to move or shrink
-            remedy = (
-                'Offload the parameters to "nvme" too, lower offload_optimizer.buffer_count '
-                "(its staging buffers), or shard over more hosts."
-            )
-            check_host_memory(
-                nbytes,
-                what,
-                ranks_on_host=ranks,
-                remedy=remedy,
-                released_nbytes=released_nbytes,
-                later_nbytes=later,
-            )
-            return
         check_host_memory(
-            nbytes, what, ranks_on_host=ranks, released_nbytes=released_nbytes, later_nbytes=later
+            nbytes,
+            what,
+            ranks_on_host=ranks,
+            remedy=NVME_REMEDY if self.optimizer_in_files else HOST_REMEDY,
+            released_nbytes=released_nbytes,
+            later_nbytes=later,
         )
 
     def staging_nbytes(self, layout: FlatLayout, compute_dtype: torch.dtype) -> int:
